@@ -1,0 +1,94 @@
+//! Throughput benchmark on real MNIST batches: full training steps (batch assembly, forward,
+//! backward, optimiser) and inference, each the median of several timed runs after warm-up.
+
+use crate::data::batch::{epoch_order, fill_batch};
+use crate::data::mnist::Dataset;
+use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
+use crate::optim::{Optimizer, OptimizerConfig};
+use std::time::Instant;
+
+#[derive(Debug, serde::Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub threads: usize,
+    pub train_batch: usize,
+    pub train_samples_per_s: f64,
+    pub train_runs: Vec<f64>,
+    pub infer_batch: usize,
+    pub infer_samples_per_s: f64,
+    pub infer_runs: Vec<f64>,
+    pub peak_rss_mib: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub struct BenchPlan {
+    pub train_batch: usize,
+    pub infer_batch: usize,
+    pub runs: usize,
+    pub steps_per_run: usize,
+}
+
+pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
+    let order = epoch_order(data.len(), 1, 0);
+    let mut ws = Workspace::new(model, plan.train_batch, true);
+    let mut opt = Optimizer::new(opt_cfg, &model.params);
+    let mut labels = Vec::new();
+    let mut cursor = 0;
+    let mut step = |model: &mut Model, ws: &mut Workspace| {
+        if cursor + plan.train_batch > order.len() {
+            cursor = 0;
+        }
+        fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
+        cursor += plan.train_batch;
+        train_step_gradients(model, ws, &labels, cursor as u64);
+        opt.update(&mut model.params, opt_cfg.lr);
+    };
+    for _ in 0..3 {
+        step(model, &mut ws);
+    }
+    let mut train_runs: Vec<f64> = (0..plan.runs)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..plan.steps_per_run {
+                step(model, &mut ws);
+            }
+            (plan.steps_per_run * plan.train_batch) as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    drop(ws);
+
+    let mut ews = Workspace::new(model, plan.infer_batch, false);
+    let il = data.image_len();
+    let n = plan.infer_batch.min(data.len());
+    ews.input_mut()[..n * il].copy_from_slice(&data.images[..n * il]);
+    forward(model, &mut ews, n, Mode::Eval);
+    let mut infer_runs: Vec<f64> = (0..plan.runs)
+        .map(|_| {
+            let t = Instant::now();
+            forward(model, &mut ews, n, Mode::Eval);
+            forward(model, &mut ews, n, Mode::Eval);
+            (2 * n) as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    BenchResult {
+        model: model.arch.name.clone(),
+        threads: rayon::current_num_threads(),
+        train_batch: plan.train_batch,
+        train_samples_per_s: median(&mut train_runs.clone()),
+        train_runs: std::mem::take(&mut train_runs),
+        infer_batch: n,
+        infer_samples_per_s: median(&mut infer_runs.clone()),
+        infer_runs: std::mem::take(&mut infer_runs),
+        peak_rss_mib: peak_rss_mib(),
+    }
+}

@@ -1,0 +1,88 @@
+//! Every hyperparameter of a training run in one struct, saved as `config.json` in the run
+//! directory.
+
+use crate::optim::{OptimizerConfig, OptimizerKind};
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: String,
+    pub batch_size: usize,
+    /// Training samples to process (the notebook's `training_iters`), unless `epochs` is set.
+    pub samples: usize,
+    pub epochs: Option<usize>,
+    pub optimizer: OptimizerKind,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    /// Dropout keep probability (the notebook's `keep_prob`).
+    pub keep_prob: f32,
+    pub init_bias: f32,
+    pub seed: u64,
+    pub threads: usize,
+    /// Random translation of up to this many pixels per image per epoch (0 = off).
+    pub augment_shift: usize,
+    pub display_step: usize,
+    pub eval_batch: usize,
+    pub data: Option<PathBuf>,
+    pub out: PathBuf,
+}
+
+impl TrainConfig {
+    /// Reject values that would crash or silently misbehave, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(self.keep_prob > 0.0 && self.keep_prob <= 1.0) {
+            bail!("--keep-prob must be in (0, 1], got {}", self.keep_prob);
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if self.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        if self.display_step == 0 || self.eval_batch == 0 {
+            bail!("--display-step and --eval-batch must be at least 1");
+        }
+        if self.epochs == Some(0) || (self.epochs.is_none() && self.samples < self.batch_size) {
+            bail!("nothing to train: --samples {} is less than one batch of {} (or --epochs 0)", self.samples, self.batch_size);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || !(0.0..1.0).contains(&self.momentum) {
+            bail!("--beta1, --beta2 and --momentum must be in [0, 1)");
+        }
+        if !(self.weight_decay >= 0.0) || !(self.epsilon > 0.0) {
+            bail!("--weight-decay must be >= 0 and --epsilon > 0");
+        }
+        if self.augment_shift > 8 {
+            bail!("--shift {} is too large for 28x28 digits (at most 8)", self.augment_shift);
+        }
+        Ok(())
+    }
+
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            epsilon: self.epsilon,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// Total optimiser steps, dropping each epoch's last partial batch.
+    pub fn total_steps(&self, train_len: usize) -> usize {
+        match self.epochs {
+            Some(e) => e * (train_len / self.batch_size),
+            None => self.samples / self.batch_size,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Data: the IDX reader, MNIST, and batch assembly with augmentation.
+pub mod batch;
+pub mod idx;
+pub mod mnist;

@@ -1,0 +1,144 @@
+//! Local response normalisation across channels with `tf.nn.lrn` semantics:
+//!
+//! `out[c] = x[c] / (bias + alpha * sum_{j=c-r..c+r} x[j]^2) ^ beta`, r = depth_radius.
+//!
+//! Other frameworks' LRN (PyTorch `nn.LocalResponseNorm`, ONNX `LRN`, Caffe) take a window
+//! `size = 2r + 1` and divide alpha by the size: theirs `alpha = ours * size`, `k = bias`. The
+//! seed model's `alpha = 0.001 / 9, r = 4` is PyTorch's `LocalResponseNorm(9, alpha=0.001,
+//! beta=0.75, k=1)`. The paper's formula sums without dividing, like TF: its `n = 5, alpha = 1e-4,
+//! k = 2` is ours `r = 2, alpha = 1e-4, bias = 2` and PyTorch's `LocalResponseNorm(5, alpha=5e-4,
+//! beta=0.75, k=2)`.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrnParams {
+    pub depth_radius: usize,
+    pub bias: f32,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// `s ^ -beta`, with the common exponents done by square roots, which vectorise (powf does not).
+#[inline(always)]
+fn inv_pow(s: f32, beta: f32) -> f32 {
+    if beta == 0.75 {
+        let r = s.sqrt();
+        1.0 / (r * r.sqrt())
+    } else if beta == 0.5 {
+        1.0 / s.sqrt()
+    } else {
+        s.powf(-beta)
+    }
+}
+
+/// Windowed sums of squares: `scale[c] = bias + alpha * sum_{|j-c|<=r} x[j]^2` for one pixel.
+fn window_scale(p: &LrnParams, x: &[f32], sq: &mut [f32], scale: &mut [f32]) {
+    let (c, r) = (x.len(), p.depth_radius);
+    sq[..r].fill(0.0);
+    sq[r + c..].fill(0.0);
+    for (s, v) in sq[r..r + c].iter_mut().zip(x) {
+        *s = v * v;
+    }
+    scale.fill(0.0);
+    for d in 0..=2 * r {
+        for (s, q) in scale.iter_mut().zip(&sq[d..d + c]) {
+            *s += q;
+        }
+    }
+    for s in scale.iter_mut() {
+        *s = p.bias + p.alpha * *s;
+    }
+}
+
+/// `len` values of `channels`-long pixel vectors. `scale` keeps the denominators' bases for
+/// the backward pass.
+pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [f32], scale: &mut [f32]) {
+    let pixels_per_task = 64;
+    let chunk = channels * pixels_per_task;
+    output.par_chunks_mut(chunk).zip(scale.par_chunks_mut(chunk)).zip(input.par_chunks(chunk)).for_each(|((y, s), x)| {
+        let mut sq = vec![0.0; channels + 2 * p.depth_radius];
+        for ((y, s), x) in y.chunks_exact_mut(channels).zip(s.chunks_exact_mut(channels)).zip(x.chunks_exact(channels)) {
+            window_scale(p, x, &mut sq, s);
+            for ((y, s), x) in y.iter_mut().zip(s.iter()).zip(x) {
+                *y = x * inv_pow(*s, p.beta);
+            }
+        }
+    });
+}
+
+/// `d_input[i] = d_out[i] * scale[i]^-beta
+///   - 2 alpha beta x[i] * sum_{|j-i|<=r} d_out[j] * out[j] / scale[j]`
+/// (using `x[j] * scale[j]^(-beta-1) = out[j] / scale[j]`). Overwrites `d_input`.
+pub fn lrn_backward(p: &LrnParams, channels: usize, input: &[f32], output: &[f32], scale: &[f32], d_output: &[f32], d_input: &mut [f32]) {
+    let chunk = channels * 64;
+    let r = p.depth_radius;
+    d_input.par_chunks_mut(chunk).enumerate().for_each(|(t, dx)| {
+        let o = t * chunk;
+        let mut tbuf = vec![0.0; channels + 2 * r];
+        let mut acc = vec![0.0; channels];
+        for (px, dx) in dx.chunks_exact_mut(channels).enumerate() {
+            let b = o + px * channels;
+            let (x, y, s, dy) = (&input[b..b + channels], &output[b..b + channels], &scale[b..b + channels], &d_output[b..b + channels]);
+            for (((t, dy), y), s) in tbuf[r..r + channels].iter_mut().zip(dy).zip(y).zip(s) {
+                *t = dy * y / s;
+            }
+            acc.fill(0.0);
+            for d in 0..=2 * r {
+                for (a, t) in acc.iter_mut().zip(&tbuf[d..d + channels]) {
+                    *a += t;
+                }
+            }
+            let k = 2.0 * p.alpha * p.beta;
+            for ((((dx, dy), s), x), a) in dx.iter_mut().zip(dy).zip(s).zip(x).zip(&acc) {
+                *dx = dy * inv_pow(*s, p.beta) - k * x * a;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::{check_grad, random_vec};
+
+    #[test]
+    fn matches_hand_worked_tf_values() {
+        // One pixel, 3 channels [1, 2, 3], r=1, bias=1, alpha=0.5, beta=0.75:
+        // sums of squares over windows: [1+4, 1+4+9, 4+9] = [5, 14, 13]
+        // scale = 1 + 0.5*sum = [3.5, 8, 7.5]; out = x * scale^-0.75.
+        let p = LrnParams { depth_radius: 1, bias: 1.0, alpha: 0.5, beta: 0.75 };
+        let x = [1.0, 2.0, 3.0];
+        let (mut y, mut s) = ([0.0; 3], [0.0; 3]);
+        lrn_forward(&p, 3, &x, &mut y, &mut s);
+        assert_eq!(s, [3.5, 8.0, 7.5]);
+        let want = [1.0 / 3.5f32.powf(0.75), 2.0 / 8.0f32.powf(0.75), 3.0 / 7.5f32.powf(0.75)];
+        // 3.5^-0.75 = 0.39079, 8^-0.75 = 0.21022 (x2 = 0.42045), 7.5^-0.75 = 0.22065 (x3 = 0.66195)
+        for ((a, b), hand) in y.iter().zip(want).zip([0.39079, 0.42045, 0.66195]) {
+            assert!((a - b).abs() < 1e-6 && (a - hand).abs() < 1e-5, "{a} vs {b} vs {hand}");
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for p in [
+            LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 },
+            LrnParams { depth_radius: 2, bias: 2.0, alpha: 0.3, beta: 0.75 },
+            LrnParams { depth_radius: 1, bias: 0.5, alpha: 0.2, beta: 0.6 },
+        ] {
+            let c = 11;
+            let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
+            let r = random_vec(x.len(), 22);
+            let fwd = |x: &[f32]| {
+                let (mut y, mut s) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+                lrn_forward(&p, c, x, &mut y, &mut s);
+                (y, s)
+            };
+            let (y, s) = fwd(&x);
+            let mut dx = vec![0.0; x.len()];
+            lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
+            check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The layers of the engine. Each is a pair of plain functions, `*_forward` and `*_backward`,
+//! over caller-owned f32 buffers in NHWC layout (channels innermost, so the per-pixel channel
+//! vectors that pooling, LRN and im2col touch are contiguous).
+
+pub mod conv;
+pub mod dropout;
+pub mod gemm;
+pub mod linear;
+pub mod lrn;
+pub mod pool;
+pub mod softmax;
+pub mod winograd;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use serde::{Deserialize, Serialize};
+
+/// How a sliding window is padded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Padding {
+    /// No padding: only windows that fit entirely.
+    Valid,
+    /// TensorFlow SAME: `out = ceil(in / stride)`, total padding split with the extra row or
+    /// column at the end (bottom/right), as `tf.nn.conv2d` and `tf.nn.max_pool` do.
+    Same,
+    /// Symmetric explicit padding, as PyTorch's `padding=p`.
+    Explicit(usize),
+}
+
+/// Resolved geometry of one spatial axis: output size and padding before the first element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Axis {
+    pub input: usize,
+    pub output: usize,
+    pub pad_before: usize,
+}
+
+impl Padding {
+    /// Output size and leading pad for one axis, or `None` if the window does not fit.
+    pub fn resolve(self, input: usize, kernel: usize, stride: usize) -> Option<Axis> {
+        if input == 0 || kernel == 0 || stride == 0 {
+            return None;
+        }
+        let (output, pad_before) = match self {
+            Padding::Valid => {
+                if input < kernel {
+                    return None;
+                }
+                ((input - kernel) / stride + 1, 0)
+            }
+            Padding::Same => {
+                let output = input.div_ceil(stride);
+                let total = ((output - 1) * stride + kernel).saturating_sub(input);
+                (output, total / 2)
+            }
+            Padding::Explicit(p) => {
+                if input + 2 * p < kernel {
+                    return None;
+                }
+                ((input + 2 * p - kernel) / stride + 1, p)
+            }
+        };
+        Some(Axis { input, output, pad_before })
+    }
+}
+
+/// Spatial geometry of a windowed layer (convolution or pooling) over NHWC tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub h: Axis,
+    pub w: Axis,
+    pub kernel: usize,
+    pub stride: usize,
+}
+
+impl Window {
+    pub fn new(in_h: usize, in_w: usize, kernel: usize, stride: usize, padding: Padding) -> Option<Window> {
+        Some(Window {
+            h: padding.resolve(in_h, kernel, stride)?,
+            w: padding.resolve(in_w, kernel, stride)?,
+            kernel,
+            stride,
+        })
+    }
+    pub fn in_pixels(&self) -> usize {
+        self.h.input * self.w.input
+    }
+    pub fn out_pixels(&self) -> usize {
+        self.h.output * self.w.output
+    }
+    /// Input coordinate of kernel tap `k` for output coordinate `o`, if it lies inside the input.
+    #[inline]
+    pub fn tap(axis: &Axis, stride: usize, o: usize, k: usize) -> Option<usize> {
+        (o * stride + k).checked_sub(axis.pad_before).filter(|&i| i < axis.input)
+    }
+}
+
+/// Split `batch` samples into one contiguous range per pool thread: the unit of parallel work
+/// for every layer, fixed by the thread count so results are reproducible for a given count.
+pub fn sample_ranges(batch: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = rayon::current_num_threads().min(batch).max(1);
+    (0..parts).map(|p| (p * batch / parts)..((p + 1) * batch / parts)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_same_pool_geometry_matches_tensorflow() {
+        // k=3, s=2 (the seed model's pools): 28->14 pad (0,1), 14->7 pad (0,1), 7->4 pad (1,1).
+        let a = Padding::Same.resolve(28, 3, 2).unwrap();
+        assert_eq!((a.output, a.pad_before), (14, 0));
+        let b = Padding::Same.resolve(14, 3, 2).unwrap();
+        assert_eq!((b.output, b.pad_before), (7, 0));
+        let c = Padding::Same.resolve(7, 3, 2).unwrap();
+        assert_eq!((c.output, c.pad_before), (4, 1));
+        assert_eq!(Padding::Valid.resolve(227, 11, 4).unwrap().output, 55);
+        assert_eq!(Padding::Explicit(2).resolve(27, 5, 1).unwrap().output, 27);
+        assert!(Padding::Valid.resolve(2, 3, 1).is_none());
+    }
+}

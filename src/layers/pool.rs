@@ -1,0 +1,131 @@
+//! Max pooling over NHWC with any window and stride, VALID / TF SAME / explicit padding.
+//!
+//! Padded positions never win (TensorFlow's SAME pooling ignores them rather than treating
+//! them as zeros). The forward pass records each output's argmax so the backward pass routes
+//! the gradient to exactly that input, as TF and PyTorch do.
+
+use super::Window;
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug)]
+pub struct MaxPool {
+    pub win: Window,
+    pub channels: usize,
+}
+
+impl MaxPool {
+    pub fn in_len(&self) -> usize {
+        self.win.in_pixels() * self.channels
+    }
+    pub fn out_len(&self) -> usize {
+        self.win.out_pixels() * self.channels
+    }
+}
+
+/// `argmax[i]` receives the index, within the sample, of the input that output `i` copied.
+pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [f32], argmax: &mut [u32]) {
+    let (win, c) = (&p.win, p.channels);
+    output[..batch * p.out_len()]
+        .par_chunks_mut(p.out_len())
+        .zip(argmax[..batch * p.out_len()].par_chunks_mut(p.out_len()))
+        .enumerate()
+        .for_each(|(n, (y, idx))| {
+            let x = &input[n * p.in_len()..(n + 1) * p.in_len()];
+            for oy in 0..win.h.output {
+                for ox in 0..win.w.output {
+                    let o = (oy * win.w.output + ox) * c;
+                    let (y, idx) = (&mut y[o..o + c], &mut idx[o..o + c]);
+                    let mut first = true;
+                    for ky in 0..win.kernel {
+                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                        for kx in 0..win.kernel {
+                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                            let base = (iy * win.w.input + ix) * c;
+                            let xs = &x[base..base + c];
+                            if first {
+                                y.copy_from_slice(xs);
+                                idx.iter_mut().enumerate().for_each(|(ch, i)| *i = (base + ch) as u32);
+                                first = false;
+                            } else {
+                                for (ch, ((y, i), &v)) in y.iter_mut().zip(idx.iter_mut()).zip(xs).enumerate() {
+                                    if v > *y {
+                                        *y = v;
+                                        *i = (base + ch) as u32;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
+pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u32], d_input: &mut [f32]) {
+    d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
+        dx.fill(0.0);
+        let (dy, idx) = (&d_output[n * p.out_len()..(n + 1) * p.out_len()], &argmax[n * p.out_len()..(n + 1) * p.out_len()]);
+        for (g, &i) in dy.iter().zip(idx) {
+            dx[i as usize] += g;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Padding;
+    use crate::layers::testing::{check_grad, random_vec};
+
+    fn pool(h: usize, w: usize, c: usize) -> MaxPool {
+        MaxPool { win: Window::new(h, w, 3, 2, Padding::Same).unwrap(), channels: c }
+    }
+
+    #[test]
+    fn tf_same_pool_pads_only_at_the_end_for_even_input() {
+        // 4x4 input 0..15, k=3 s=2 SAME: out 2x2, pad (0,1). Windows: rows {0,1,2},{2,3}.
+        // TF gives [[10, 11], [14, 15]].
+        let p = pool(4, 4, 1);
+        let x: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let (mut y, mut idx) = (vec![0.0; 4], vec![0; 4]);
+        max_pool_forward(&p, 1, &x, &mut y, &mut idx);
+        assert_eq!(y, vec![10.0, 11.0, 14.0, 15.0]);
+        assert_eq!(idx, vec![10, 11, 14, 15]);
+    }
+
+    #[test]
+    fn tf_same_pool_pads_both_sides_for_odd_input_and_ignores_padding() {
+        // 3x3 input of negatives, k=3 s=2 SAME: out 2x2, pad (1,1); the padding must not win
+        // with 0. Windows: rows {0,1},{1,2} (the padded row is skipped).
+        let p = pool(3, 3, 1);
+        let x: Vec<f32> = vec![-9., -8., -7., -6., -5., -4., -3., -2., -1.];
+        let (mut y, mut idx) = (vec![0.0; 4], vec![0; 4]);
+        max_pool_forward(&p, 1, &x, &mut y, &mut idx);
+        assert_eq!(y, vec![-5.0, -4.0, -2.0, -1.0]);
+        // 7 -> 4 pads (1,1): first window covers rows 0..=1, last rows 5..=6.
+        let p7 = pool(7, 7, 1);
+        let x7: Vec<f32> = (0..49).map(|v| v as f32).collect();
+        let (mut y7, mut i7) = (vec![0.0; 16], vec![0; 16]);
+        max_pool_forward(&p7, 1, &x7, &mut y7, &mut i7);
+        assert_eq!(&y7[..4], &[8.0, 10.0, 12.0, 13.0]);
+        assert_eq!(y7[15], 48.0);
+    }
+
+    #[test]
+    fn backward_routes_to_argmax_and_matches_finite_differences() {
+        let p = pool(7, 6, 3);
+        let batch = 2;
+        let x = random_vec(batch * p.in_len(), 11);
+        let r = random_vec(batch * p.out_len(), 12);
+        let forward = |x: &[f32]| {
+            let (mut y, mut idx) = (vec![0.0; batch * p.out_len()], vec![0; batch * p.out_len()]);
+            max_pool_forward(&p, batch, x, &mut y, &mut idx);
+            (y, idx)
+        };
+        let (_, idx) = forward(&x);
+        let mut dx = vec![0.0; x.len()];
+        max_pool_backward(&p, batch, &r, &idx, &mut dx);
+        check_grad("maxpool dx", &x, &dx, |x| forward(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+    }
+}

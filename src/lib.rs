@@ -1,0 +1,16 @@
+//! AlexNet in Rust: a purpose-built CPU training engine for AlexNet-family networks.
+//!
+//! `layers` holds the numeric kernels (forward/backward pairs over preallocated buffers),
+//! `model` the fixed layer stacks, `data` the MNIST pipeline, `optim` Adam and SGD, `train`,
+//! `eval`, `predict` and `bench` the commands, `checkpoint` the PyTorch-compatible files.
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod layers;
+pub mod model;
+pub mod optim;
+pub mod predict;
+pub mod summary;
+pub mod train;

@@ -1,0 +1,280 @@
+use alexnet::bench::{self, BenchPlan};
+use alexnet::config::TrainConfig;
+use alexnet::data::mnist::{self, Split};
+use alexnet::eval::evaluate;
+use alexnet::layers::softmax::softmax;
+use alexnet::model::{MODEL_NAMES, Mode, Model, Workspace, architecture, forward};
+use alexnet::optim::OptimizerKind;
+use alexnet::{checkpoint, predict, summary, train};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its MNIST adaptation, trained on the CPU.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (defaults: the notebook's AlexNet-for-MNIST run).
+    Train(TrainArgs),
+    /// Test-set accuracy and loss of a model file.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// Also print the confusion matrix and per-class accuracy.
+        #[arg(long)]
+        confusion: bool,
+    },
+    /// Classify digit images (PNG or JPEG, any size).
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Print all class probabilities per image as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// How many of the most likely classes to print.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Print a model's layer table.
+    Summary {
+        #[arg(long, default_value = "alexnet-mnist")]
+        model: String,
+    },
+    /// Measure training and inference throughput on real MNIST batches.
+    Bench {
+        #[arg(long, default_value = "alexnet-mnist")]
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1000)]
+        infer_batch: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Training steps per timed run.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long, default_value = "alexnet-mnist")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Training samples to process (the notebook's training_iters).
+    #[arg(long, default_value_t = 300_000)]
+    samples: usize,
+    /// Train for whole epochs instead of --samples.
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.001)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f32,
+    #[arg(long, default_value_t = 1e-8)]
+    epsilon: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// SGD weight decay (on weights, not biases).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f32,
+    /// Dropout keep probability.
+    #[arg(long, default_value_t = 0.8)]
+    keep_prob: f32,
+    /// Initial value of every bias (weights are He-normal).
+    #[arg(long, default_value_t = 0.0)]
+    init_bias: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Random translations of the training digits (the paper's crop augmentation for MNIST).
+    #[arg(long)]
+    augment: bool,
+    /// Largest shift in pixels with --augment.
+    #[arg(long, default_value_t = 2)]
+    shift: usize,
+    /// Print the minibatch loss and accuracy every this many steps.
+    #[arg(long, default_value_t = 100)]
+    display_step: usize,
+    #[arg(long, default_value_t = 1000)]
+    eval_batch: usize,
+    /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (default: runs/MODEL-UNIXTIME).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = match cli.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")?;
+    match cli.command {
+        Command::Train(a) => {
+            let out = a.out.unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from(format!("runs/{}-{secs}", a.model))
+            });
+            let cfg = TrainConfig {
+                model: a.model,
+                batch_size: a.batch_size,
+                samples: a.samples,
+                epochs: a.epochs,
+                optimizer: a.optimizer,
+                lr: a.lr,
+                beta1: a.beta1,
+                beta2: a.beta2,
+                epsilon: a.epsilon,
+                momentum: a.momentum,
+                weight_decay: a.weight_decay,
+                keep_prob: a.keep_prob,
+                init_bias: a.init_bias,
+                seed: a.seed,
+                threads,
+                augment_shift: if a.augment { a.shift } else { 0 },
+                display_step: a.display_step,
+                eval_batch: a.eval_batch,
+                data: a.data,
+                out,
+            };
+            train::train(&cfg)?;
+        }
+        Command::Eval { checkpoint: path, data, batch_size, confusion } => {
+            if batch_size == 0 {
+                bail!("--batch-size must be at least 1");
+            }
+            let model = checkpoint::load(&path)?;
+            let (dir, strict) = mnist::resolve_dir(data.as_deref());
+            let test = mnist::load(&dir, Split::Test, strict)?;
+            check_input(&model, test.rows, test.cols)?;
+            let mut ws = Workspace::new(&model, batch_size.min(test.len()), false);
+            let r = evaluate(&model, &mut ws, &test);
+            println!("{}: {} test images, loss {:.4}, accuracy {:.2}%", path.display(), r.samples, r.loss, 100.0 * r.accuracy);
+            if confusion {
+                print!("true\\pred");
+                (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));
+                println!("  accuracy");
+                for (i, row) in r.confusion.iter().enumerate() {
+                    print!("{i:>9}");
+                    row.iter().for_each(|c| print!("{c:>6}"));
+                    println!("  {:.2}%", 100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32);
+                }
+            }
+        }
+        Command::Predict { checkpoint: path, json, top, images } => {
+            let model = checkpoint::load(&path)?;
+            check_input(&model, 28, 28)?;
+            let classes = model.classes();
+            let mut ws = Workspace::new(&model, 1, false);
+            let mut failed = 0;
+            for img in &images {
+                let pixels = match predict::load_digit(img) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed += 1;
+                        continue;
+                    }
+                };
+                ws.input_mut().copy_from_slice(&pixels);
+                forward(&model, &mut ws, 1, Mode::Eval);
+                let mut probs = vec![0.0; classes];
+                softmax(ws.logits(1, classes), classes, &mut probs);
+                let mut ranked: Vec<usize> = (0..classes).collect();
+                ranked.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+                if json {
+                    println!("{}", serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs}));
+                } else {
+                    let best: Vec<String> = ranked.iter().take(top.max(1)).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
+                    println!("{}: {}", img.display(), best.join(", "));
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} images could not be read", images.len());
+            }
+        }
+        Command::Summary { model } => {
+            let m = Model::new(&architecture(&model, 1.0)?)?;
+            print!("{}", summary::table(&m));
+        }
+        Command::Bench { model, batch_size, infer_batch, runs, steps, data, json } => {
+            if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
+                bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
+            }
+            let mut m = Model::new(&architecture(&model, 0.8)?)?;
+            m.init(1, 0.0);
+            let (dir, strict) = mnist::resolve_dir(data.as_deref());
+            let train_set = mnist::load(&dir, Split::Train, strict)?;
+            check_input(&m, train_set.rows, train_set.cols)?;
+            let cfg = alexnet::optim::OptimizerConfig {
+                kind: OptimizerKind::Adam,
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+            };
+            let r = bench::run(&mut m, cfg, &train_set, &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps });
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("model {}, {} threads", r.model, r.threads);
+                println!("training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch);
+                println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
+                println!("peak memory: {:.0} MiB", r.peak_rss_mib);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The data or image size must be the model's input size.
+fn check_input(model: &Model, rows: usize, cols: usize) -> Result<()> {
+    if model.arch.input != [rows, cols, 1] {
+        bail!("model {} takes {:?} inputs, not {rows}x{cols} grayscale (known models: {})", model.arch.name, model.arch.input, MODEL_NAMES.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,449 @@
+//! Network definitions: an architecture is a fixed stack of layer specs; `Model` resolves
+//! every shape once, owns the parameters, and runs forward and backward over a `Workspace`
+//! whose buffers are all allocated up front for one batch size.
+
+use crate::layers::conv::{Conv, conv_backward, conv_forward};
+use crate::layers::dropout::{dropout_backward, dropout_forward, stream_id};
+use crate::layers::linear::{Linear, linear_backward, linear_forward};
+use crate::layers::lrn::{LrnParams, lrn_backward, lrn_forward};
+use crate::layers::pool::{MaxPool, max_pool_backward, max_pool_forward};
+use crate::layers::softmax::softmax_cross_entropy;
+use crate::layers::winograd;
+use crate::layers::{Padding, Window};
+use anyhow::{Result, bail};
+use rand_distr::{Distribution, Normal};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use rand_xoshiro::rand_core::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LayerSpec {
+    Conv { name: String, out_c: usize, kernel: usize, stride: usize, padding: Padding, groups: usize, relu: bool },
+    MaxPool { kernel: usize, stride: usize, padding: Padding },
+    Lrn(LrnParams),
+    Dropout { keep: f32 },
+    /// Fully connected; flattens its input (H, W, C in our layout, C, H, W in checkpoints).
+    Linear { name: String, out: usize, relu: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    pub name: String,
+    /// Input height, width, channels.
+    pub input: [usize; 3],
+    pub layers: Vec<LayerSpec>,
+}
+
+pub const MODEL_NAMES: &[&str] = &["alexnet-mnist"];
+
+/// The notebook's AlexNet for 28x28 MNIST: 3 x [conv 3x3 SAME + ReLU -> max-pool 3x3/2 SAME ->
+/// LRN -> dropout] with 64/128/256 channels, then FC 1024, FC 1024, FC 10.
+pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
+    let lrn = LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 };
+    let mut layers = Vec::new();
+    for (i, out_c) in [64, 128, 256].into_iter().enumerate() {
+        layers.push(LayerSpec::Conv { name: format!("conv{}", i + 1), out_c, kernel: 3, stride: 1, padding: Padding::Same, groups: 1, relu: true });
+        layers.push(LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Same });
+        layers.push(LayerSpec::Lrn(lrn));
+        layers.push(LayerSpec::Dropout { keep: keep_prob });
+    }
+    layers.push(LayerSpec::Linear { name: "fc1".into(), out: 1024, relu: true });
+    layers.push(LayerSpec::Linear { name: "fc2".into(), out: 1024, relu: true });
+    layers.push(LayerSpec::Linear { name: "fc3".into(), out: 10, relu: false });
+    Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers }
+}
+
+/// Look up an architecture by its command-line name.
+pub fn architecture(name: &str, keep_prob: f32) -> Result<Architecture> {
+    match name {
+        "alexnet-mnist" => Ok(alexnet_mnist(keep_prob)),
+        other => bail!("unknown model '{other}' (known: {})", MODEL_NAMES.join(", ")),
+    }
+}
+
+/// A resolved layer: geometry plus the index of its weight in `Model::params` (bias follows).
+#[derive(Clone, Debug)]
+pub enum Layer {
+    Conv { conv: Conv, param: usize, winograd: bool },
+    Pool(MaxPool),
+    Lrn { params: LrnParams, channels: usize },
+    Dropout { keep: f32 },
+    Linear { linear: Linear, param: usize, from: [usize; 3] },
+}
+
+/// A trainable tensor. `value` is in the engine's layout; `torch_shape` is the PyTorch shape
+/// it is saved under (see `checkpoint` for the layout conversion).
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub torch_shape: Vec<usize>,
+    pub value: Vec<f32>,
+    pub grad: Vec<f32>,
+    /// Weight decay applies to weights, not biases.
+    pub decay: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub arch: Architecture,
+    pub layers: Vec<Layer>,
+    pub params: Vec<Param>,
+    /// Per-sample element count of each layer's output (`shapes[0]` is the input).
+    pub shapes: Vec<[usize; 3]>,
+}
+
+impl Model {
+    /// Resolve the shapes and allocate zeroed parameters; `init` draws them.
+    pub fn new(arch: &Architecture) -> Result<Model> {
+        let mut shape = arch.input;
+        let (mut layers, mut params, mut shapes) = (Vec::new(), Vec::new(), vec![shape]);
+        let mut param = |name: &str, torch_shape: Vec<usize>, decay: bool| {
+            let len = torch_shape.iter().product();
+            params.push(Param { name: name.to_string(), torch_shape, value: vec![0.0; len], grad: vec![0.0; len], decay });
+            params.len() - 1
+        };
+        for spec in &arch.layers {
+            let [h, w, c] = shape;
+            let bad = |what: &str| anyhow::anyhow!("model {}: {what} does not fit input {h}x{w}x{c}", arch.name);
+            match spec {
+                LayerSpec::Conv { name, out_c, kernel, stride, padding, groups, relu } => {
+                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad(name))?;
+                    if c % groups != 0 || out_c % groups != 0 {
+                        bail!("model {}: {name}: channels {c} -> {out_c} not divisible by groups {groups}", arch.name);
+                    }
+                    let conv = Conv { win, in_c: c, out_c: *out_c, groups: *groups, relu: *relu };
+                    let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true);
+                    param(&format!("{name}.bias"), vec![*out_c], false);
+                    layers.push(Layer::Conv { conv, param: p, winograd: winograd::applies(&conv) });
+                    shape = [win.h.output, win.w.output, *out_c];
+                }
+                LayerSpec::MaxPool { kernel, stride, padding } => {
+                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad("max-pool"))?;
+                    layers.push(Layer::Pool(MaxPool { win, channels: c }));
+                    shape = [win.h.output, win.w.output, c];
+                }
+                LayerSpec::Lrn(params) => layers.push(Layer::Lrn { params: *params, channels: c }),
+                LayerSpec::Dropout { keep } => layers.push(Layer::Dropout { keep: *keep }),
+                LayerSpec::Linear { name, out, relu } => {
+                    let linear = Linear { in_len: h * w * c, out_len: *out, relu: *relu };
+                    let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true);
+                    param(&format!("{name}.bias"), vec![*out], false);
+                    layers.push(Layer::Linear { linear, param: p, from: shape });
+                    shape = [1, 1, *out];
+                }
+            }
+            shapes.push(shape);
+        }
+        Ok(Model { arch: arch.clone(), layers, params, shapes })
+    }
+
+    pub fn classes(&self) -> usize {
+        let [h, w, c] = *self.shapes.last().expect("a model has layers");
+        h * w * c
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.arch.input.iter().product()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|p| p.value.len()).sum()
+    }
+
+    /// He-normal weights (std = sqrt(2 / fan_in), right for ReLU) and constant biases. The
+    /// notebook's N(0, 1) weights made the logits explode (loss ~1e5); these keep the
+    /// activations' variance roughly constant through the stack.
+    pub fn init(&mut self, seed: u64, bias: f32) {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        for p in &mut self.params {
+            if p.decay {
+                let fan_in: usize = p.torch_shape[1..].iter().product();
+                let normal = Normal::new(0.0, (2.0 / fan_in as f32).sqrt()).expect("finite std");
+                p.value.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+            } else {
+                p.value.fill(bias);
+            }
+        }
+    }
+}
+
+/// What a layer keeps from forward for backward, beyond its input and output.
+#[derive(Debug)]
+enum Saved {
+    None,
+    Argmax(Vec<u32>),
+    Values(Vec<f32>),
+}
+
+/// Every buffer a forward/backward pass at `batch` samples needs.
+pub struct Workspace {
+    pub batch: usize,
+    /// `acts[0]` is the input; `acts[i + 1]` is layer i's output.
+    pub acts: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    saved: Vec<Saved>,
+    pub probs: Vec<f32>,
+    /// Index into `acts` of the last forward pass's logits (dropout is skipped at evaluation).
+    logits_at: usize,
+    /// Which `acts` buffer each layer read in the last forward pass.
+    inputs_at: Vec<usize>,
+}
+
+impl Workspace {
+    /// `training` also allocates gradient buffers and what backward needs.
+    pub fn new(model: &Model, batch: usize, training: bool) -> Workspace {
+        let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
+        let acts: Vec<Vec<f32>> = model.shapes.iter().map(|s| vec![0.0; len(s)]).collect();
+        let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
+        let saved = model
+            .layers
+            .iter()
+            .zip(&model.shapes[1..])
+            .map(|(l, s)| match l {
+                Layer::Pool(_) => Saved::Argmax(vec![0; len(s)]),
+                Layer::Lrn { .. } | Layer::Dropout { .. } => Saved::Values(vec![0.0; len(s)]),
+                Layer::Conv { conv, winograd: true, .. } if training => Saved::Values(vec![0.0; winograd::saved_len(conv, batch)]),
+                _ => Saved::None,
+            })
+            .collect();
+        let classes = model.classes();
+        Workspace { batch, acts, grads, saved, probs: vec![0.0; batch * classes], logits_at: 0, inputs_at: vec![0; model.layers.len()] }
+    }
+
+    /// The input buffer, `batch x H x W x C`.
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        &mut self.acts[0]
+    }
+
+    pub fn logits(&self, n: usize, classes: usize) -> &[f32] {
+        &self.acts[self.logits_at][..n * classes]
+    }
+}
+
+/// How a forward pass treats dropout.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    Eval,
+    /// Training, with the dropout masks drawn from this stream (see `dropout::stream_id`).
+    Train { stream: u64 },
+}
+
+/// Run the first `n` samples of the workspace's input through the network.
+pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
+    assert!(n <= ws.batch, "batch {n} exceeds workspace {}", ws.batch);
+    let mut cur = 0;
+    for (i, layer) in model.layers.iter().enumerate() {
+        ws.inputs_at[i] = cur;
+        let (before, after) = ws.acts.split_at_mut(i + 1);
+        let (x, y) = (&before[cur][..], &mut after[0][..]);
+        let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
+        match layer {
+            Layer::Conv { conv, param, winograd: wg } => {
+                let (w, b) = (&model.params[*param].value, &model.params[param + 1].value);
+                match (&mut ws.saved[i], wg) {
+                    (Saved::Values(v), true) => winograd::conv3x3_forward(conv, n, x, w, b, y, Some(v)),
+                    (_, true) => winograd::conv3x3_forward(conv, n, x, w, b, y, None),
+                    _ => conv_forward(conv, n, x, w, b, y),
+                }
+            }
+            Layer::Pool(p) => {
+                let Saved::Argmax(idx) = &mut ws.saved[i] else { unreachable!("pool saves argmax") };
+                max_pool_forward(p, n, x, y, idx);
+            }
+            Layer::Lrn { params, channels } => {
+                let Saved::Values(scale) = &mut ws.saved[i] else { unreachable!("lrn saves scale") };
+                lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], &mut scale[..out_len]);
+            }
+            Layer::Dropout { keep } => match mode {
+                Mode::Train { stream } if *keep < 1.0 => {
+                    let Saved::Values(mask) = &mut ws.saved[i] else { unreachable!("dropout saves its mask") };
+                    let per_sample = out_len / n.max(1);
+                    dropout_forward(*keep, per_sample, stream_id(&[stream, i as u64]), &x[..out_len], &mut y[..out_len], &mut mask[..out_len]);
+                }
+                // Identity: keep reading the previous buffer instead of copying it.
+                _ => continue,
+            },
+            Layer::Linear { linear, param, .. } => {
+                linear_forward(linear, n, x, &model.params[*param].value, &model.params[param + 1].value, y);
+            }
+        }
+        cur = i + 1;
+    }
+    ws.logits_at = cur;
+}
+
+/// Forward in training mode, loss, and backward: fills every `Param::grad`. Returns the mean
+/// loss and the number of correct predictions in the batch.
+pub fn train_step_gradients(model: &mut Model, ws: &mut Workspace, labels: &[u8], stream: u64) -> (f32, usize) {
+    let n = labels.len();
+    forward(model, ws, n, Mode::Train { stream });
+    let classes = model.classes();
+    let last = model.layers.len();
+    let (loss, correct) = {
+        let (acts, grads) = (&ws.acts, &mut ws.grads);
+        softmax_cross_entropy(&acts[ws.logits_at][..n * classes], labels, classes, &mut ws.probs, Some(&mut grads[last][..n * classes]))
+    };
+    backward(model, ws, n);
+    (loss, correct)
+}
+
+/// Backward through the stack; expects `ws.grads[last]` to hold d loss / d logits.
+fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
+    // Layers skipped in forward (dropout at keep 1) pass the gradient through unchanged: the
+    // gradient flows to the buffer the layer read, tracked by `inputs_at`.
+    let mut grad_at = model.layers.len();
+    for (i, layer) in model.layers.iter().enumerate().rev() {
+        let input_at = ws.inputs_at[i];
+        if grad_at != i + 1 {
+            // This layer was skipped in forward; its output gradient is already in place.
+            continue;
+        }
+        let (lower, upper) = ws.grads.split_at_mut(i + 1);
+        let dy = &mut upper[0];
+        let need_dx = input_at > 0;
+        let dx = &mut lower[input_at];
+        let (x, y) = (&ws.acts[input_at][..], &ws.acts[i + 1][..]);
+        let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
+        match layer {
+            Layer::Conv { conv, param, winograd: wg } => {
+                let (wp, bp) = model.params.split_at_mut(param + 1);
+                let (w, b) = (&mut wp[*param], &mut bp[0]);
+                let dx = if need_dx { Some(&mut dx[..]) } else { None };
+                match (&ws.saved[i], wg) {
+                    (Saved::Values(v), true) => winograd::conv3x3_backward(conv, n, v, &w.value, y, dy, dx, &mut w.grad, &mut b.grad),
+                    _ => conv_backward(conv, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad),
+                }
+            }
+            Layer::Pool(p) => {
+                let Saved::Argmax(idx) = &ws.saved[i] else { unreachable!() };
+                max_pool_backward(p, n, dy, idx, dx);
+            }
+            Layer::Lrn { params, channels } => {
+                let Saved::Values(scale) = &ws.saved[i] else { unreachable!() };
+                lrn_backward(params, *channels, &x[..out_len], &y[..out_len], &scale[..out_len], &dy[..out_len], &mut dx[..out_len]);
+            }
+            Layer::Dropout { .. } => {
+                let Saved::Values(mask) = &ws.saved[i] else { unreachable!() };
+                dropout_backward(&mask[..out_len], &dy[..out_len], &mut dx[..out_len]);
+            }
+            Layer::Linear { linear, param, .. } => {
+                let (wp, bp) = model.params.split_at_mut(param + 1);
+                let (w, b) = (&mut wp[*param], &mut bp[0]);
+                let dx = if need_dx { Some(&mut dx[..]) } else { None };
+                linear_backward(linear, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad);
+            }
+        }
+        grad_at = input_at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::random_vec;
+
+    /// A narrow version of the seed model (same layer kinds, shapes and padding cases) so the
+    /// whole-model finite-difference check stays fast.
+    fn small_seed_model(keep: f32) -> Architecture {
+        let mut arch = alexnet_mnist(keep);
+        for l in &mut arch.layers {
+            match l {
+                LayerSpec::Conv { out_c, .. } => *out_c /= 16,
+                LayerSpec::Linear { out, relu: true, .. } => *out = 24,
+                _ => {}
+            }
+        }
+        arch
+    }
+
+    /// A random direction of unit L2 norm, so every tensor is perturbed by the same amount.
+    fn unit_direction(len: usize, seed: u64) -> Vec<f32> {
+        let d = random_vec(len, seed);
+        let norm = d.iter().map(|v| v * v).sum::<f32>().sqrt();
+        d.iter().map(|v| v / norm).collect()
+    }
+
+    fn loss_of(model: &Model, x: &[f32], labels: &[u8], mode: Mode) -> f64 {
+        let mut ws = Workspace::new(model, labels.len(), true);
+        ws.input_mut().copy_from_slice(x);
+        forward(model, &mut ws, labels.len(), mode);
+        let mut probs = vec![0.0; labels.len() * 10];
+        softmax_cross_entropy(ws.logits(labels.len(), 10), labels, 10, &mut probs, None).0 as f64
+    }
+
+    #[test]
+    fn seed_model_shapes_match_the_notebook() {
+        let m = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let spatial: Vec<[usize; 3]> = m.shapes.iter().step_by(4).take(4).cloned().collect();
+        assert_eq!(spatial, vec![[28, 28, 1], [14, 14, 64], [7, 7, 128], [4, 4, 256]]);
+        assert_eq!(m.classes(), 10);
+        // 640 + 73,856 + 295,168 + 4,195,328 + 1,049,600 + 10,250
+        assert_eq!(m.param_count(), 5_624_842);
+    }
+
+    #[test]
+    fn whole_model_gradient_matches_finite_differences() {
+        // keep 1 skips the dropout layers; keep 0.7 applies masks fixed by the stream.
+        for keep in [1.0, 0.7] {
+            whole_model_check(keep);
+        }
+    }
+
+    /// Directional derivatives along random directions: robust to the odd ReLU/max-pool kink
+    /// that single-coordinate checks trip over. The tolerance (5% + 5e-3) is the floor that
+    /// f32 forward passes and the kinks a finite step crosses put on the difference quotient;
+    /// a wrong backward (a missed mask, a transposed weight) is off by O(1).
+    fn whole_model_check(keep: f32) {
+        let mut model = Model::new(&small_seed_model(keep)).unwrap();
+        model.init(3, 0.2);
+        let batch = 3;
+        let x: Vec<f32> = random_vec(batch * 784, 4).iter().map(|v| v.abs()).collect();
+        let labels = [7u8, 1, 4];
+        let mut ws = Workspace::new(&model, batch, true);
+        ws.input_mut().copy_from_slice(&x);
+        train_step_gradients(&mut model, &mut ws, &labels, 9);
+        for seed in 0..3 {
+            let dirs: Vec<Vec<f32>> = model.params.iter().enumerate().map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64)).collect();
+            let analytic: f64 = model.params.iter().zip(&dirs).map(|(p, d)| p.grad.iter().zip(d).map(|(g, d)| (*g as f64) * (*d as f64)).sum::<f64>()).sum();
+            let eps = 1e-3f32;
+            let shifted = |sign: f32| {
+                let mut m = model.clone();
+                for (p, d) in m.params.iter_mut().zip(&dirs) {
+                    p.value.iter_mut().zip(d).for_each(|(v, d)| *v += sign * eps * d);
+                }
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
+            };
+            let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+            assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep}: directional derivative {analytic} vs {numeric}");
+        }
+        // And with respect to each parameter tensor on its own: catches a wrong layer whose
+        // error the random total might hide.
+        for (i, p) in model.params.iter().enumerate() {
+            let d = unit_direction(p.value.len(), 500 + i as u64);
+            let analytic: f64 = p.grad.iter().zip(&d).map(|(g, d)| (*g as f64) * (*d as f64)).sum();
+            let eps = 1e-3f32;
+            let shifted = |sign: f32| {
+                let mut m = model.clone();
+                m.params[i].value.iter_mut().zip(&d).for_each(|(v, d)| *v += sign * eps * d);
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
+            };
+            let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+            assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep} {}: {analytic} vs {numeric}", p.name);
+        }
+    }
+
+    #[test]
+    fn dropout_in_training_changes_outputs_and_eval_is_deterministic() {
+        let mut model = Model::new(&small_seed_model(0.5)).unwrap();
+        model.init(1, 0.0);
+        let x = random_vec(2 * 784, 5);
+        let mut ws = Workspace::new(&model, 2, true);
+        ws.input_mut().copy_from_slice(&x);
+        forward(&model, &mut ws, 2, Mode::Eval);
+        let eval = ws.logits(2, 10).to_vec();
+        forward(&model, &mut ws, 2, Mode::Train { stream: 1 });
+        assert_ne!(ws.logits(2, 10), &eval[..]);
+        forward(&model, &mut ws, 2, Mode::Eval);
+        assert_eq!(ws.logits(2, 10), &eval[..]);
+    }
+}
