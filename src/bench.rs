@@ -18,6 +18,10 @@ pub struct BenchResult {
     pub infer_samples_per_s: f64,
     pub infer_runs: Vec<f64>,
     pub peak_rss_mib: f64,
+    /// Per layer: name, forward ms and backward ms per training step (with `layers`).
+    pub layer_ms: Vec<(String, f64, f64)>,
+    /// Optimiser update ms per step (with `layers`).
+    pub update_ms: f64,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -28,7 +32,11 @@ fn median(v: &mut [f64]) -> f64 {
 /// Peak resident memory of this process (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 pub struct BenchPlan {
@@ -36,9 +44,16 @@ pub struct BenchPlan {
     pub infer_batch: usize,
     pub runs: usize,
     pub steps_per_run: usize,
+    /// Also time each layer (adds a little overhead to the totals).
+    pub layers: bool,
 }
 
-pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
+pub fn run(
+    model: &mut Model,
+    opt_cfg: OptimizerConfig,
+    data: &Dataset,
+    plan: &BenchPlan,
+) -> BenchResult {
     let order = epoch_order(data.len(), 1, 0);
     let mut ws = Workspace::new(model, plan.train_batch, true);
     let mut opt = Optimizer::new(opt_cfg, &model.params);
@@ -48,13 +63,41 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         if cursor + plan.train_batch > order.len() {
             cursor = 0;
         }
-        fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
+        fill_batch(
+            data,
+            &order[cursor..cursor + plan.train_batch],
+            0,
+            0,
+            ws.input_mut(),
+            &mut labels,
+        );
         cursor += plan.train_batch;
         train_step_gradients(model, ws, &labels, cursor as u64);
         opt.update(&mut model.params, opt_cfg.lr);
     };
     for _ in 0..3 {
         step(model, &mut ws);
+    }
+    let mut layer_ms = Vec::new();
+    let mut update_ms = 0.0;
+    if plan.layers {
+        ws.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
+        let steps = plan.steps_per_run;
+        let mut upd = 0.0;
+        for _ in 0..steps {
+            let t = Instant::now();
+            step(model, &mut ws);
+            upd += t.elapsed().as_secs_f64();
+        }
+        let times = ws.layer_seconds.take().expect("profiling on");
+        let per = |s: f64| 1e3 * s / steps as f64;
+        let names = crate::summary::layer_names(model);
+        layer_ms = names
+            .into_iter()
+            .zip(&times)
+            .map(|(n, &(f, b))| (n, per(f), per(b)))
+            .collect();
+        update_ms = per(upd) - layer_ms.iter().map(|(_, f, b)| f + b).sum::<f64>();
     }
     let mut train_runs: Vec<f64> = (0..plan.runs)
         .map(|_| {
@@ -90,5 +133,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         infer_samples_per_s: median(&mut infer_runs.clone()),
         infer_runs: std::mem::take(&mut infer_runs),
         peak_rss_mib: peak_rss_mib(),
+        layer_ms,
+        update_ms,
     }
 }

@@ -52,16 +52,26 @@ impl TrainConfig {
             bail!("--display-step and --eval-batch must be at least 1");
         }
         if self.epochs == Some(0) || (self.epochs.is_none() && self.samples < self.batch_size) {
-            bail!("nothing to train: --samples {} is less than one batch of {} (or --epochs 0)", self.samples, self.batch_size);
+            bail!(
+                "nothing to train: --samples {} is less than one batch of {} (or --epochs 0)",
+                self.samples,
+                self.batch_size
+            );
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || !(0.0..1.0).contains(&self.momentum) {
+        if !(0.0..1.0).contains(&self.beta1)
+            || !(0.0..1.0).contains(&self.beta2)
+            || !(0.0..1.0).contains(&self.momentum)
+        {
             bail!("--beta1, --beta2 and --momentum must be in [0, 1)");
         }
         if !(self.weight_decay >= 0.0) || !(self.epsilon > 0.0) {
             bail!("--weight-decay must be >= 0 and --epsilon > 0");
         }
         if self.augment_shift > 8 {
-            bail!("--shift {} is too large for 28x28 digits (at most 8)", self.augment_shift);
+            bail!(
+                "--shift {} is too large for 28x28 digits (at most 8)",
+                self.augment_shift
+            );
         }
         Ok(())
     }

@@ -75,6 +75,9 @@ enum Command {
         data: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Also print the time of each layer's forward and backward pass.
+        #[arg(long)]
+        layers: bool,
     },
 }
 
@@ -150,11 +153,16 @@ fn run(cli: Cli) -> Result<()> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the thread pool")?;
     match cli.command {
         Command::Train(a) => {
             let out = a.out.unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 PathBuf::from(format!("runs/{}-{secs}", a.model))
             });
             let cfg = TrainConfig {
@@ -181,7 +189,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             train::train(&cfg)?;
         }
-        Command::Eval { checkpoint: path, data, batch_size, confusion } => {
+        Command::Eval {
+            checkpoint: path,
+            data,
+            batch_size,
+            confusion,
+        } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
@@ -191,7 +204,13 @@ fn run(cli: Cli) -> Result<()> {
             check_input(&model, test.rows, test.cols)?;
             let mut ws = Workspace::new(&model, batch_size.min(test.len()), false);
             let r = evaluate(&model, &mut ws, &test);
-            println!("{}: {} test images, loss {:.4}, accuracy {:.2}%", path.display(), r.samples, r.loss, 100.0 * r.accuracy);
+            println!(
+                "{}: {} test images, loss {:.4}, accuracy {:.2}%",
+                path.display(),
+                r.samples,
+                r.loss,
+                100.0 * r.accuracy
+            );
             if confusion {
                 print!("true\\pred");
                 (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));
@@ -199,11 +218,19 @@ fn run(cli: Cli) -> Result<()> {
                 for (i, row) in r.confusion.iter().enumerate() {
                     print!("{i:>9}");
                     row.iter().for_each(|c| print!("{c:>6}"));
-                    println!("  {:.2}%", 100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32);
+                    println!(
+                        "  {:.2}%",
+                        100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32
+                    );
                 }
             }
         }
-        Command::Predict { checkpoint: path, json, top, images } => {
+        Command::Predict {
+            checkpoint: path,
+            json,
+            top,
+            images,
+        } => {
             let model = checkpoint::load(&path)?;
             check_input(&model, 28, 28)?;
             let classes = model.classes();
@@ -225,9 +252,16 @@ fn run(cli: Cli) -> Result<()> {
                 let mut ranked: Vec<usize> = (0..classes).collect();
                 ranked.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
                 if json {
-                    println!("{}", serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs})
+                    );
                 } else {
-                    let best: Vec<String> = ranked.iter().take(top.max(1)).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
+                    let best: Vec<String> = ranked
+                        .iter()
+                        .take(top.max(1))
+                        .map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c]))
+                        .collect();
                     println!("{}: {}", img.display(), best.join(", "));
                 }
             }
@@ -239,7 +273,16 @@ fn run(cli: Cli) -> Result<()> {
             let m = Model::new(&architecture(&model, 1.0)?)?;
             print!("{}", summary::table(&m));
         }
-        Command::Bench { model, batch_size, infer_batch, runs, steps, data, json } => {
+        Command::Bench {
+            model,
+            batch_size,
+            infer_batch,
+            runs,
+            steps,
+            data,
+            json,
+            layers,
+        } => {
             if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
                 bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
             }
@@ -257,14 +300,41 @@ fn run(cli: Cli) -> Result<()> {
                 momentum: 0.9,
                 weight_decay: 5e-4,
             };
-            let r = bench::run(&mut m, cfg, &train_set, &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps });
+            let r = bench::run(
+                &mut m,
+                cfg,
+                &train_set,
+                &BenchPlan {
+                    train_batch: batch_size,
+                    infer_batch,
+                    runs,
+                    steps_per_run: steps,
+                    layers,
+                },
+            );
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("model {}, {} threads", r.model, r.threads);
-                println!("training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch);
-                println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
+                println!(
+                    "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)",
+                    r.train_samples_per_s, r.train_batch
+                );
+                println!(
+                    "inference: {:.0} samples/s (batch {}, median of {runs} runs)",
+                    r.infer_samples_per_s, r.infer_batch
+                );
                 println!("peak memory: {:.0} MiB", r.peak_rss_mib);
+                if layers {
+                    println!(
+                        "per training step (ms):\n{:<10} {:>9} {:>9}",
+                        "layer", "forward", "backward"
+                    );
+                    for (name, f, b) in &r.layer_ms {
+                        println!("{name:<10} {f:>9.2} {b:>9.2}");
+                    }
+                    println!("{:<10} {:>9.2}", "other", r.update_ms);
+                }
             }
         }
     }
@@ -274,7 +344,12 @@ fn run(cli: Cli) -> Result<()> {
 /// The data or image size must be the model's input size.
 fn check_input(model: &Model, rows: usize, cols: usize) -> Result<()> {
     if model.arch.input != [rows, cols, 1] {
-        bail!("model {} takes {:?} inputs, not {rows}x{cols} grayscale (known models: {})", model.arch.name, model.arch.input, MODEL_NAMES.join(", "));
+        bail!(
+            "model {} takes {:?} inputs, not {rows}x{cols} grayscale (known models: {})",
+            model.arch.name,
+            model.arch.input,
+            MODEL_NAMES.join(", ")
+        );
     }
     Ok(())
 }

@@ -13,7 +13,11 @@ pub struct Totals {
 }
 
 pub fn totals(model: &Model) -> Totals {
-    let mut t = Totals { neurons: 0, weights: 0, parameters: 0 };
+    let mut t = Totals {
+        neurons: 0,
+        weights: 0,
+        parameters: 0,
+    };
     for (layer, shape) in model.layers.iter().zip(&model.shapes[1..]) {
         if let Layer::Conv { param, .. } | Layer::Linear { param, .. } = layer {
             t.neurons += shape.iter().product::<usize>();
@@ -24,37 +28,84 @@ pub fn totals(model: &Model) -> Totals {
     t
 }
 
+/// Display names of the layers: conv1, pool1, lrn1, dropout1, ..., fc3.
+pub fn layer_names(model: &Model) -> Vec<String> {
+    let mut counts = std::collections::HashMap::new();
+    model
+        .layers
+        .iter()
+        .map(|layer| match layer {
+            Layer::Conv { param, .. } | Layer::Linear { param, .. } => model.params[*param]
+                .name
+                .trim_end_matches(".weight")
+                .to_string(),
+            other => {
+                let kind = match other {
+                    Layer::Pool(_) => "pool",
+                    Layer::Lrn { .. } => "lrn",
+                    _ => "dropout",
+                };
+                let n = counts.entry(kind).or_insert(0);
+                *n += 1;
+                format!("{kind}{n}")
+            }
+        })
+        .collect()
+}
+
 pub fn table(model: &Model) -> String {
     let mut s = String::new();
     let [h, w, c] = model.arch.input;
     writeln!(s, "Model {}: input {h}x{w}x{c}", model.arch.name).unwrap();
-    writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
-    let mut counts = std::collections::HashMap::new();
-    for (layer, [h, w, c]) in model.layers.iter().zip(&model.shapes[1..]) {
-        let (kind, weight) = match layer {
+    writeln!(
+        s,
+        "{:<10} {:>14} {:>10} {:>18} {:>12}",
+        "layer", "output", "neurons", "weight shape", "parameters"
+    )
+    .unwrap();
+    for ((layer, [h, w, c]), name) in model
+        .layers
+        .iter()
+        .zip(&model.shapes[1..])
+        .zip(layer_names(model))
+    {
+        let weight = match layer {
             Layer::Conv { param, .. } | Layer::Linear { param, .. } => {
                 let p = &model.params[*param];
-                let name = p.name.trim_end_matches(".weight").to_string();
-                (name, Some((p.torch_shape.clone(), p.value.len() + model.params[param + 1].value.len())))
+                Some((
+                    p.torch_shape.clone(),
+                    p.value.len() + model.params[param + 1].value.len(),
+                ))
             }
-            Layer::Pool(_) => ("pool".to_string(), None),
-            Layer::Lrn { .. } => ("lrn".to_string(), None),
-            Layer::Dropout { .. } => ("dropout".to_string(), None),
-        };
-        let name = if weight.is_some() {
-            kind
-        } else {
-            let n = counts.entry(kind.clone()).or_insert(0);
-            *n += 1;
-            format!("{kind}{n}")
+            _ => None,
         };
         let (shape, params) = weight.map_or((String::new(), String::new()), |(s, n)| {
-            (s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"), n.to_string())
+            (
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x"),
+                n.to_string(),
+            )
         });
-        writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", name, format!("{h}x{w}x{c}"), h * w * c, shape, params).unwrap();
+        writeln!(
+            s,
+            "{:<10} {:>14} {:>10} {:>18} {:>12}",
+            name,
+            format!("{h}x{w}x{c}"),
+            h * w * c,
+            shape,
+            params
+        )
+        .unwrap();
     }
     let t = totals(model);
-    writeln!(s, "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases", t.neurons, t.weights, t.parameters).unwrap();
+    writeln!(
+        s,
+        "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases",
+        t.neurons, t.weights, t.parameters
+    )
+    .unwrap();
     s
 }
 

@@ -35,28 +35,50 @@ impl Metrics {
 
 pub fn load_data(cfg_data: Option<&Path>) -> Result<(Dataset, Dataset)> {
     let (dir, strict) = mnist::resolve_dir(cfg_data);
-    Ok((mnist::load(&dir, Split::Train, strict)?, mnist::load(&dir, Split::Test, strict)?))
+    Ok((
+        mnist::load(&dir, Split::Train, strict)?,
+        mnist::load(&dir, Split::Test, strict)?,
+    ))
 }
 
 pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     cfg.validate()?;
     let (train_set, test_set) = load_data(cfg.data.as_deref())?;
     let arch = architecture(&cfg.model, cfg.keep_prob)?;
-    if [train_set.rows, train_set.cols, 1] != arch.input || [test_set.rows, test_set.cols, 1] != arch.input {
-        bail!("model {} takes {:?} inputs but the data has {}x{} images", arch.name, arch.input, train_set.rows, train_set.cols);
+    if [train_set.rows, train_set.cols, 1] != arch.input
+        || [test_set.rows, test_set.cols, 1] != arch.input
+    {
+        bail!(
+            "model {} takes {:?} inputs but the data has {}x{} images",
+            arch.name,
+            arch.input,
+            train_set.rows,
+            train_set.cols
+        );
     }
     let mut model = Model::new(&arch)?;
     model.init(cfg.seed, cfg.init_bias);
     let steps_per_epoch = train_set.len() / cfg.batch_size;
     if steps_per_epoch == 0 {
-        bail!("--batch-size {} exceeds the {} training images", cfg.batch_size, train_set.len());
+        bail!(
+            "--batch-size {} exceeds the {} training images",
+            cfg.batch_size,
+            train_set.len()
+        );
     }
     let total_steps = cfg.total_steps(train_set.len());
 
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
-    checkpoint::write_atomic(&cfg.out.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
+    checkpoint::write_atomic(
+        &cfg.out.join("config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
     let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics = Metrics(File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?);
+    let mut metrics = Metrics(
+        File::create(&metrics_path)
+            .with_context(|| format!("cannot create {}", metrics_path.display()))?,
+    );
     let model_path = cfg.out.join("model.safetensors");
 
     println!(
@@ -73,7 +95,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     let mut eval_ws = Workspace::new(&model, cfg.eval_batch.min(test_set.len()), false);
     let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
     let bar = ProgressBar::new(total_steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template"),
+    );
     let mut labels = Vec::with_capacity(cfg.batch_size);
     let mut order = Vec::new();
     let started = Instant::now();
@@ -86,10 +111,25 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             order = epoch_order(train_set.len(), cfg.seed, epoch as u64);
         }
         let indices = &order[pos * cfg.batch_size..(pos + 1) * cfg.batch_size];
-        fill_batch(&train_set, indices, cfg.augment_shift, stream_id(&[cfg.seed, epoch as u64, 0x4155_47]), ws.input_mut(), &mut labels);
-        let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, stream_id(&[cfg.seed, step as u64]));
+        fill_batch(
+            &train_set,
+            indices,
+            cfg.augment_shift,
+            stream_id(&[cfg.seed, epoch as u64, 0x4155_47]),
+            ws.input_mut(),
+            &mut labels,
+        );
+        let (loss, _) = train_step_gradients(
+            &mut model,
+            &mut ws,
+            &labels,
+            stream_id(&[cfg.seed, step as u64]),
+        );
         if !loss.is_finite() {
-            bail!("loss became {loss} at step {step}: training diverged; try a lower --lr (now {})", cfg.lr);
+            bail!(
+                "loss became {loss} at step {step}: training diverged; try a lower --lr (now {})",
+                cfg.lr
+            );
         }
         opt.update(&mut model.params, cfg.lr);
         window_samples += cfg.batch_size;
@@ -98,13 +138,23 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             // The notebook reports the minibatch with dropout off (keep_prob 1).
             forward(&model, &mut ws, cfg.batch_size, Mode::Eval);
             let mut probs = vec![0.0; cfg.batch_size * model.classes()];
-            let (loss, correct) =
-                crate::layers::softmax::softmax_cross_entropy(ws.logits(cfg.batch_size, model.classes()), &labels, model.classes(), &mut probs, None);
+            let (loss, correct) = crate::layers::softmax::softmax_cross_entropy(
+                ws.logits(cfg.batch_size, model.classes()),
+                &labels,
+                model.classes(),
+                &mut probs,
+                None,
+            );
             let acc = correct as f32 / cfg.batch_size as f32;
             let rate = window_samples as f64 / window_start.elapsed().as_secs_f64();
             (window_start, window_samples) = (Instant::now(), 0);
             bar.set_message(format!("loss {loss:.4}  {rate:.0} samples/s"));
-            bar.suspend(|| println!("Iter {}, Minibatch Loss= {loss:.6}, Training Accuracy= {acc:.5}", step * cfg.batch_size));
+            bar.suspend(|| {
+                println!(
+                    "Iter {}, Minibatch Loss= {loss:.6}, Training Accuracy= {acc:.5}",
+                    step * cfg.batch_size
+                )
+            });
             metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epoch, "loss": loss, "accuracy": acc, "lr": cfg.lr, "samples_per_s": rate}))?;
         }
         if pos + 1 == steps_per_epoch || step == total_steps {
@@ -120,7 +170,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                 )
             });
             metrics.log(json!({"step": step, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "elapsed_s": started.elapsed().as_secs_f64()}))?;
-            let meta = [("step", step.to_string()), ("test_accuracy", test.accuracy.to_string())];
+            let meta = [
+                ("step", step.to_string()),
+                ("test_accuracy", test.accuracy.to_string()),
+            ];
             checkpoint::save(&model, &model_path, &meta)?;
             window_start += t.elapsed();
             last_test = Some(test);
@@ -131,5 +184,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     println!("Optimization Finished!");
     println!("Testing Accuracy: {:.4}", test.accuracy);
     println!("Model written to {}", model_path.display());
-    Ok(TrainOutcome { test, model_path, seconds: started.elapsed().as_secs_f64() })
+    Ok(TrainOutcome {
+        test,
+        model_path,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

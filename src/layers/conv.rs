@@ -7,9 +7,10 @@
 //! `winograd` instead, which does the same arithmetic in 2.25-4x fewer multiplications.
 
 use super::gemm::{Operand, matmul};
+use super::scratch::{SCRATCH_A, SCRATCH_B, give_back, take_zeroed, with_scratch};
+use super::simd::L;
 use super::{Window, sample_ranges};
 use rayon::prelude::*;
-use std::cell::RefCell;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Conv {
@@ -20,11 +21,9 @@ pub struct Conv {
     pub relu: bool,
 }
 
-thread_local! {
-    /// Per-thread im2col scratch, grown once and reused: pool threads live for the whole run.
-    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static DCOL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
+/// Patches shorter than this go through direct loops instead of im2col + GEMM: a GEMM with
+/// k = 9 (the seed model's single-channel conv1) spends its time packing, not multiplying.
+const DIRECT_MAX_PATCH: usize = 32;
 
 /// Aim for im2col chunks of about 2 MB: large enough for efficient GEMMs, small enough to stay
 /// in the 1 MB L2 + shared L3 while the GEMM reads them back.
@@ -46,6 +45,75 @@ impl Conv {
     }
     fn chunk_samples(&self) -> usize {
         (COL_CHUNK_FLOATS / (self.win.out_pixels() * self.patch_len()).max(1)).max(1)
+    }
+
+    fn direct(&self) -> bool {
+        self.patch_len() < DIRECT_MAX_PATCH
+    }
+
+    /// For each output pixel, call `f(output pixel, taps)` with the (tap index ky*k+kx, input
+    /// pixel) pairs of its window that lie inside the input.
+    #[inline(always)]
+    fn for_each_window(&self, mut f: impl FnMut(usize, &[(usize, usize)])) {
+        let (win, k) = (&self.win, self.win.kernel);
+        let mut taps = Vec::with_capacity(k * k);
+        for oy in 0..win.h.output {
+            for ox in 0..win.w.output {
+                taps.clear();
+                for ky in 0..k {
+                    let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                    for kx in 0..k {
+                        let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                        taps.push((ky * k + kx, iy * win.w.input + ix));
+                    }
+                }
+                f(oy * win.w.output + ox, &taps);
+            }
+        }
+    }
+
+    /// Direct forward of one sample: `y` (pre-bias) = sum over taps of x * w, accumulated in
+    /// registers 8 output channels at a time.
+    fn direct_forward(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
+        let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
+        self.for_each_window(|o, taps| {
+            for g in 0..self.groups {
+                let (xg, wg) = (g * cin_g, g * cout_g);
+                let mut cb = 0;
+                while cb < cout_g {
+                    let at = o * oc + wg + cb;
+                    // Four vectors per block: independent FMA chains hide the FMA latency.
+                    cb += match cout_g - cb {
+                        r if r >= 4 * L => direct_block::<{ 4 * L }>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
+                        r if r >= L => direct_block::<L>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
+                        _ => direct_block::<1>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
+                    };
+                }
+            }
+        });
+    }
+
+    /// Direct backward of one sample: accumulates into `dw`, and into `dx` if given.
+    fn direct_backward(&self, x: &[f32], weight: &[f32], dy: &[f32], dw: &mut [f32], mut dx: Option<&mut [f32]>) {
+        let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
+        self.for_each_window(|o, taps| {
+            for g in 0..self.groups {
+                let dyrow = &dy[o * oc + g * cout_g..o * oc + (g + 1) * cout_g];
+                for &(tap, i) in taps {
+                    for ci in 0..cin_g {
+                        let c = i * self.in_c + g * cin_g + ci;
+                        let w_at = (tap * cin_g + ci) * oc + g * cout_g;
+                        let xv = x[c];
+                        for (d, g) in dw[w_at..w_at + cout_g].iter_mut().zip(dyrow) {
+                            *d += xv * g;
+                        }
+                        if let Some(dx) = dx.as_deref_mut() {
+                            dx[c] += weight[w_at..w_at + cout_g].iter().zip(dyrow).map(|(w, g)| w * g).sum::<f32>();
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Gather the patches of samples `n0..n1` (of `input`) for group `g` into `col`.
@@ -89,9 +157,13 @@ impl Conv {
                 for ox in 0..win.w.output {
                     let src = &dcol[row * self.patch_len()..(row + 1) * self.patch_len()];
                     for ky in 0..k {
-                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
+                            continue;
+                        };
                         for kx in 0..k {
-                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
+                                continue;
+                            };
                             let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
                             let d = &src[(ky * k + kx) * cin_g..(ky * k + kx + 1) * cin_g];
                             for (a, b) in dx[s..s + cin_g].iter_mut().zip(d) {
@@ -106,14 +178,24 @@ impl Conv {
     }
 }
 
-fn with_scratch<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    key.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
+/// `y[0..N] = sum over taps and input channels of x * w` for output channels `w_col..+N`;
+/// returns N.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn direct_block<const N: usize>(x: &[f32], weight: &[f32], taps: &[(usize, usize)], in_c: usize, cin_g: usize, oc: usize, x_ch: usize, w_col: usize, y: &mut [f32]) -> usize {
+    let mut acc = [0.0f32; N];
+    for &(tap, i) in taps {
+        for ci in 0..cin_g {
+            let xv = x[i * in_c + x_ch + ci];
+            let at = (tap * cin_g + ci) * oc + w_col;
+            let w: &[f32; N] = weight[at..at + N].try_into().expect("N channels");
+            for l in 0..N {
+                acc[l] += xv * w[l];
+            }
         }
-        f(&mut buf[..len])
-    })
+    }
+    y[..N].copy_from_slice(&acc);
+    N
 }
 
 /// Add the bias and apply ReLU (if fused) to `rows` output rows of `out_c` channels.
@@ -132,40 +214,77 @@ pub fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
 /// contribution of these rows added into `d_bias`.
 pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], relu: bool) {
     let c = d_bias.len();
-    for (y, dy) in out.chunks_exact(c).zip(d_out.chunks_exact_mut(c)) {
-        for ((y, dy), db) in y.iter().zip(dy.iter_mut()).zip(d_bias.iter_mut()) {
-            if relu && *y <= 0.0 {
-                *dy = 0.0;
-            }
-            *db += *dy;
+    if relu {
+        for (y, dy) in out.iter().zip(d_out.iter_mut()) {
+            *dy = if *y > 0.0 { *dy } else { 0.0 };
+        }
+    }
+    for dy in d_out.chunks_exact(c) {
+        for (db, dy) in d_bias.iter_mut().zip(dy) {
+            *db += dy;
         }
     }
 }
 
 /// Forward over a batch: `output = relu?(conv(input, weight) + bias)`.
-pub fn conv_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+pub fn conv_forward(
+    conv: &Conv,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    output: &mut [f32],
+) {
     let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
     let ranges = sample_ranges(batch);
-    let mut outs = split_by_ranges(&mut output[..batch * conv.out_len()], &ranges, conv.out_len());
-    ranges.par_iter().zip(outs.par_iter_mut()).for_each(|(range, out)| {
-        with_scratch(&COL, chunk * opix * pl, |col| {
-            let mut n0 = range.start;
-            while n0 < range.end {
-                let n1 = (n0 + chunk).min(range.end);
-                let rows = (n1 - n0) * opix;
-                let y = &mut out[(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
-                for g in 0..conv.groups {
-                    conv.im2col(input, n0, n1, g, col);
-                    let w = Operand::new(&weight[g * cout_g..], conv.out_c);
-                    matmul(rows, cout_g, pl, Operand::new(col, pl), w, &mut y[g * cout_g..], conv.out_c, false);
+    let mut outs = split_by_ranges(
+        &mut output[..batch * conv.out_len()],
+        &ranges,
+        conv.out_len(),
+    );
+    ranges
+        .par_iter()
+        .zip(outs.par_iter_mut())
+        .for_each(|(range, out)| {
+            if conv.direct() {
+                for (nn, y) in range.clone().zip(out.chunks_exact_mut(conv.out_len())) {
+                    conv.direct_forward(
+                        &input[nn * conv.in_len()..(nn + 1) * conv.in_len()],
+                        weight,
+                        y,
+                    );
+                    bias_relu(y, bias, conv.relu);
                 }
-                bias_relu(y, bias, conv.relu);
-                n0 = n1;
+                return;
             }
+            with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
+                let mut n0 = range.start;
+                while n0 < range.end {
+                    let n1 = (n0 + chunk).min(range.end);
+                    let rows = (n1 - n0) * opix;
+                    let y = &mut out
+                        [(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
+                    for g in 0..conv.groups {
+                        conv.im2col(input, n0, n1, g, col);
+                        let w = Operand::new(&weight[g * cout_g..], conv.out_c);
+                        matmul(
+                            rows,
+                            cout_g,
+                            pl,
+                            Operand::new(col, pl),
+                            w,
+                            &mut y[g * cout_g..],
+                            conv.out_c,
+                            false,
+                        );
+                    }
+                    bias_relu(y, bias, conv.relu);
+                    n0 = n1;
+                }
+            });
         });
-    });
 }
 
 /// Backward over a batch. `d_output` is masked in place by the ReLU; `d_weight` and `d_bias`
@@ -186,12 +305,22 @@ pub fn conv_backward(
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
     let ranges = sample_ranges(batch);
-    let mut d_outs = split_by_ranges(&mut d_output[..batch * conv.out_len()], &ranges, conv.out_len());
+    let mut d_outs = split_by_ranges(
+        &mut d_output[..batch * conv.out_len()],
+        &ranges,
+        conv.out_len(),
+    );
     let mut d_ins: Vec<Option<&mut [f32]>> = match d_input.as_deref_mut() {
-        Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
+        Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len())
+            .into_iter()
+            .map(Some)
+            .collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (vec![0.0; weight.len()], vec![0.0; conv.out_c])).collect();
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges
+        .iter()
+        .map(|_| (take_zeroed(weight.len()), take_zeroed(conv.out_c)))
+        .collect();
     ranges
         .par_iter()
         .zip(d_outs.par_iter_mut())
@@ -203,8 +332,24 @@ pub fn conv_backward(
             if let Some(dx) = dx.as_deref_mut() {
                 dx.fill(0.0);
             }
-            with_scratch(&COL, chunk * opix * pl, |col| {
-                with_scratch(&DCOL, chunk * opix * pl, |dcol| {
+            if conv.direct() {
+                for (j, nn) in range.clone().enumerate() {
+                    let dxs = dx
+                        .as_deref_mut()
+                        .map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
+                    let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
+                    conv.direct_backward(
+                        x,
+                        weight,
+                        &dy[j * conv.out_len()..(j + 1) * conv.out_len()],
+                        dw,
+                        dxs,
+                    );
+                }
+                return;
+            }
+            with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
+                with_scratch(&SCRATCH_B, chunk * opix * pl, |dcol| {
                     let mut n0 = range.start;
                     while n0 < range.end {
                         let n1 = (n0 + chunk).min(range.end);
@@ -214,12 +359,27 @@ pub fn conv_backward(
                             conv.im2col(input, n0, n1, g, col);
                             let dy_g = Operand::new(&dy_chunk[g * cout_g..], conv.out_c);
                             // dW_g += col^T . dY_g
-                            matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw[g * cout_g..], conv.out_c, true);
+                            matmul(
+                                pl,
+                                cout_g,
+                                rows,
+                                Operand::t(col, pl),
+                                dy_g,
+                                &mut dw[g * cout_g..],
+                                conv.out_c,
+                                true,
+                            );
                             if let Some(dx) = dx.as_deref_mut() {
                                 // dcol = dY_g . W_g^T, then scattered back onto the input pixels.
                                 let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
                                 matmul(rows, pl, cout_g, dy_g, w_t, dcol, pl, false);
-                                conv.col2im(dcol, n0, n1, g, &mut dx[(n0 - range.start) * conv.in_len()..]);
+                                conv.col2im(
+                                    dcol,
+                                    n0,
+                                    n1,
+                                    g,
+                                    &mut dx[(n0 - range.start) * conv.in_len()..],
+                                );
                             }
                         }
                         n0 = n1;
@@ -227,23 +387,40 @@ pub fn conv_backward(
                 });
             });
         });
-    sum_partials(&partials, d_weight, d_bias);
+    sum_partials(partials, d_weight, d_bias);
 }
 
-/// Reduce per-thread gradient partials in a fixed order (reproducible for a thread count).
-pub fn sum_partials(partials: &[(Vec<f32>, Vec<f32>)], d_weight: &mut [f32], d_bias: &mut [f32]) {
-    d_weight.copy_from_slice(&partials[0].0);
-    d_bias.copy_from_slice(&partials[0].1);
-    for (dw, db) in &partials[1..] {
-        d_weight.par_chunks_mut(1 << 14).zip(dw.par_chunks(1 << 14)).for_each(|(a, b)| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+/// Reduce per-thread gradient partials in a fixed order (reproducible for a thread count),
+/// then recycle them.
+pub fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, d_weight: &mut [f32], d_bias: &mut [f32]) {
+    d_weight
+        .par_chunks_mut(1 << 14)
+        .enumerate()
+        .for_each(|(i, a)| {
+            let range = i << 14..(i << 14) + a.len();
+            a.copy_from_slice(&partials[0].0[range.clone()]);
+            for (dw, _) in &partials[1..] {
+                a.iter_mut()
+                    .zip(&dw[range.clone()])
+                    .for_each(|(a, b)| *a += b);
+            }
         });
+    d_bias.copy_from_slice(&partials[0].1);
+    for (_, db) in &partials[1..] {
         d_bias.iter_mut().zip(db).for_each(|(a, b)| *a += b);
+    }
+    for (dw, db) in partials {
+        give_back(dw);
+        give_back(db);
     }
 }
 
 /// Split a batch buffer into one mutable slice per sample range.
-pub fn split_by_ranges<'a>(mut buf: &'a mut [f32], ranges: &[std::ops::Range<usize>], per_sample: usize) -> Vec<&'a mut [f32]> {
+pub fn split_by_ranges<'a>(
+    mut buf: &'a mut [f32],
+    ranges: &[std::ops::Range<usize>],
+    per_sample: usize,
+) -> Vec<&'a mut [f32]> {
     let mut out = Vec::with_capacity(ranges.len());
     for r in ranges {
         let (head, tail) = buf.split_at_mut(r.len() * per_sample);
@@ -271,13 +448,23 @@ mod tests {
                         let mut s = b[co];
                         for ky in 0..k {
                             for kx in 0..k {
-                                let (Some(iy), Some(ix)) = (Window::tap(&c.win.h, c.win.stride, oy, ky), Window::tap(&c.win.w, c.win.stride, ox, kx)) else { continue };
+                                let (Some(iy), Some(ix)) = (
+                                    Window::tap(&c.win.h, c.win.stride, oy, ky),
+                                    Window::tap(&c.win.w, c.win.stride, ox, kx),
+                                ) else {
+                                    continue;
+                                };
                                 for ci in 0..cin_g {
-                                    s += x[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + g * cin_g + ci] * w[((ky * k + kx) * cin_g + ci) * c.out_c + co];
+                                    s += x[n * c.in_len()
+                                        + (iy * c.win.w.input + ix) * c.in_c
+                                        + g * cin_g
+                                        + ci]
+                                        * w[((ky * k + kx) * cin_g + ci) * c.out_c + co];
                                 }
                             }
                         }
-                        y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] = if c.relu { s.max(0.0) } else { s };
+                        y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] =
+                            if c.relu { s.max(0.0) } else { s };
                     }
                 }
             }
@@ -286,10 +473,20 @@ mod tests {
     }
 
     fn cases() -> Vec<(Conv, usize)> {
-        let mk = |h, w, k, s, p, in_c, out_c, groups, relu| Conv { win: Window::new(h, w, k, s, p).unwrap(), in_c, out_c, groups, relu };
+        let mk = |h, w, k, s, p, in_c, out_c, groups, relu| Conv {
+            win: Window::new(h, w, k, s, p).unwrap(),
+            in_c,
+            out_c,
+            groups,
+            relu,
+        };
         vec![
             (mk(6, 5, 3, 1, Padding::Same, 3, 4, 1, true), 2),
             (mk(28, 28, 3, 1, Padding::Same, 1, 4, 1, true), 3),
+            (mk(6, 7, 3, 2, Padding::Same, 2, 4, 2, true), 2),
+            // im2col + GEMM (patches of 32 or more):
+            (mk(6, 5, 3, 1, Padding::Same, 8, 5, 1, true), 2),
+            (mk(9, 9, 3, 2, Padding::Same, 8, 6, 2, false), 2),
             (mk(7, 7, 3, 2, Padding::Same, 2, 3, 1, false), 3),
             (mk(9, 8, 5, 2, Padding::Valid, 4, 6, 2, true), 2),
             (mk(5, 6, 3, 1, Padding::Explicit(1), 4, 4, 2, false), 1),
@@ -320,13 +517,28 @@ mod tests {
             let r = random_vec(batch * c.out_len(), 7);
             // Loss = sum(r * conv(x)); its gradient w.r.t. the output is r.
             let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
-                conv_naive(&c, batch, x, w, b).iter().zip(&r).map(|(y, r)| (*y as f64) * (*r as f64)).sum()
+                conv_naive(&c, batch, x, w, b)
+                    .iter()
+                    .zip(&r)
+                    .map(|(y, r)| (*y as f64) * (*r as f64))
+                    .sum()
             };
             let mut y = vec![0.0; batch * c.out_len()];
             conv_forward(&c, batch, &x, &w, &b, &mut y);
             let mut dy = r.clone();
-            let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
-            conv_backward(&c, batch, &x, &w, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
+            let (mut dx, mut dw, mut db) =
+                (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
+            conv_backward(
+                &c,
+                batch,
+                &x,
+                &w,
+                &y,
+                &mut dy,
+                Some(&mut dx),
+                &mut dw,
+                &mut db,
+            );
             check_grad("conv dx", &x, &dx, |v| loss(v, &w, &b));
             check_grad("conv dw", &w, &dw, |v| loss(&x, v, &b));
             check_grad("conv db", &b, &db, |v| loss(&x, &w, v));

@@ -20,17 +20,26 @@ pub struct LrnParams {
     pub beta: f32,
 }
 
-/// `s ^ -beta`, with the common exponents done by square roots, which vectorise (powf does not).
-#[inline(always)]
-fn inv_pow(s: f32, beta: f32) -> f32 {
-    if beta == 0.75 {
-        let r = s.sqrt();
-        1.0 / (r * r.sqrt())
-    } else if beta == 0.5 {
-        1.0 / s.sqrt()
-    } else {
-        s.powf(-beta)
-    }
+/// Evaluate `$body` with `$f` bound to `s -> s^-beta`, the common exponents done by square
+/// roots, which vectorise (powf does not). The choice is made once, outside the loops: inside
+/// them LLVM would if-convert the branch and evaluate the (pure) powf for every element.
+macro_rules! with_inv_pow {
+    ($beta:expr, $f:ident => $body:expr) => {
+        if $beta == 0.75 {
+            let $f = |s: f32| {
+                let r = s.sqrt();
+                1.0 / (r * r.sqrt())
+            };
+            $body
+        } else if $beta == 0.5 {
+            let $f = |s: f32| 1.0 / s.sqrt();
+            $body
+        } else {
+            let beta = $beta;
+            let $f = |s: f32| s.powf(-beta);
+            $body
+        }
+    };
 }
 
 /// Windowed sums of squares: `scale[c] = bias + alpha * sum_{|j-c|<=r} x[j]^2` for one pixel.
@@ -54,47 +63,65 @@ fn window_scale(p: &LrnParams, x: &[f32], sq: &mut [f32], scale: &mut [f32]) {
 
 /// `len` values of `channels`-long pixel vectors. `scale` keeps the denominators' bases for
 /// the backward pass.
-pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [f32], scale: &mut [f32]) {
+pub fn lrn_forward(
+    p: &LrnParams,
+    channels: usize,
+    input: &[f32],
+    output: &mut [f32],
+    scale: &mut [f32],
+) {
     let pixels_per_task = 64;
     let chunk = channels * pixels_per_task;
-    output.par_chunks_mut(chunk).zip(scale.par_chunks_mut(chunk)).zip(input.par_chunks(chunk)).for_each(|((y, s), x)| {
-        let mut sq = vec![0.0; channels + 2 * p.depth_radius];
-        for ((y, s), x) in y.chunks_exact_mut(channels).zip(s.chunks_exact_mut(channels)).zip(x.chunks_exact(channels)) {
-            window_scale(p, x, &mut sq, s);
-            for ((y, s), x) in y.iter_mut().zip(s.iter()).zip(x) {
-                *y = x * inv_pow(*s, p.beta);
+    with_inv_pow!(p.beta, inv_pow => {
+        output.par_chunks_mut(chunk).zip(scale.par_chunks_mut(chunk)).zip(input.par_chunks(chunk)).for_each(|((y, s), x)| {
+            let mut sq = vec![0.0; channels + 2 * p.depth_radius];
+            for ((y, s), x) in y.chunks_exact_mut(channels).zip(s.chunks_exact_mut(channels)).zip(x.chunks_exact(channels)) {
+                window_scale(p, x, &mut sq, s);
+                for ((y, s), x) in y.iter_mut().zip(s.iter()).zip(x) {
+                    *y = x * inv_pow(*s);
+                }
             }
-        }
+        })
     });
 }
 
 /// `d_input[i] = d_out[i] * scale[i]^-beta
 ///   - 2 alpha beta x[i] * sum_{|j-i|<=r} d_out[j] * out[j] / scale[j]`
 /// (using `x[j] * scale[j]^(-beta-1) = out[j] / scale[j]`). Overwrites `d_input`.
-pub fn lrn_backward(p: &LrnParams, channels: usize, input: &[f32], output: &[f32], scale: &[f32], d_output: &[f32], d_input: &mut [f32]) {
+pub fn lrn_backward(
+    p: &LrnParams,
+    channels: usize,
+    input: &[f32],
+    output: &[f32],
+    scale: &[f32],
+    d_output: &[f32],
+    d_input: &mut [f32],
+) {
     let chunk = channels * 64;
     let r = p.depth_radius;
-    d_input.par_chunks_mut(chunk).enumerate().for_each(|(t, dx)| {
-        let o = t * chunk;
-        let mut tbuf = vec![0.0; channels + 2 * r];
-        let mut acc = vec![0.0; channels];
-        for (px, dx) in dx.chunks_exact_mut(channels).enumerate() {
-            let b = o + px * channels;
-            let (x, y, s, dy) = (&input[b..b + channels], &output[b..b + channels], &scale[b..b + channels], &d_output[b..b + channels]);
-            for (((t, dy), y), s) in tbuf[r..r + channels].iter_mut().zip(dy).zip(y).zip(s) {
-                *t = dy * y / s;
-            }
-            acc.fill(0.0);
-            for d in 0..=2 * r {
-                for (a, t) in acc.iter_mut().zip(&tbuf[d..d + channels]) {
-                    *a += t;
+    with_inv_pow!(p.beta, inv_pow => {
+        d_input.par_chunks_mut(chunk).enumerate().for_each(|(t, dx)| {
+            let o = t * chunk;
+            let mut tbuf = vec![0.0; channels + 2 * r];
+            let mut acc = vec![0.0; channels];
+            for (px, dx) in dx.chunks_exact_mut(channels).enumerate() {
+                let b = o + px * channels;
+                let (x, y, s, dy) = (&input[b..b + channels], &output[b..b + channels], &scale[b..b + channels], &d_output[b..b + channels]);
+                for (((t, dy), y), s) in tbuf[r..r + channels].iter_mut().zip(dy).zip(y).zip(s) {
+                    *t = dy * y / s;
+                }
+                acc.fill(0.0);
+                for d in 0..=2 * r {
+                    for (a, t) in acc.iter_mut().zip(&tbuf[d..d + channels]) {
+                        *a += t;
+                    }
+                }
+                let k = 2.0 * p.alpha * p.beta;
+                for ((((dx, dy), s), x), a) in dx.iter_mut().zip(dy).zip(s).zip(x).zip(&acc) {
+                    *dx = dy * inv_pow(*s) - k * x * a;
                 }
             }
-            let k = 2.0 * p.alpha * p.beta;
-            for ((((dx, dy), s), x), a) in dx.iter_mut().zip(dy).zip(s).zip(x).zip(&acc) {
-                *dx = dy * inv_pow(*s, p.beta) - k * x * a;
-            }
-        }
+        });
     });
 }
 
@@ -108,24 +135,51 @@ mod tests {
         // One pixel, 3 channels [1, 2, 3], r=1, bias=1, alpha=0.5, beta=0.75:
         // sums of squares over windows: [1+4, 1+4+9, 4+9] = [5, 14, 13]
         // scale = 1 + 0.5*sum = [3.5, 8, 7.5]; out = x * scale^-0.75.
-        let p = LrnParams { depth_radius: 1, bias: 1.0, alpha: 0.5, beta: 0.75 };
+        let p = LrnParams {
+            depth_radius: 1,
+            bias: 1.0,
+            alpha: 0.5,
+            beta: 0.75,
+        };
         let x = [1.0, 2.0, 3.0];
         let (mut y, mut s) = ([0.0; 3], [0.0; 3]);
         lrn_forward(&p, 3, &x, &mut y, &mut s);
         assert_eq!(s, [3.5, 8.0, 7.5]);
-        let want = [1.0 / 3.5f32.powf(0.75), 2.0 / 8.0f32.powf(0.75), 3.0 / 7.5f32.powf(0.75)];
+        let want = [
+            1.0 / 3.5f32.powf(0.75),
+            2.0 / 8.0f32.powf(0.75),
+            3.0 / 7.5f32.powf(0.75),
+        ];
         // 3.5^-0.75 = 0.39079, 8^-0.75 = 0.21022 (x2 = 0.42045), 7.5^-0.75 = 0.22065 (x3 = 0.66195)
         for ((a, b), hand) in y.iter().zip(want).zip([0.39079, 0.42045, 0.66195]) {
-            assert!((a - b).abs() < 1e-6 && (a - hand).abs() < 1e-5, "{a} vs {b} vs {hand}");
+            assert!(
+                (a - b).abs() < 1e-6 && (a - hand).abs() < 1e-5,
+                "{a} vs {b} vs {hand}"
+            );
         }
     }
 
     #[test]
     fn backward_matches_finite_differences() {
         for p in [
-            LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 },
-            LrnParams { depth_radius: 2, bias: 2.0, alpha: 0.3, beta: 0.75 },
-            LrnParams { depth_radius: 1, bias: 0.5, alpha: 0.2, beta: 0.6 },
+            LrnParams {
+                depth_radius: 4,
+                bias: 1.0,
+                alpha: 0.001 / 9.0,
+                beta: 0.75,
+            },
+            LrnParams {
+                depth_radius: 2,
+                bias: 2.0,
+                alpha: 0.3,
+                beta: 0.75,
+            },
+            LrnParams {
+                depth_radius: 1,
+                bias: 0.5,
+                alpha: 0.2,
+                beta: 0.6,
+            },
         ] {
             let c = 11;
             let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
@@ -138,7 +192,14 @@ mod tests {
             let (y, s) = fwd(&x);
             let mut dx = vec![0.0; x.len()];
             lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
-            check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+            check_grad("lrn dx", &x, &dx, |x| {
+                fwd(x)
+                    .0
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum()
+            });
         }
     }
 }

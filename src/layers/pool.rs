@@ -5,6 +5,7 @@
 //! the gradient to exactly that input, as TF and PyTorch do.
 
 use super::Window;
+use super::simd::L;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -22,7 +23,8 @@ impl MaxPool {
     }
 }
 
-/// `argmax[i]` receives the index, within the sample, of the input that output `i` copied.
+/// `argmax[i]` receives the offset, within the sample, of the input pixel (its channel 0)
+/// that output `i` copied; the channel is `i`'s own.
 pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [f32], argmax: &mut [u32]) {
     let (win, c) = (&p.win, p.channels);
     output[..batch * p.out_len()]
@@ -31,45 +33,75 @@ pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [
         .enumerate()
         .for_each(|(n, (y, idx))| {
             let x = &input[n * p.in_len()..(n + 1) * p.in_len()];
+            let mut taps = Vec::with_capacity(win.kernel * win.kernel);
             for oy in 0..win.h.output {
                 for ox in 0..win.w.output {
-                    let o = (oy * win.w.output + ox) * c;
-                    let (y, idx) = (&mut y[o..o + c], &mut idx[o..o + c]);
-                    let mut first = true;
+                    taps.clear();
                     for ky in 0..win.kernel {
                         let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
                         for kx in 0..win.kernel {
                             let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
-                            let base = (iy * win.w.input + ix) * c;
-                            let xs = &x[base..base + c];
-                            if first {
-                                y.copy_from_slice(xs);
-                                idx.iter_mut().enumerate().for_each(|(ch, i)| *i = (base + ch) as u32);
-                                first = false;
-                            } else {
-                                for (ch, ((y, i), &v)) in y.iter_mut().zip(idx.iter_mut()).zip(xs).enumerate() {
-                                    if v > *y {
-                                        *y = v;
-                                        *i = (base + ch) as u32;
-                                    }
-                                }
-                            }
+                            taps.push((iy * win.w.input + ix) * c);
                         }
+                    }
+                    let o = (oy * win.w.output + ox) * c;
+                    // Eight channels at a time in registers (max and argmax as lane-wise
+                    // selects), stored once: conditional stores would become slow masked moves.
+                    let full = c - c % L;
+                    for cb in (0..full).step_by(L) {
+                        pool_block::<L>(x, &taps, cb, &mut y[o + cb..o + cb + L], &mut idx[o + cb..o + cb + L]);
+                    }
+                    for cb in full..c {
+                        pool_block::<1>(x, &taps, cb, &mut y[o + cb..o + cb + 1], &mut idx[o + cb..o + cb + 1]);
                     }
                 }
             }
         });
 }
 
-/// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
-pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u32], d_input: &mut [f32]) {
-    d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
-        dx.fill(0.0);
-        let (dy, idx) = (&d_output[n * p.out_len()..(n + 1) * p.out_len()], &argmax[n * p.out_len()..(n + 1) * p.out_len()]);
-        for (g, &i) in dy.iter().zip(idx) {
-            dx[i as usize] += g;
+/// Max and argmax over the window `taps` of channels `cb..cb + N`.
+#[inline(always)]
+fn pool_block<const N: usize>(x: &[f32], taps: &[usize], cb: usize, y: &mut [f32], idx: &mut [u32]) {
+    let mut best = [f32::NEG_INFINITY; N];
+    let mut arg = [taps[0] as u32; N];
+    for &base in taps {
+        let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
+        for l in 0..N {
+            let wins = xs[l] > best[l];
+            best[l] = if wins { xs[l] } else { best[l] };
+            arg[l] = if wins { base as u32 } else { arg[l] };
         }
-    });
+    }
+    y.copy_from_slice(&best);
+    idx.copy_from_slice(&arg);
+}
+
+/// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
+pub fn max_pool_backward(
+    p: &MaxPool,
+    batch: usize,
+    d_output: &[f32],
+    argmax: &[u32],
+    d_input: &mut [f32],
+) {
+    d_input[..batch * p.in_len()]
+        .par_chunks_mut(p.in_len())
+        .enumerate()
+        .for_each(|(n, dx)| {
+            dx.fill(0.0);
+            let (dy, idx) = (
+                &d_output[n * p.out_len()..(n + 1) * p.out_len()],
+                &argmax[n * p.out_len()..(n + 1) * p.out_len()],
+            );
+            for (g, i) in dy
+                .chunks_exact(p.channels)
+                .zip(idx.chunks_exact(p.channels))
+            {
+                for (ch, (g, &i)) in g.iter().zip(i).enumerate() {
+                    dx[i as usize + ch] += g;
+                }
+            }
+        });
 }
 
 #[cfg(test)]
@@ -79,7 +111,10 @@ mod tests {
     use crate::layers::testing::{check_grad, random_vec};
 
     fn pool(h: usize, w: usize, c: usize) -> MaxPool {
-        MaxPool { win: Window::new(h, w, 3, 2, Padding::Same).unwrap(), channels: c }
+        MaxPool {
+            win: Window::new(h, w, 3, 2, Padding::Same).unwrap(),
+            channels: c,
+        }
     }
 
     #[test]
@@ -91,7 +126,11 @@ mod tests {
         let (mut y, mut idx) = (vec![0.0; 4], vec![0; 4]);
         max_pool_forward(&p, 1, &x, &mut y, &mut idx);
         assert_eq!(y, vec![10.0, 11.0, 14.0, 15.0]);
-        assert_eq!(idx, vec![10, 11, 14, 15]);
+        assert_eq!(
+            idx,
+            vec![10, 11, 14, 15],
+            "one channel: pixel offsets are indices"
+        );
     }
 
     #[test]
@@ -126,6 +165,13 @@ mod tests {
         let (_, idx) = forward(&x);
         let mut dx = vec![0.0; x.len()];
         max_pool_backward(&p, batch, &r, &idx, &mut dx);
-        check_grad("maxpool dx", &x, &dx, |x| forward(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+        check_grad("maxpool dx", &x, &dx, |x| {
+            forward(x)
+                .0
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum()
+        });
     }
 }

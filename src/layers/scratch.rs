@@ -1,0 +1,52 @@
+//! Per-thread scratch buffers for the kernels' temporaries (im2col patches, Winograd tiles).
+//! Pool threads live for the whole run, so each buffer grows once and is then reused: no
+//! allocation or page faulting in the steady state.
+
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
+thread_local! {
+    pub static SCRATCH_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub static SCRATCH_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub static SCRATCH_C: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on the first `len` elements of this thread's buffer `key` (contents unspecified).
+pub fn with_scratch<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Buffers shared across threads (gradient partials that one thread reduces after a parallel
+/// section), recycled between calls so steady-state steps allocate nothing.
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A zeroed buffer of `len` floats, reusing a returned one when possible.
+pub fn take_zeroed(len: usize) -> Vec<f32> {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v = match pool.iter().position(|v| v.capacity() >= len) {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::with_capacity(len),
+    };
+    drop(pool);
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// Return a buffer from `take_zeroed` for reuse.
+pub fn give_back(v: Vec<f32>) {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < 64 {
+        pool.push(v);
+    }
+}
