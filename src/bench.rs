@@ -20,8 +20,10 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     /// Per layer: name, forward ms and backward ms per training step (with `layers`).
     pub layer_ms: Vec<(String, f64, f64)>,
-    /// Optimiser update ms per step (with `layers`).
+    /// Optimiser update and batch assembly ms per step (with `layers`).
     pub update_ms: f64,
+    /// Per layer: inference forward ms per batch of `infer_batch` (with `layers`).
+    pub infer_layer_ms: Vec<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -48,12 +50,7 @@ pub struct BenchPlan {
     pub layers: bool,
 }
 
-pub fn run(
-    model: &mut Model,
-    opt_cfg: OptimizerConfig,
-    data: &Dataset,
-    plan: &BenchPlan,
-) -> BenchResult {
+pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
     let order = epoch_order(data.len(), 1, 0);
     let mut ws = Workspace::new(model, plan.train_batch, true);
     let mut opt = Optimizer::new(opt_cfg, &model.params);
@@ -63,14 +60,7 @@ pub fn run(
         if cursor + plan.train_batch > order.len() {
             cursor = 0;
         }
-        fill_batch(
-            data,
-            &order[cursor..cursor + plan.train_batch],
-            0,
-            0,
-            ws.input_mut(),
-            &mut labels,
-        );
+        fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
         cursor += plan.train_batch;
         train_step_gradients(model, ws, &labels, cursor as u64);
         opt.update(&mut model.params, opt_cfg.lr);
@@ -92,11 +82,7 @@ pub fn run(
         let times = ws.layer_seconds.take().expect("profiling on");
         let per = |s: f64| 1e3 * s / steps as f64;
         let names = crate::summary::layer_names(model);
-        layer_ms = names
-            .into_iter()
-            .zip(&times)
-            .map(|(n, &(f, b))| (n, per(f), per(b)))
-            .collect();
+        layer_ms = names.into_iter().zip(&times).map(|(n, &(f, b))| (n, per(f), per(b))).collect();
         update_ms = per(upd) - layer_ms.iter().map(|(_, f, b)| f + b).sum::<f64>();
     }
     let mut train_runs: Vec<f64> = (0..plan.runs)
@@ -123,6 +109,12 @@ pub fn run(
             (2 * n) as f64 / t.elapsed().as_secs_f64()
         })
         .collect();
+    let mut infer_layer_ms = Vec::new();
+    if plan.layers {
+        ews.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
+        forward(model, &mut ews, n, Mode::Eval);
+        infer_layer_ms = ews.layer_seconds.take().expect("profiling on").iter().map(|(f, _)| 1e3 * f).collect();
+    }
     BenchResult {
         model: model.arch.name.clone(),
         threads: rayon::current_num_threads(),
@@ -135,5 +127,6 @@ pub fn run(
         peak_rss_mib: peak_rss_mib(),
         layer_ms,
         update_ms,
+        infer_layer_ms,
     }
 }

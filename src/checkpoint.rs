@@ -36,23 +36,10 @@ fn layouts(model: &Model) -> Vec<Layout> {
     for layer in &model.layers {
         match layer {
             Layer::Conv { conv, param, .. } => {
-                v[*param] = Layout::Hwio {
-                    k: conv.win.kernel,
-                    cin_g: conv.in_c / conv.groups,
-                    out: conv.out_c,
-                };
+                v[*param] = Layout::Hwio { k: conv.win.kernel, cin_g: conv.in_c / conv.groups, out: conv.out_c };
             }
-            Layer::Linear {
-                linear,
-                param,
-                from: [h, w, c],
-            } if h * w > 1 => {
-                v[*param] = Layout::FlattenHwc {
-                    out: linear.out_len,
-                    h: *h,
-                    w: *w,
-                    c: *c,
-                };
+            Layer::Linear { linear, param, from: [h, w, c] } if h * w > 1 => {
+                v[*param] = Layout::FlattenHwc { out: linear.out_len, h: *h, w: *w, c: *c };
             }
             _ => {}
         }
@@ -108,21 +95,13 @@ pub fn torch_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// Serialise to safetensors bytes, with the architecture and `extra` in the metadata.
 pub fn to_bytes(model: &Model, extra: &[(&str, String)]) -> Result<Vec<u8>> {
     let tensors = torch_tensors(model);
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?))
-        })
+        .map(|((name, shape, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let mut meta: HashMap<String, String> = extra
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
+    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert(ARCH_KEY.into(), serde_json::to_string(&model.arch)?);
     meta.insert("format".into(), "pt".into());
     Ok(serialize(views, Some(meta))?)
@@ -131,19 +110,11 @@ pub fn to_bytes(model: &Model, extra: &[(&str, String)]) -> Result<Vec<u8>> {
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
 /// renamed over the target, so a crash at any instant leaves either the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot rename the temporary file onto {}", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("cannot rename the temporary file onto {}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         // Make the rename itself durable; not all filesystems allow syncing a directory.
         let _ = d.sync_all();
@@ -157,47 +128,28 @@ pub fn save(model: &Model, path: &Path, extra: &[(&str, String)]) -> Result<()> 
 
 /// The architecture stored in a model file's metadata.
 pub fn read_architecture(path: &Path, bytes: &[u8]) -> Result<Architecture> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(ARCH_KEY))
-        .with_context(|| {
-            format!(
-                "{}: no '{ARCH_KEY}' metadata: not written by alexnet (use --model to say which)",
-                path.display()
-            )
-        })?;
-    serde_json::from_str(json)
-        .with_context(|| format!("{}: unreadable architecture metadata", path.display()))
+    let (_, meta) = SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let json = meta.metadata().as_ref().and_then(|m| m.get(ARCH_KEY)).with_context(|| {
+        format!("{}: no '{ARCH_KEY}' metadata: not written by alexnet (say which architecture with --model)", path.display())
+    })?;
+    serde_json::from_str(json).with_context(|| format!("{}: unreadable architecture metadata", path.display()))
 }
 
 /// Copy the file's tensors into `model`, checking every name, shape and dtype first: on any
 /// mismatch the model is left untouched and the error lists all of them.
 pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8]) -> Result<()> {
-    let st = SafeTensors::deserialize(bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut problems = Vec::new();
     let mut loaded = Vec::new();
     for (p, layout) in model.params.iter().zip(layouts(model)) {
         match st.tensor(&p.name) {
             Err(_) => problems.push(format!("missing tensor {} {:?}", p.name, p.torch_shape)),
-            Ok(t) if t.dtype() != Dtype::F32 => {
-                problems.push(format!("{}: dtype {:?}, expected F32", p.name, t.dtype()))
+            Ok(t) if t.dtype() != Dtype::F32 => problems.push(format!("{}: dtype {:?}, expected F32", p.name, t.dtype())),
+            Ok(t) if t.shape() != p.torch_shape.as_slice() => {
+                problems.push(format!("{}: shape {:?} in file, model expects {:?}", p.name, t.shape(), p.torch_shape))
             }
-            Ok(t) if t.shape() != p.torch_shape.as_slice() => problems.push(format!(
-                "{}: shape {:?} in file, model expects {:?}",
-                p.name,
-                t.shape(),
-                p.torch_shape
-            )),
             Ok(t) => {
-                let torch: Vec<f32> = t
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect();
+                let torch: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
                 let ours = match torch_to_ours(&layout, torch.len()) {
                     None => torch,
                     Some(map) => {
@@ -211,41 +163,30 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     let known: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
-    let mut extra: Vec<&str> = st
-        .names()
-        .into_iter()
-        .filter(|n| !known.contains(n))
-        .collect();
+    let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !known.contains(n)).collect();
     extra.sort();
     problems.extend(extra.iter().map(|n| format!("unexpected tensor {n}")));
     if !problems.is_empty() {
-        bail!(
-            "{}: does not match model {}:\n  {}",
-            path.display(),
-            model.arch.name,
-            problems.join("\n  ")
-        );
+        bail!("{}: does not match model {}:\n  {}", path.display(), model.arch.name, problems.join("\n  "));
     }
     for (p, v) in model.params.iter_mut().zip(loaded) {
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "{}: tensor {} has a non-finite value at index {i}",
-                path.display(),
-                p.name
-            );
+            bail!("{}: tensor {} has a non-finite value at index {i}", path.display(), p.name);
         }
         p.value = v;
     }
     Ok(())
 }
 
-/// Load a model file written by `save`: architecture from its metadata, then the weights.
-pub fn load(path: &Path) -> Result<Model> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read model file {}", path.display()))?;
-    let arch = read_architecture(path, &bytes)?;
-    let mut model =
-        Model::new(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;
+/// Load a model file: the architecture is `arch` if given (for files written elsewhere, e.g. a
+/// PyTorch state dict saved with safetensors), else the one in the file's metadata.
+pub fn load(path: &Path, arch: Option<Architecture>) -> Result<Model> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
+    let arch = match arch {
+        Some(a) => a,
+        None => read_architecture(path, &bytes)?,
+    };
+    let mut model = Model::new(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;
     load_into(&mut model, path, &bytes)?;
     Ok(model)
 }
@@ -262,30 +203,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         save(&m, &path, &[]).unwrap();
-        let back = load(&path).unwrap();
+        let back = load(&path, None).unwrap();
         for (a, b) in m.params.iter().zip(&back.params) {
             assert_eq!(a.value, b.value, "{}", a.name);
         }
         // conv1.weight OIHW [64,1,3,3]: torch[o][0][ky][kx] = ours[(ky*3+kx)*64 + o].
         let t = torch_tensors(&m);
         let (name, shape, data) = &t[0];
-        assert_eq!(
-            (name.as_str(), shape.as_slice()),
-            ("conv1.weight", &[64, 1, 3, 3][..])
-        );
+        assert_eq!((name.as_str(), shape.as_slice()), ("conv1.weight", &[64, 1, 3, 3][..]));
         assert_eq!(data[5 * 9 + 3 + 2], m.params[0].value[(3 + 2) * 64 + 5]);
         // fc1.weight [1024, 4096], input C,H,W: torch[o][ch*16 + y*4 + x] = ours[o][(y*4+x)*256 + ch].
         let fc1 = t.iter().find(|(n, _, _)| n == "fc1.weight").unwrap();
-        let ours = &m
-            .params
-            .iter()
-            .find(|p| p.name == "fc1.weight")
-            .unwrap()
-            .value;
-        assert_eq!(
-            fc1.2[7 * 4096 + 9 * 16 + 2 * 4 + 3],
-            ours[7 * 4096 + (2 * 4 + 3) * 256 + 9]
-        );
+        let ours = &m.params.iter().find(|p| p.name == "fc1.weight").unwrap().value;
+        assert_eq!(fc1.2[7 * 4096 + 9 * 16 + 2 * 4 + 3], ours[7 * 4096 + (2 * 4 + 3) * 256 + 9]);
     }
 
     #[test]
@@ -299,19 +229,31 @@ mod tests {
         let bytes = to_bytes(&m, &[]).unwrap();
         let mut target = Model::new(&alexnet_mnist(0.8)).unwrap();
         let before = target.params[0].value.clone();
-        let err = load_into(&mut target, Path::new("small.safetensors"), &bytes)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("fc1.weight: shape [512, 4096]")
-                && err.contains("fc2.weight: shape [1024, 512]"),
-            "{err}"
-        );
+        let err = load_into(&mut target, Path::new("small.safetensors"), &bytes).unwrap_err().to_string();
+        assert!(err.contains("fc1.weight: shape [512, 4096]") && err.contains("fc2.weight: shape [1024, 512]"), "{err}");
         assert_eq!(target.params[0].value, before);
-        let err = format!(
-            "{:#}",
-            load_into(&mut target, Path::new("junk.bin"), b"not a model").unwrap_err()
-        );
+        let err = format!("{:#}", load_into(&mut target, Path::new("junk.bin"), b"not a model").unwrap_err());
         assert!(err.contains("junk.bin"), "{err}");
+    }
+
+    #[test]
+    fn foreign_files_without_metadata_load_with_an_explicit_architecture() {
+        let mut m = Model::new(&alexnet_mnist(1.0)).unwrap();
+        m.init(9, 0.0);
+        // What PyTorch's safetensors.torch.save_file writes: tensors, no alexnet metadata.
+        let tensors = torch_tensors(&m);
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((n, shape, _), b)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torch.safetensors");
+        std::fs::write(&path, serialize(views, None).unwrap()).unwrap();
+        let err = format!("{:#}", load(&path, None).unwrap_err());
+        assert!(err.contains("--model") && err.contains("torch.safetensors"), "{err}");
+        let back = load(&path, Some(alexnet_mnist(1.0))).unwrap();
+        assert_eq!(back.params[0].value, m.params[0].value);
     }
 }

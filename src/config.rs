@@ -15,6 +15,9 @@ pub struct TrainConfig {
     pub epochs: Option<usize>,
     pub optimizer: OptimizerKind,
     pub lr: f32,
+    /// Step schedule: multiply the learning rate by `lr_gamma` every `lr_step_epochs` epochs.
+    pub lr_step_epochs: Option<usize>,
+    pub lr_gamma: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
@@ -52,26 +55,19 @@ impl TrainConfig {
             bail!("--display-step and --eval-batch must be at least 1");
         }
         if self.epochs == Some(0) || (self.epochs.is_none() && self.samples < self.batch_size) {
-            bail!(
-                "nothing to train: --samples {} is less than one batch of {} (or --epochs 0)",
-                self.samples,
-                self.batch_size
-            );
+            bail!("nothing to train: --samples {} is less than one batch of {} (or --epochs 0)", self.samples, self.batch_size);
         }
-        if !(0.0..1.0).contains(&self.beta1)
-            || !(0.0..1.0).contains(&self.beta2)
-            || !(0.0..1.0).contains(&self.momentum)
-        {
+        if self.lr_step_epochs == Some(0) || !(self.lr_gamma > 0.0 && self.lr_gamma <= 1.0) {
+            bail!("--lr-step-epochs must be at least 1 and --lr-gamma in (0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || !(0.0..1.0).contains(&self.momentum) {
             bail!("--beta1, --beta2 and --momentum must be in [0, 1)");
         }
-        if !(self.weight_decay >= 0.0) || !(self.epsilon > 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 || self.epsilon.is_nan() || self.epsilon <= 0.0 {
             bail!("--weight-decay must be >= 0 and --epsilon > 0");
         }
         if self.augment_shift > 8 {
-            bail!(
-                "--shift {} is too large for 28x28 digits (at most 8)",
-                self.augment_shift
-            );
+            bail!("--shift {} is too large for 28x28 digits (at most 8)", self.augment_shift);
         }
         Ok(())
     }
@@ -85,6 +81,14 @@ impl TrainConfig {
             epsilon: self.epsilon,
             momentum: self.momentum,
             weight_decay: self.weight_decay,
+        }
+    }
+
+    /// The learning rate during `epoch` (0-based) under the step schedule.
+    pub fn lr_at(&self, epoch: usize) -> f32 {
+        match self.lr_step_epochs {
+            Some(every) => self.lr * self.lr_gamma.powi((epoch / every) as i32),
+            None => self.lr,
         }
     }
 

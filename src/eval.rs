@@ -25,18 +25,12 @@ pub fn evaluate(model: &Model, ws: &mut Workspace, ds: &Dataset) -> EvalResult {
         forward(model, ws, n, Mode::Eval);
         let labels = &ds.labels[start..start + n];
         let mut probs = vec![0.0; n * classes];
-        let (loss, c) =
-            softmax_cross_entropy(ws.logits(n, classes), labels, classes, &mut probs, None);
+        let (loss, c) = softmax_cross_entropy(ws.logits(n, classes), labels, classes, &mut probs, None);
         loss_sum += loss as f64 * n as f64;
         correct += c;
         for (p, &y) in probs.chunks_exact(classes).zip(labels) {
             confusion[y as usize][argmax(p)] += 1;
         }
     }
-    EvalResult {
-        loss: (loss_sum / ds.len() as f64) as f32,
-        accuracy: correct as f32 / ds.len() as f32,
-        samples: ds.len(),
-        confusion,
-    }
+    EvalResult { loss: (loss_sum / ds.len() as f64) as f32, accuracy: correct as f32 / ds.len() as f32, samples: ds.len(), confusion }
 }

@@ -30,6 +30,9 @@ enum Command {
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+        #[arg(long)]
+        model: Option<String>,
         /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -43,6 +46,9 @@ enum Command {
     Predict {
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+        #[arg(long)]
+        model: Option<String>,
         /// Print all class probabilities per image as JSON lines.
         #[arg(long)]
         json: bool,
@@ -97,6 +103,11 @@ struct TrainArgs {
     optimizer: OptimizerKind,
     #[arg(long, default_value_t = 0.001)]
     lr: f32,
+    /// Multiply the learning rate by --lr-gamma every this many epochs (default: constant).
+    #[arg(long)]
+    lr_step_epochs: Option<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    lr_gamma: f32,
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
     #[arg(long, default_value_t = 0.999)]
@@ -153,16 +164,11 @@ fn run(cli: Cli) -> Result<()> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("cannot start the thread pool")?;
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")?;
     match cli.command {
         Command::Train(a) => {
             let out = a.out.unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 PathBuf::from(format!("runs/{}-{secs}", a.model))
             });
             let cfg = TrainConfig {
@@ -172,6 +178,8 @@ fn run(cli: Cli) -> Result<()> {
                 epochs: a.epochs,
                 optimizer: a.optimizer,
                 lr: a.lr,
+                lr_step_epochs: a.lr_step_epochs,
+                lr_gamma: a.lr_gamma,
                 beta1: a.beta1,
                 beta2: a.beta2,
                 epsilon: a.epsilon,
@@ -189,28 +197,17 @@ fn run(cli: Cli) -> Result<()> {
             };
             train::train(&cfg)?;
         }
-        Command::Eval {
-            checkpoint: path,
-            data,
-            batch_size,
-            confusion,
-        } => {
+        Command::Eval { checkpoint: path, model, data, batch_size, confusion } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
-            let model = checkpoint::load(&path)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
             let (dir, strict) = mnist::resolve_dir(data.as_deref());
             let test = mnist::load(&dir, Split::Test, strict)?;
             check_input(&model, test.rows, test.cols)?;
             let mut ws = Workspace::new(&model, batch_size.min(test.len()), false);
             let r = evaluate(&model, &mut ws, &test);
-            println!(
-                "{}: {} test images, loss {:.4}, accuracy {:.2}%",
-                path.display(),
-                r.samples,
-                r.loss,
-                100.0 * r.accuracy
-            );
+            println!("{}: {} test images, loss {:.4}, accuracy {:.2}%", path.display(), r.samples, r.loss, 100.0 * r.accuracy);
             if confusion {
                 print!("true\\pred");
                 (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));
@@ -218,20 +215,12 @@ fn run(cli: Cli) -> Result<()> {
                 for (i, row) in r.confusion.iter().enumerate() {
                     print!("{i:>9}");
                     row.iter().for_each(|c| print!("{c:>6}"));
-                    println!(
-                        "  {:.2}%",
-                        100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32
-                    );
+                    println!("  {:.2}%", 100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32);
                 }
             }
         }
-        Command::Predict {
-            checkpoint: path,
-            json,
-            top,
-            images,
-        } => {
-            let model = checkpoint::load(&path)?;
+        Command::Predict { checkpoint: path, model, json, top, images } => {
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
             check_input(&model, 28, 28)?;
             let classes = model.classes();
             let mut ws = Workspace::new(&model, 1, false);
@@ -257,11 +246,7 @@ fn run(cli: Cli) -> Result<()> {
                         serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs})
                     );
                 } else {
-                    let best: Vec<String> = ranked
-                        .iter()
-                        .take(top.max(1))
-                        .map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c]))
-                        .collect();
+                    let best: Vec<String> = ranked.iter().take(top.max(1)).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
                     println!("{}: {}", img.display(), best.join(", "));
                 }
             }
@@ -273,16 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             let m = Model::new(&architecture(&model, 1.0)?)?;
             print!("{}", summary::table(&m));
         }
-        Command::Bench {
-            model,
-            batch_size,
-            infer_batch,
-            runs,
-            steps,
-            data,
-            json,
-            layers,
-        } => {
+        Command::Bench { model, batch_size, infer_batch, runs, steps, data, json, layers } => {
             if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
                 bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
             }
@@ -304,13 +280,7 @@ fn run(cli: Cli) -> Result<()> {
                 &mut m,
                 cfg,
                 &train_set,
-                &BenchPlan {
-                    train_batch: batch_size,
-                    infer_batch,
-                    runs,
-                    steps_per_run: steps,
-                    layers,
-                },
+                &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps, layers },
             );
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -320,16 +290,10 @@ fn run(cli: Cli) -> Result<()> {
                     "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)",
                     r.train_samples_per_s, r.train_batch
                 );
-                println!(
-                    "inference: {:.0} samples/s (batch {}, median of {runs} runs)",
-                    r.infer_samples_per_s, r.infer_batch
-                );
+                println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
                 println!("peak memory: {:.0} MiB", r.peak_rss_mib);
                 if layers {
-                    println!(
-                        "per training step (ms):\n{:<10} {:>9} {:>9}",
-                        "layer", "forward", "backward"
-                    );
+                    println!("per training step (ms):\n{:<10} {:>9} {:>9}", "layer", "forward", "backward");
                     for (name, f, b) in &r.layer_ms {
                         println!("{name:<10} {f:>9.2} {b:>9.2}");
                     }

@@ -57,12 +57,7 @@ pub const MODEL_NAMES: &[&str] = &["alexnet-mnist"];
 /// The notebook's AlexNet for 28x28 MNIST: 3 x [conv 3x3 SAME + ReLU -> max-pool 3x3/2 SAME ->
 /// LRN -> dropout] with 64/128/256 channels, then FC 1024, FC 1024, FC 10.
 pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
-    let lrn = LrnParams {
-        depth_radius: 4,
-        bias: 1.0,
-        alpha: 0.001 / 9.0,
-        beta: 0.75,
-    };
+    let lrn = LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 };
     let mut layers = Vec::new();
     for (i, out_c) in [64, 128, 256].into_iter().enumerate() {
         layers.push(LayerSpec::Conv {
@@ -74,68 +69,32 @@ pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
             groups: 1,
             relu: true,
         });
-        layers.push(LayerSpec::MaxPool {
-            kernel: 3,
-            stride: 2,
-            padding: Padding::Same,
-        });
+        layers.push(LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Same });
         layers.push(LayerSpec::Lrn(lrn));
         layers.push(LayerSpec::Dropout { keep: keep_prob });
     }
-    layers.push(LayerSpec::Linear {
-        name: "fc1".into(),
-        out: 1024,
-        relu: true,
-    });
-    layers.push(LayerSpec::Linear {
-        name: "fc2".into(),
-        out: 1024,
-        relu: true,
-    });
-    layers.push(LayerSpec::Linear {
-        name: "fc3".into(),
-        out: 10,
-        relu: false,
-    });
-    Architecture {
-        name: "alexnet-mnist".into(),
-        input: [28, 28, 1],
-        layers,
-    }
+    layers.push(LayerSpec::Linear { name: "fc1".into(), out: 1024, relu: true });
+    layers.push(LayerSpec::Linear { name: "fc2".into(), out: 1024, relu: true });
+    layers.push(LayerSpec::Linear { name: "fc3".into(), out: 10, relu: false });
+    Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers }
 }
 
 /// Look up an architecture by its command-line name.
 pub fn architecture(name: &str, keep_prob: f32) -> Result<Architecture> {
     match name {
         "alexnet-mnist" => Ok(alexnet_mnist(keep_prob)),
-        other => bail!(
-            "unknown model '{other}' (known: {})",
-            MODEL_NAMES.join(", ")
-        ),
+        other => bail!("unknown model '{other}' (known: {})", MODEL_NAMES.join(", ")),
     }
 }
 
 /// A resolved layer: geometry plus the index of its weight in `Model::params` (bias follows).
 #[derive(Clone, Debug)]
 pub enum Layer {
-    Conv {
-        conv: Conv,
-        param: usize,
-        winograd: bool,
-    },
+    Conv { conv: Conv, param: usize, winograd: bool },
     Pool(MaxPool),
-    Lrn {
-        params: LrnParams,
-        channels: usize,
-    },
-    Dropout {
-        keep: f32,
-    },
-    Linear {
-        linear: Linear,
-        param: usize,
-        from: [usize; 3],
-    },
+    Lrn { params: LrnParams, channels: usize },
+    Dropout { keep: f32 },
+    Linear { linear: Linear, param: usize, from: [usize; 3] },
 }
 
 /// A trainable tensor. `value` is in the engine's layout; `torch_shape` is the PyTorch shape
@@ -166,97 +125,42 @@ impl Model {
         let (mut layers, mut params, mut shapes) = (Vec::new(), Vec::new(), vec![shape]);
         let mut param = |name: &str, torch_shape: Vec<usize>, decay: bool| {
             let len = torch_shape.iter().product();
-            params.push(Param {
-                name: name.to_string(),
-                torch_shape,
-                value: vec![0.0; len],
-                grad: vec![0.0; len],
-                decay,
-            });
+            params.push(Param { name: name.to_string(), torch_shape, value: vec![0.0; len], grad: vec![0.0; len], decay });
             params.len() - 1
         };
         for spec in &arch.layers {
             let [h, w, c] = shape;
-            let bad = |what: &str| {
-                anyhow::anyhow!("model {}: {what} does not fit input {h}x{w}x{c}", arch.name)
-            };
+            let bad = |what: &str| anyhow::anyhow!("model {}: {what} does not fit input {h}x{w}x{c}", arch.name);
             match spec {
-                LayerSpec::Conv {
-                    name,
-                    out_c,
-                    kernel,
-                    stride,
-                    padding,
-                    groups,
-                    relu,
-                } => {
-                    let win =
-                        Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad(name))?;
+                LayerSpec::Conv { name, out_c, kernel, stride, padding, groups, relu } => {
+                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad(name))?;
                     if c % groups != 0 || out_c % groups != 0 {
-                        bail!(
-                            "model {}: {name}: channels {c} -> {out_c} not divisible by groups {groups}",
-                            arch.name
-                        );
+                        bail!("model {}: {name}: channels {c} -> {out_c} not divisible by groups {groups}", arch.name);
                     }
-                    let conv = Conv {
-                        win,
-                        in_c: c,
-                        out_c: *out_c,
-                        groups: *groups,
-                        relu: *relu,
-                    };
-                    let p = param(
-                        &format!("{name}.weight"),
-                        vec![*out_c, c / groups, *kernel, *kernel],
-                        true,
-                    );
+                    let conv = Conv { win, in_c: c, out_c: *out_c, groups: *groups, relu: *relu };
+                    let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true);
                     param(&format!("{name}.bias"), vec![*out_c], false);
-                    layers.push(Layer::Conv {
-                        conv,
-                        param: p,
-                        winograd: winograd::applies(&conv),
-                    });
+                    layers.push(Layer::Conv { conv, param: p, winograd: winograd::applies(&conv) });
                     shape = [win.h.output, win.w.output, *out_c];
                 }
-                LayerSpec::MaxPool {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let win = Window::new(h, w, *kernel, *stride, *padding)
-                        .ok_or_else(|| bad("max-pool"))?;
+                LayerSpec::MaxPool { kernel, stride, padding } => {
+                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad("max-pool"))?;
                     layers.push(Layer::Pool(MaxPool { win, channels: c }));
                     shape = [win.h.output, win.w.output, c];
                 }
-                LayerSpec::Lrn(params) => layers.push(Layer::Lrn {
-                    params: *params,
-                    channels: c,
-                }),
+                LayerSpec::Lrn(params) => layers.push(Layer::Lrn { params: *params, channels: c }),
                 LayerSpec::Dropout { keep } => layers.push(Layer::Dropout { keep: *keep }),
                 LayerSpec::Linear { name, out, relu } => {
-                    let linear = Linear {
-                        in_len: h * w * c,
-                        out_len: *out,
-                        relu: *relu,
-                    };
+                    let linear = Linear { in_len: h * w * c, out_len: *out, relu: *relu };
                     let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true);
                     param(&format!("{name}.bias"), vec![*out], false);
-                    layers.push(Layer::Linear {
-                        linear,
-                        param: p,
-                        from: shape,
-                    });
+                    layers.push(Layer::Linear { linear, param: p, from: shape });
                     shape = [1, 1, *out];
                 }
             }
             shapes.push(shape);
         }
-        Ok(Model {
-            arch: arch.clone(),
-            layers,
-            params,
-            shapes,
-        })
+        Ok(Model { arch: arch.clone(), layers, params, shapes })
     }
 
     pub fn classes(&self) -> usize {
@@ -281,9 +185,7 @@ impl Model {
             if p.decay {
                 let fan_in: usize = p.torch_shape[1..].iter().product();
                 let normal = Normal::new(0.0, (2.0 / fan_in as f32).sqrt()).expect("finite std");
-                p.value
-                    .iter_mut()
-                    .for_each(|v| *v = normal.sample(&mut rng));
+                p.value.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
             } else {
                 p.value.fill(bias);
             }
@@ -320,11 +222,7 @@ impl Workspace {
     pub fn new(model: &Model, batch: usize, training: bool) -> Workspace {
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         let acts: Vec<Vec<f32>> = model.shapes.iter().map(|s| vec![0.0; len(s)]).collect();
-        let grads = if training {
-            model.shapes.iter().map(|s| vec![0.0; len(s)]).collect()
-        } else {
-            Vec::new()
-        };
+        let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
         let saved = model
             .layers
             .iter()
@@ -332,11 +230,7 @@ impl Workspace {
             .map(|(l, s)| match l {
                 Layer::Pool(_) => Saved::Argmax(vec![0; len(s)]),
                 Layer::Lrn { .. } | Layer::Dropout { .. } => Saved::Values(vec![0.0; len(s)]),
-                Layer::Conv {
-                    conv,
-                    winograd: true,
-                    ..
-                } if training => Saved::Values(vec![0.0; winograd::saved_len(conv, batch)]),
+                Layer::Conv { conv, winograd: true, .. } if training => Saved::Values(vec![0.0; winograd::saved_len(conv, batch)]),
                 _ => Saved::None,
             })
             .collect();
@@ -384,43 +278,25 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
         let (x, y) = (&before[cur][..], &mut after[0][..]);
         let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
         match layer {
-            Layer::Conv {
-                conv,
-                param,
-                winograd: wg,
-            } => {
+            Layer::Conv { conv, param, winograd: wg } => {
                 let (w, b) = (&model.params[*param].value, &model.params[param + 1].value);
                 match (&mut ws.saved[i], wg) {
-                    (Saved::Values(v), true) => {
-                        winograd::conv3x3_forward(conv, n, x, w, b, y, Some(v))
-                    }
+                    (Saved::Values(v), true) => winograd::conv3x3_forward(conv, n, x, w, b, y, Some(v)),
                     (_, true) => winograd::conv3x3_forward(conv, n, x, w, b, y, None),
                     _ => conv_forward(conv, n, x, w, b, y),
                 }
             }
             Layer::Pool(p) => {
-                let Saved::Argmax(idx) = &mut ws.saved[i] else {
-                    unreachable!("pool saves argmax")
-                };
+                let Saved::Argmax(idx) = &mut ws.saved[i] else { unreachable!("pool saves argmax") };
                 max_pool_forward(p, n, x, y, idx);
             }
             Layer::Lrn { params, channels } => {
-                let Saved::Values(scale) = &mut ws.saved[i] else {
-                    unreachable!("lrn saves scale")
-                };
-                lrn_forward(
-                    params,
-                    *channels,
-                    &x[..out_len],
-                    &mut y[..out_len],
-                    &mut scale[..out_len],
-                );
+                let Saved::Values(scale) = &mut ws.saved[i] else { unreachable!("lrn saves scale") };
+                lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], &mut scale[..out_len]);
             }
             Layer::Dropout { keep } => match mode {
                 Mode::Train { stream } if *keep < 1.0 => {
-                    let Saved::Values(mask) = &mut ws.saved[i] else {
-                        unreachable!("dropout saves its mask")
-                    };
+                    let Saved::Values(mask) = &mut ws.saved[i] else { unreachable!("dropout saves its mask") };
                     let per_sample = out_len / n.max(1);
                     dropout_forward(
                         *keep,
@@ -435,14 +311,7 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
                 _ => continue,
             },
             Layer::Linear { linear, param, .. } => {
-                linear_forward(
-                    linear,
-                    n,
-                    x,
-                    &model.params[*param].value,
-                    &model.params[param + 1].value,
-                    y,
-                );
+                linear_forward(linear, n, x, &model.params[*param].value, &model.params[param + 1].value, y);
             }
         }
         if let (Some(t), Some(times)) = (started, ws.layer_seconds.as_mut()) {
@@ -455,25 +324,14 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
 
 /// Forward in training mode, loss, and backward: fills every `Param::grad`. Returns the mean
 /// loss and the number of correct predictions in the batch.
-pub fn train_step_gradients(
-    model: &mut Model,
-    ws: &mut Workspace,
-    labels: &[u8],
-    stream: u64,
-) -> (f32, usize) {
+pub fn train_step_gradients(model: &mut Model, ws: &mut Workspace, labels: &[u8], stream: u64) -> (f32, usize) {
     let n = labels.len();
     forward(model, ws, n, Mode::Train { stream });
     let classes = model.classes();
     let last = model.layers.len();
     let (loss, correct) = {
         let (acts, grads) = (&ws.acts, &mut ws.grads);
-        softmax_cross_entropy(
-            &acts[ws.logits_at][..n * classes],
-            labels,
-            classes,
-            &mut ws.probs,
-            Some(&mut grads[last][..n * classes]),
-        )
+        softmax_cross_entropy(&acts[ws.logits_at][..n * classes], labels, classes, &mut ws.probs, Some(&mut grads[last][..n * classes]))
     };
     backward(model, ws, n);
     (loss, correct)
@@ -498,45 +356,25 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
         let (x, y) = (&ws.acts[input_at][..], &ws.acts[i + 1][..]);
         let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
         match layer {
-            Layer::Conv {
-                conv,
-                param,
-                winograd: wg,
-            } => {
+            Layer::Conv { conv, param, winograd: wg } => {
                 let (wp, bp) = model.params.split_at_mut(param + 1);
                 let (w, b) = (&mut wp[*param], &mut bp[0]);
                 let dx = if need_dx { Some(&mut dx[..]) } else { None };
                 match (&ws.saved[i], wg) {
-                    (Saved::Values(v), true) => {
-                        winograd::conv3x3_backward(conv, n, v, y, dy, dx, &mut w.grad, &mut b.grad)
-                    }
+                    (Saved::Values(v), true) => winograd::conv3x3_backward(conv, n, v, y, dy, dx, &mut w.grad, &mut b.grad),
                     _ => conv_backward(conv, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad),
                 }
             }
             Layer::Pool(p) => {
-                let Saved::Argmax(idx) = &ws.saved[i] else {
-                    unreachable!()
-                };
+                let Saved::Argmax(idx) = &ws.saved[i] else { unreachable!() };
                 max_pool_backward(p, n, dy, idx, dx);
             }
             Layer::Lrn { params, channels } => {
-                let Saved::Values(scale) = &ws.saved[i] else {
-                    unreachable!()
-                };
-                lrn_backward(
-                    params,
-                    *channels,
-                    &x[..out_len],
-                    &y[..out_len],
-                    &scale[..out_len],
-                    &dy[..out_len],
-                    &mut dx[..out_len],
-                );
+                let Saved::Values(scale) = &ws.saved[i] else { unreachable!() };
+                lrn_backward(params, *channels, &x[..out_len], &y[..out_len], &scale[..out_len], &dy[..out_len], &mut dx[..out_len]);
             }
             Layer::Dropout { .. } => {
-                let Saved::Values(mask) = &ws.saved[i] else {
-                    unreachable!()
-                };
+                let Saved::Values(mask) = &ws.saved[i] else { unreachable!() };
                 dropout_backward(&mask[..out_len], &dy[..out_len], &mut dx[..out_len]);
             }
             Layer::Linear { linear, param, .. } => {
@@ -565,9 +403,7 @@ mod tests {
         for l in &mut arch.layers {
             match l {
                 LayerSpec::Conv { out_c, .. } => *out_c /= 16,
-                LayerSpec::Linear {
-                    out, relu: true, ..
-                } => *out = 24,
+                LayerSpec::Linear { out, relu: true, .. } => *out = 24,
                 _ => {}
             }
         }
@@ -593,10 +429,7 @@ mod tests {
     fn seed_model_shapes_match_the_notebook() {
         let m = Model::new(&alexnet_mnist(0.8)).unwrap();
         let spatial: Vec<[usize; 3]> = m.shapes.iter().step_by(4).take(4).cloned().collect();
-        assert_eq!(
-            spatial,
-            vec![[28, 28, 1], [14, 14, 64], [7, 7, 128], [4, 4, 256]]
-        );
+        assert_eq!(spatial, vec![[28, 28, 1], [14, 14, 64], [7, 7, 128], [4, 4, 256]]);
         assert_eq!(m.classes(), 10);
         // 640 + 73,856 + 295,168 + 4,195,328 + 1,049,600 + 10,250
         assert_eq!(m.param_count(), 5_624_842);
@@ -624,32 +457,19 @@ mod tests {
         ws.input_mut().copy_from_slice(&x);
         train_step_gradients(&mut model, &mut ws, &labels, 9);
         for seed in 0..3 {
-            let dirs: Vec<Vec<f32>> = model
-                .params
-                .iter()
-                .enumerate()
-                .map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64))
-                .collect();
+            let dirs: Vec<Vec<f32>> =
+                model.params.iter().enumerate().map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64)).collect();
             let analytic: f64 = model
                 .params
                 .iter()
                 .zip(&dirs)
-                .map(|(p, d)| {
-                    p.grad
-                        .iter()
-                        .zip(d)
-                        .map(|(g, d)| (*g as f64) * (*d as f64))
-                        .sum::<f64>()
-                })
+                .map(|(p, d)| p.grad.iter().zip(d).map(|(g, d)| (*g as f64) * (*d as f64)).sum::<f64>())
                 .sum();
             let eps = 1e-3f32;
             let shifted = |sign: f32| {
                 let mut m = model.clone();
                 for (p, d) in m.params.iter_mut().zip(&dirs) {
-                    p.value
-                        .iter_mut()
-                        .zip(d)
-                        .for_each(|(v, d)| *v += sign * eps * d);
+                    p.value.iter_mut().zip(d).for_each(|(v, d)| *v += sign * eps * d);
                 }
                 loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
             };
@@ -663,28 +483,15 @@ mod tests {
         // error the random total might hide.
         for (i, p) in model.params.iter().enumerate() {
             let d = unit_direction(p.value.len(), 500 + i as u64);
-            let analytic: f64 = p
-                .grad
-                .iter()
-                .zip(&d)
-                .map(|(g, d)| (*g as f64) * (*d as f64))
-                .sum();
+            let analytic: f64 = p.grad.iter().zip(&d).map(|(g, d)| (*g as f64) * (*d as f64)).sum();
             let eps = 1e-3f32;
             let shifted = |sign: f32| {
                 let mut m = model.clone();
-                m.params[i]
-                    .value
-                    .iter_mut()
-                    .zip(&d)
-                    .for_each(|(v, d)| *v += sign * eps * d);
+                m.params[i].value.iter_mut().zip(&d).for_each(|(v, d)| *v += sign * eps * d);
                 loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
             };
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
-            assert!(
-                (analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3,
-                "keep {keep} {}: {analytic} vs {numeric}",
-                p.name
-            );
+            assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep} {}: {analytic} vs {numeric}", p.name);
         }
     }
 

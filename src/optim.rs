@@ -39,17 +39,8 @@ const CHUNK: usize = 1 << 15;
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: &[Param]) -> Optimizer {
         let zeros = || params.iter().map(|p| vec![0.0; p.value.len()]).collect();
-        let slot2 = if config.kind == OptimizerKind::Adam {
-            zeros()
-        } else {
-            Vec::new()
-        };
-        Optimizer {
-            config,
-            step: 0,
-            slot1: zeros(),
-            slot2,
-        }
+        let slot2 = if config.kind == OptimizerKind::Adam { zeros() } else { Vec::new() };
+        Optimizer { config, step: 0, slot1: zeros(), slot2 }
     }
 
     /// Apply one update from the gradients in `params`, with learning rate `lr` (the schedule's
@@ -69,9 +60,7 @@ impl Optimizer {
                         .zip(m.par_chunks_mut(CHUNK))
                         .zip(v.par_chunks_mut(CHUNK))
                         .for_each(|(((w, g), m), v)| {
-                            for (((w, g), m), v) in
-                                w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-                            {
+                            for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                                 *m = c.beta1 * *m + (1.0 - c.beta1) * g;
                                 *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
                                 *w -= lr_t * *m / (v.sqrt() + c.epsilon);
@@ -83,16 +72,12 @@ impl Optimizer {
                 // The paper: v = momentum * v - decay * lr * w - lr * g; w += v.
                 for (p, vel) in params.iter_mut().zip(&mut self.slot1) {
                     let decay = if p.decay { c.weight_decay } else { 0.0 };
-                    p.value
-                        .par_chunks_mut(CHUNK)
-                        .zip(p.grad.par_chunks(CHUNK))
-                        .zip(vel.par_chunks_mut(CHUNK))
-                        .for_each(|((w, g), vel)| {
-                            for ((w, g), vel) in w.iter_mut().zip(g).zip(vel.iter_mut()) {
-                                *vel = c.momentum * *vel - decay * lr * *w - lr * g;
-                                *w += *vel;
-                            }
-                        });
+                    p.value.par_chunks_mut(CHUNK).zip(p.grad.par_chunks(CHUNK)).zip(vel.par_chunks_mut(CHUNK)).for_each(|((w, g), vel)| {
+                        for ((w, g), vel) in w.iter_mut().zip(g).zip(vel.iter_mut()) {
+                            *vel = c.momentum * *vel - decay * lr * *w - lr * g;
+                            *w += *vel;
+                        }
+                    });
                 }
             }
         }
@@ -104,25 +89,11 @@ mod tests {
     use super::*;
 
     fn param(w: f32, g: f32) -> Vec<Param> {
-        vec![Param {
-            name: "w".into(),
-            torch_shape: vec![1],
-            value: vec![w],
-            grad: vec![g],
-            decay: true,
-        }]
+        vec![Param { name: "w".into(), torch_shape: vec![1], value: vec![w], grad: vec![g], decay: true }]
     }
 
     fn config(kind: OptimizerKind) -> OptimizerConfig {
-        OptimizerConfig {
-            kind,
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            epsilon: 1e-8,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-        }
+        OptimizerConfig { kind, lr: 0.1, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, momentum: 0.9, weight_decay: 5e-4 }
     }
 
     #[test]

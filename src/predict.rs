@@ -12,20 +12,15 @@ const INK: f32 = 0.2;
 
 /// Load `path` and return 28x28 pixels in [0, 1], row-major.
 pub fn load_digit(path: &Path) -> Result<Vec<f32>> {
-    let img = image::open(path)
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .to_luma8();
+    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?.to_luma8();
     mnist_preprocess(&img).with_context(|| format!("image {}", path.display()))
 }
 
 pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {
     let (w, h) = img.dimensions();
     // Make the digit light on dark: if the border is mostly bright, the ink is dark.
-    let border: Vec<u8> = img
-        .enumerate_pixels()
-        .filter(|(x, y, _)| *x == 0 || *y == 0 || *x + 1 == w || *y + 1 == h)
-        .map(|(_, _, p)| p[0])
-        .collect();
+    let border: Vec<u8> =
+        img.enumerate_pixels().filter(|(x, y, _)| *x == 0 || *y == 0 || *x + 1 == w || *y + 1 == h).map(|(_, _, p)| p[0]).collect();
     let invert = border.iter().map(|&v| v as u32).sum::<u32>() > 127 * border.len() as u32;
     let ink = GrayImage::from_fn(w, h, |x, y| {
         let v = img.get_pixel(x, y)[0];
@@ -48,10 +43,7 @@ pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {
     let crop = image::imageops::crop_imm(&ink, x0, y0, x1 - x0 + 1, y1 - y0 + 1).to_image();
     let (cw, ch) = crop.dimensions();
     let scale = 20.0 / cw.max(ch) as f32;
-    let (nw, nh) = (
-        ((cw as f32 * scale).round() as u32).clamp(1, 20),
-        ((ch as f32 * scale).round() as u32).clamp(1, 20),
-    );
+    let (nw, nh) = (((cw as f32 * scale).round() as u32).clamp(1, 20), ((ch as f32 * scale).round() as u32).clamp(1, 20));
     let small = resize(&crop, nw, nh, FilterType::Triangle);
     // Centre of mass of the resized digit, to be placed at (14, 14).
     let (mut m, mut mx, mut my) = (0.0f32, 0.0f32, 0.0f32);
@@ -59,11 +51,7 @@ pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {
         let v = p[0] as f32;
         (m, mx, my) = (m + v, mx + v * x as f32, my + v * y as f32);
     }
-    let (cx, cy) = if m > 0.0 {
-        (mx / m, my / m)
-    } else {
-        (nw as f32 / 2.0, nh as f32 / 2.0)
-    };
+    let (cx, cy) = if m > 0.0 { (mx / m, my / m) } else { (nw as f32 / 2.0, nh as f32 / 2.0) };
     let ox = ((14.0 - cx).round() as i64).clamp(0, 28 - nw as i64);
     let oy = ((14.0 - cy).round() as i64).clamp(0, 28 - nh as i64);
     let mut out = vec![0.0; 784];
@@ -80,17 +68,9 @@ mod tests {
     #[test]
     fn dark_ink_on_white_is_inverted_boxed_and_centred() {
         // A 100x60 white canvas with a black 10x40 bar: becomes a light bar 20 tall, centred.
-        let img = GrayImage::from_fn(100, 60, |x, y| {
-            Luma([if (30..40).contains(&x) && (10..50).contains(&y) {
-                0
-            } else {
-                255
-            }])
-        });
+        let img = GrayImage::from_fn(100, 60, |x, y| Luma([if (30..40).contains(&x) && (10..50).contains(&y) { 0 } else { 255 }]));
         let d = mnist_preprocess(&img).unwrap();
-        let rows: Vec<usize> = (0..28)
-            .filter(|y| (0..28).any(|x| d[y * 28 + x] > 0.5))
-            .collect();
+        let rows: Vec<usize> = (0..28).filter(|y| (0..28).any(|x| d[y * 28 + x] > 0.5)).collect();
         assert_eq!(rows.len(), 20);
         let (mut m, mut cy, mut cx) = (0.0, 0.0, 0.0);
         for y in 0..28 {
@@ -100,17 +80,7 @@ mod tests {
                 cx += d[y * 28 + x] * x as f32;
             }
         }
-        assert!(
-            (cy / m - 14.0).abs() <= 1.0 && (cx / m - 14.0).abs() <= 1.0,
-            "centre {} {}",
-            cx / m,
-            cy / m
-        );
-        assert!(
-            mnist_preprocess(&GrayImage::new(50, 50))
-                .unwrap_err()
-                .to_string()
-                .contains("blank")
-        );
+        assert!((cy / m - 14.0).abs() <= 1.0 && (cx / m - 14.0).abs() <= 1.0, "centre {} {}", cx / m, cy / m);
+        assert!(mnist_preprocess(&GrayImage::new(50, 50)).unwrap_err().to_string().contains("blank"));
     }
 }

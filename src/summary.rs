@@ -13,11 +13,7 @@ pub struct Totals {
 }
 
 pub fn totals(model: &Model) -> Totals {
-    let mut t = Totals {
-        neurons: 0,
-        weights: 0,
-        parameters: 0,
-    };
+    let mut t = Totals { neurons: 0, weights: 0, parameters: 0 };
     for (layer, shape) in model.layers.iter().zip(&model.shapes[1..]) {
         if let Layer::Conv { param, .. } | Layer::Linear { param, .. } = layer {
             t.neurons += shape.iter().product::<usize>();
@@ -35,10 +31,7 @@ pub fn layer_names(model: &Model) -> Vec<String> {
         .layers
         .iter()
         .map(|layer| match layer {
-            Layer::Conv { param, .. } | Layer::Linear { param, .. } => model.params[*param]
-                .name
-                .trim_end_matches(".weight")
-                .to_string(),
+            Layer::Conv { param, .. } | Layer::Linear { param, .. } => model.params[*param].name.trim_end_matches(".weight").to_string(),
             other => {
                 let kind = match other {
                     Layer::Pool(_) => "pool",
@@ -57,55 +50,23 @@ pub fn table(model: &Model) -> String {
     let mut s = String::new();
     let [h, w, c] = model.arch.input;
     writeln!(s, "Model {}: input {h}x{w}x{c}", model.arch.name).unwrap();
-    writeln!(
-        s,
-        "{:<10} {:>14} {:>10} {:>18} {:>12}",
-        "layer", "output", "neurons", "weight shape", "parameters"
-    )
-    .unwrap();
-    for ((layer, [h, w, c]), name) in model
-        .layers
-        .iter()
-        .zip(&model.shapes[1..])
-        .zip(layer_names(model))
-    {
+    writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
+    for ((layer, [h, w, c]), name) in model.layers.iter().zip(&model.shapes[1..]).zip(layer_names(model)) {
         let weight = match layer {
             Layer::Conv { param, .. } | Layer::Linear { param, .. } => {
                 let p = &model.params[*param];
-                Some((
-                    p.torch_shape.clone(),
-                    p.value.len() + model.params[param + 1].value.len(),
-                ))
+                Some((p.torch_shape.clone(), p.value.len() + model.params[param + 1].value.len()))
             }
             _ => None,
         };
         let (shape, params) = weight.map_or((String::new(), String::new()), |(s, n)| {
-            (
-                s.iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join("x"),
-                n.to_string(),
-            )
+            (s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"), n.to_string())
         });
-        writeln!(
-            s,
-            "{:<10} {:>14} {:>10} {:>18} {:>12}",
-            name,
-            format!("{h}x{w}x{c}"),
-            h * w * c,
-            shape,
-            params
-        )
-        .unwrap();
+        writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", name, format!("{h}x{w}x{c}"), h * w * c, shape, params).unwrap();
     }
     let t = totals(model);
-    writeln!(
-        s,
-        "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases",
-        t.neurons, t.weights, t.parameters
-    )
-    .unwrap();
+    writeln!(s, "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases", t.neurons, t.weights, t.parameters)
+        .unwrap();
     s
 }
 

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
     #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {what}")]
     Format { path: PathBuf, what: String },
 }
@@ -26,19 +23,13 @@ pub struct IdxArray {
 
 /// Read the whole file, gunzipping it if it starts with the gzip magic.
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let io = |source| IdxError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| IdxError::Io { path: path.to_path_buf(), source };
     let raw = std::fs::read(path).map_err(io)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
         GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| IdxError::Format {
-                path: path.to_path_buf(),
-                what: format!("corrupt or truncated gzip data: {e}"),
-            })?;
+            .map_err(|e| IdxError::Format { path: path.to_path_buf(), what: format!("corrupt or truncated gzip data: {e}") })?;
         Ok(out)
     } else {
         Ok(raw)
@@ -47,15 +38,9 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, IdxError> {
 
 /// Parse a u8 IDX array of the given rank.
 pub fn parse(path: &Path, bytes: &[u8], rank: usize) -> Result<IdxArray, IdxError> {
-    let bad = |what: String| IdxError::Format {
-        path: path.to_path_buf(),
-        what,
-    };
+    let bad = |what: String| IdxError::Format { path: path.to_path_buf(), what };
     if bytes.len() < 4 {
-        return Err(bad(format!(
-            "file is {} bytes, too short for an IDX header",
-            bytes.len()
-        )));
+        return Err(bad(format!("file is {} bytes, too short for an IDX header", bytes.len())));
     }
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 || bytes[3] as usize != rank {
         return Err(bad(format!(
@@ -65,29 +50,15 @@ pub fn parse(path: &Path, bytes: &[u8], rank: usize) -> Result<IdxArray, IdxErro
     }
     let header = 4 + 4 * rank;
     if bytes.len() < header {
-        return Err(bad(format!(
-            "truncated header: {} bytes, need {header}",
-            bytes.len()
-        )));
+        return Err(bad(format!("truncated header: {} bytes, need {header}", bytes.len())));
     }
-    let dims: Vec<usize> = (0..rank)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
-    let len = dims
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+    let dims: Vec<usize> = (0..rank).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
     let body = &bytes[header..];
     if body.len() != len {
-        return Err(bad(format!(
-            "dimensions {dims:?} need {len} data bytes, file has {} (truncated or corrupt)",
-            body.len()
-        )));
+        return Err(bad(format!("dimensions {dims:?} need {len} data bytes, file has {} (truncated or corrupt)", body.len())));
     }
-    Ok(IdxArray {
-        dims,
-        data: body.to_vec(),
-    })
+    Ok(IdxArray { dims, data: body.to_vec() })
 }
 
 pub fn read(path: &Path, rank: usize) -> Result<IdxArray, IdxError> {
@@ -100,8 +71,7 @@ mod tests {
 
     fn header(rank: u8, dims: &[u32]) -> Vec<u8> {
         let mut v = vec![0, 0, 8, rank];
-        dims.iter()
-            .for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
+        dims.iter().for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
         v
     }
 
@@ -115,30 +85,10 @@ mod tests {
         assert_eq!(a.data[11], 11);
         let mut bad_magic = ok.clone();
         bad_magic[2] = 0x0d;
-        assert!(
-            parse(p, &bad_magic, 3)
-                .unwrap_err()
-                .to_string()
-                .contains("bad magic")
-        );
-        assert!(
-            parse(p, &ok, 1)
-                .unwrap_err()
-                .to_string()
-                .contains("bad magic")
-        );
-        assert!(
-            parse(p, &ok[..ok.len() - 1], 3)
-                .unwrap_err()
-                .to_string()
-                .contains("truncated")
-        );
-        assert!(
-            parse(p, &ok[..6], 3)
-                .unwrap_err()
-                .to_string()
-                .contains("truncated header")
-        );
+        assert!(parse(p, &bad_magic, 3).unwrap_err().to_string().contains("bad magic"));
+        assert!(parse(p, &ok, 1).unwrap_err().to_string().contains("bad magic"));
+        assert!(parse(p, &ok[..ok.len() - 1], 3).unwrap_err().to_string().contains("truncated"));
+        assert!(parse(p, &ok[..6], 3).unwrap_err().to_string().contains("truncated header"));
     }
 
     #[test]

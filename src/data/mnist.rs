@@ -7,22 +7,10 @@ use std::path::{Path, PathBuf};
 
 /// SHA-256 of the standard gzipped files, as vendored in `data/mnist/`.
 const KNOWN_SHA256: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte.gz",
-        "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
-    ),
-    (
-        "train-labels-idx1-ubyte.gz",
-        "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203",
-    ),
-    (
-        "t10k-images-idx3-ubyte.gz",
-        "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be",
-    ),
-    (
-        "t10k-labels-idx1-ubyte.gz",
-        "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b",
-    ),
+    ("train-images-idx3-ubyte.gz", "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971"),
+    ("train-labels-idx1-ubyte.gz", "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203"),
+    ("t10k-images-idx3-ubyte.gz", "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be"),
+    ("t10k-labels-idx1-ubyte.gz", "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b"),
 ];
 
 /// Environment variable naming the data directory when `--data` is not given.
@@ -61,11 +49,7 @@ impl Dataset {
 /// The vendored copy: `./data/mnist` if run from the repository, else the crate's own.
 pub fn default_dir() -> PathBuf {
     let local = PathBuf::from("data/mnist");
-    if local.is_dir() {
-        local
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
-    }
+    if local.is_dir() { local } else { Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist") }
 }
 
 /// `--data`, else `$ALEXNET_DATA`, else the vendored copy. The bool says whether the directory
@@ -87,38 +71,23 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
         }
     }
     if !dir.is_dir() {
-        bail!(
-            "data directory {} does not exist (set --data DIR or ${DATA_ENV})",
-            dir.display()
-        );
+        bail!("data directory {} does not exist (set --data DIR or ${DATA_ENV})", dir.display());
     }
-    bail!(
-        "{}: missing {stem}.gz (or {stem}): expected the four MNIST IDX files",
-        dir.display()
-    )
+    bail!("{}: missing {stem}.gz (or {stem}): expected the four MNIST IDX files", dir.display())
 }
 
 /// Compare a standard file's SHA-256 with the published one. `strict` makes a mismatch an
 /// error (the vendored copy must be intact); otherwise it is reported and the file is used,
 /// so IDX files of other datasets under the standard names still load.
 fn verify_checksum(path: &Path, strict: bool) -> Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let Some((_, want)) = KNOWN_SHA256.iter().find(|(n, _)| *n == name) else {
         return Ok(());
     };
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let got: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let got: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     if got != *want {
-        let msg = format!(
-            "{}: SHA-256 {got} is not the standard MNIST file's {want}",
-            path.display()
-        );
+        let msg = format!("{}: SHA-256 {got} is not the standard MNIST file's {want}", path.display());
         if strict {
             bail!("{msg}: the vendored copy is corrupt (restore it with git checkout)");
         }
@@ -143,11 +112,7 @@ pub fn load(dir: &Path, split: Split, strict: bool) -> Result<Dataset> {
     if n != labels.dims[0] {
         return Err(IdxError::Format {
             path: lbl_path,
-            what: format!(
-                "{} labels but {} has {n} images",
-                labels.dims[0],
-                img_path.display()
-            ),
+            what: format!("{} labels but {} has {n} images", labels.dims[0], img_path.display()),
         }
         .into());
     }
@@ -155,18 +120,9 @@ pub fn load(dir: &Path, split: Split, strict: bool) -> Result<Dataset> {
         bail!("{}: no images ({n} x {rows} x {cols})", img_path.display());
     }
     if let Some(i) = labels.data.iter().position(|&l| l > 9) {
-        return Err(IdxError::Format {
-            path: lbl_path,
-            what: format!("label {} at index {i} is outside 0..=9", labels.data[i]),
-        }
-        .into());
+        return Err(IdxError::Format { path: lbl_path, what: format!("label {} at index {i} is outside 0..=9", labels.data[i]) }.into());
     }
-    Ok(Dataset {
-        images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
-        labels: labels.data,
-        rows,
-        cols,
-    })
+    Ok(Dataset { images: images.data.iter().map(|&p| p as f32 / 255.0).collect(), labels: labels.data, rows, cols })
 }
 
 #[cfg(test)]
@@ -181,17 +137,11 @@ pub mod tests {
             img.extend_from_slice(&d.to_be_bytes());
         }
         img.extend((0..n_images as usize * 784).map(|i| (i % 251) as u8));
-        std::fs::File::create(dir.join(format!("{prefix}-images-idx3-ubyte")))
-            .unwrap()
-            .write_all(&img)
-            .unwrap();
+        std::fs::File::create(dir.join(format!("{prefix}-images-idx3-ubyte"))).unwrap().write_all(&img).unwrap();
         let mut lbl = vec![0, 0, 8, 1];
         lbl.extend_from_slice(&(labels.len() as u32).to_be_bytes());
         lbl.extend_from_slice(labels);
-        std::fs::File::create(dir.join(format!("{prefix}-labels-idx1-ubyte")))
-            .unwrap()
-            .write_all(&lbl)
-            .unwrap();
+        std::fs::File::create(dir.join(format!("{prefix}-labels-idx1-ubyte"))).unwrap().write_all(&lbl).unwrap();
     }
 
     #[test]
@@ -203,19 +153,13 @@ pub mod tests {
         assert!((ds.images[250] - 250.0 / 255.0).abs() < 1e-6);
         write_idx(dir.path(), "t10k", 3, &[1, 2]);
         let err = format!("{:#}", load(dir.path(), Split::Test, false).unwrap_err());
-        assert!(
-            err.contains("2 labels but") && err.contains("t10k-labels"),
-            "{err}"
-        );
+        assert!(err.contains("2 labels but") && err.contains("t10k-labels"), "{err}");
         write_idx(dir.path(), "t10k", 3, &[1, 12, 3]);
         let err = format!("{:#}", load(dir.path(), Split::Test, false).unwrap_err());
         assert!(err.contains("label 12 at index 1"), "{err}");
         let err = format!("{:#}", load(dir.path(), Split::Train, false).unwrap_err());
         assert!(err.contains("missing train-images-idx3-ubyte"), "{err}");
-        let err = format!(
-            "{:#}",
-            load(&dir.path().join("nope"), Split::Train, false).unwrap_err()
-        );
+        let err = format!("{:#}", load(&dir.path().join("nope"), Split::Train, false).unwrap_err());
         assert!(err.contains("does not exist"), "{err}");
     }
 
@@ -225,10 +169,7 @@ pub mod tests {
         assert_eq!(test.len(), 10_000);
         let mut counts = [0; 10];
         test.labels.iter().for_each(|&l| counts[l as usize] += 1);
-        assert_eq!(
-            counts,
-            [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-        );
+        assert_eq!(counts, [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]);
         let corrupt = tempfile::tempdir().unwrap();
         for (name, _) in KNOWN_SHA256 {
             std::fs::copy(default_dir().join(name), corrupt.path().join(name)).unwrap();
@@ -238,9 +179,6 @@ pub mod tests {
         bytes[100] ^= 0xff;
         std::fs::write(&p, bytes).unwrap();
         let err = format!("{:#}", load(corrupt.path(), Split::Test, true).unwrap_err());
-        assert!(
-            err.contains("t10k-labels-idx1-ubyte.gz") && err.contains("SHA-256"),
-            "{err}"
-        );
+        assert!(err.contains("t10k-labels-idx1-ubyte.gz") && err.contains("SHA-256"), "{err}");
     }
 }

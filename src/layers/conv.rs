@@ -61,9 +61,13 @@ impl Conv {
             for ox in 0..win.w.output {
                 taps.clear();
                 for ky in 0..k {
-                    let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                    let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
+                        continue;
+                    };
                     for kx in 0..k {
-                        let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                        let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
+                            continue;
+                        };
                         taps.push((ky * k + kx, iy * win.w.input + ix));
                     }
                 }
@@ -93,27 +97,52 @@ impl Conv {
         });
     }
 
-    /// Direct backward of one sample: accumulates into `dw`, and into `dx` if given.
+    /// Direct backward of one sample: accumulates into `dw`, and into `dx` if given. The
+    /// weight gradient runs tap by tap over all pixels with the accumulators in registers,
+    /// 32 output channels at a time.
     fn direct_backward(&self, x: &[f32], weight: &[f32], dy: &[f32], dw: &mut [f32], mut dx: Option<&mut [f32]>) {
+        let (win, k) = (&self.win, self.win.kernel);
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
-        self.for_each_window(|o, taps| {
+        // (output pixel, input pixel) pairs of each tap.
+        let mut pairs = Vec::with_capacity(win.out_pixels());
+        for tap in 0..k * k {
+            pairs.clear();
+            for oy in 0..win.h.output {
+                let Some(iy) = Window::tap(&win.h, win.stride, oy, tap / k) else {
+                    continue;
+                };
+                for ox in 0..win.w.output {
+                    let Some(ix) = Window::tap(&win.w, win.stride, ox, tap % k) else {
+                        continue;
+                    };
+                    pairs.push((oy * win.w.output + ox, iy * win.w.input + ix));
+                }
+            }
             for g in 0..self.groups {
-                let dyrow = &dy[o * oc + g * cout_g..o * oc + (g + 1) * cout_g];
-                for &(tap, i) in taps {
-                    for ci in 0..cin_g {
-                        let c = i * self.in_c + g * cin_g + ci;
-                        let w_at = (tap * cin_g + ci) * oc + g * cout_g;
-                        let xv = x[c];
-                        for (d, g) in dw[w_at..w_at + cout_g].iter_mut().zip(dyrow) {
-                            *d += xv * g;
-                        }
-                        if let Some(dx) = dx.as_deref_mut() {
-                            dx[c] += weight[w_at..w_at + cout_g].iter().zip(dyrow).map(|(w, g)| w * g).sum::<f32>();
+                for ci in 0..cin_g {
+                    let c = g * cin_g + ci;
+                    let w_row = (tap * cin_g + ci) * oc + g * cout_g;
+                    let mut cb = 0;
+                    while cb < cout_g {
+                        let at = w_row + cb;
+                        cb += match cout_g - cb {
+                            r if r >= 4 * L => {
+                                weight_grad_block::<{ 4 * L }>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..])
+                            }
+                            r if r >= L => weight_grad_block::<L>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..]),
+                            _ => weight_grad_block::<1>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..]),
+                        };
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let wr = &weight[w_row..w_row + cout_g];
+                        for &(o, i) in &pairs {
+                            let dyr = &dy[o * oc + g * cout_g..o * oc + (g + 1) * cout_g];
+                            dx[i * self.in_c + c] += wr.iter().zip(dyr).map(|(w, g)| w * g).sum::<f32>();
                         }
                     }
                 }
             }
-        });
+        }
     }
 
     /// Gather the patches of samples `n0..n1` (of `input`) for group `g` into `col`.
@@ -180,9 +209,18 @@ impl Conv {
 
 /// `y[0..N] = sum over taps and input channels of x * w` for output channels `w_col..+N`;
 /// returns N.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn direct_block<const N: usize>(x: &[f32], weight: &[f32], taps: &[(usize, usize)], in_c: usize, cin_g: usize, oc: usize, x_ch: usize, w_col: usize, y: &mut [f32]) -> usize {
+fn direct_block<const N: usize>(
+    x: &[f32],
+    weight: &[f32],
+    taps: &[(usize, usize)],
+    in_c: usize,
+    cin_g: usize,
+    oc: usize,
+    x_ch: usize,
+    w_col: usize,
+    y: &mut [f32],
+) -> usize {
     let mut acc = [0.0f32; N];
     for &(tap, i) in taps {
         for ci in 0..cin_g {
@@ -195,6 +233,33 @@ fn direct_block<const N: usize>(x: &[f32], weight: &[f32], taps: &[(usize, usize
         }
     }
     y[..N].copy_from_slice(&acc);
+    N
+}
+
+/// `dw[0..N] += sum over (output, input) pixel pairs of x[input][channel] * dy[output][col..+N]`;
+/// returns N.
+#[inline(always)]
+fn weight_grad_block<const N: usize>(
+    x: &[f32],
+    dy: &[f32],
+    pairs: &[(usize, usize)],
+    in_c: usize,
+    channel: usize,
+    oc: usize,
+    col: usize,
+    dw: &mut [f32],
+) -> usize {
+    let mut acc = [0.0f32; N];
+    for &(o, i) in pairs {
+        let xv = x[i * in_c + channel];
+        let g: &[f32; N] = dy[o * oc + col..o * oc + col + N].try_into().expect("N channels");
+        for l in 0..N {
+            acc[l] += xv * g[l];
+        }
+    }
+    for (d, a) in dw[..N].iter_mut().zip(acc) {
+        *d += a;
+    }
     N
 }
 
@@ -227,69 +292,40 @@ pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], r
 }
 
 /// Forward over a batch: `output = relu?(conv(input, weight) + bias)`.
-pub fn conv_forward(
-    conv: &Conv,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    output: &mut [f32],
-) {
+pub fn conv_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
     let ranges = sample_ranges(batch);
-    let mut outs = split_by_ranges(
-        &mut output[..batch * conv.out_len()],
-        &ranges,
-        conv.out_len(),
-    );
-    ranges
-        .par_iter()
-        .zip(outs.par_iter_mut())
-        .for_each(|(range, out)| {
-            if conv.direct() {
-                for (nn, y) in range.clone().zip(out.chunks_exact_mut(conv.out_len())) {
-                    conv.direct_forward(
-                        &input[nn * conv.in_len()..(nn + 1) * conv.in_len()],
-                        weight,
-                        y,
-                    );
-                    bias_relu(y, bias, conv.relu);
-                }
-                return;
+    let mut outs = split_by_ranges(&mut output[..batch * conv.out_len()], &ranges, conv.out_len());
+    ranges.par_iter().zip(outs.par_iter_mut()).for_each(|(range, out)| {
+        if conv.direct() {
+            for (nn, y) in range.clone().zip(out.chunks_exact_mut(conv.out_len())) {
+                conv.direct_forward(&input[nn * conv.in_len()..(nn + 1) * conv.in_len()], weight, y);
+                bias_relu(y, bias, conv.relu);
             }
-            with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
-                let mut n0 = range.start;
-                while n0 < range.end {
-                    let n1 = (n0 + chunk).min(range.end);
-                    let rows = (n1 - n0) * opix;
-                    let y = &mut out
-                        [(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
-                    for g in 0..conv.groups {
-                        conv.im2col(input, n0, n1, g, col);
-                        let w = Operand::new(&weight[g * cout_g..], conv.out_c);
-                        matmul(
-                            rows,
-                            cout_g,
-                            pl,
-                            Operand::new(col, pl),
-                            w,
-                            &mut y[g * cout_g..],
-                            conv.out_c,
-                            false,
-                        );
-                    }
-                    bias_relu(y, bias, conv.relu);
-                    n0 = n1;
+            return;
+        }
+        with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
+            let mut n0 = range.start;
+            while n0 < range.end {
+                let n1 = (n0 + chunk).min(range.end);
+                let rows = (n1 - n0) * opix;
+                let y = &mut out[(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
+                for g in 0..conv.groups {
+                    conv.im2col(input, n0, n1, g, col);
+                    let w = Operand::new(&weight[g * cout_g..], conv.out_c);
+                    matmul(rows, cout_g, pl, Operand::new(col, pl), w, &mut y[g * cout_g..], conv.out_c, false);
                 }
-            });
+                bias_relu(y, bias, conv.relu);
+                n0 = n1;
+            }
         });
+    });
 }
 
 /// Backward over a batch. `d_output` is masked in place by the ReLU; `d_weight` and `d_bias`
 /// are overwritten; `d_input` (skipped for the first layer) is overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn conv_backward(
     conv: &Conv,
     batch: usize,
@@ -297,7 +333,7 @@ pub fn conv_backward(
     weight: &[f32],
     output: &[f32],
     d_output: &mut [f32],
-    mut d_input: Option<&mut [f32]>,
+    d_input: Option<&mut [f32]>,
     d_weight: &mut [f32],
     d_bias: &mut [f32],
 ) {
@@ -305,28 +341,14 @@ pub fn conv_backward(
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
     let ranges = sample_ranges(batch);
-    let mut d_outs = split_by_ranges(
-        &mut d_output[..batch * conv.out_len()],
-        &ranges,
-        conv.out_len(),
-    );
-    let mut d_ins: Vec<Option<&mut [f32]>> = match d_input.as_deref_mut() {
-        Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len())
-            .into_iter()
-            .map(Some)
-            .collect(),
+    let mut d_outs = split_by_ranges(&mut d_output[..batch * conv.out_len()], &ranges, conv.out_len());
+    let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
+        Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges
-        .iter()
-        .map(|_| (take_zeroed(weight.len()), take_zeroed(conv.out_c)))
-        .collect();
-    ranges
-        .par_iter()
-        .zip(d_outs.par_iter_mut())
-        .zip(d_ins.par_iter_mut())
-        .zip(partials.par_iter_mut())
-        .for_each(|(((range, dy), dx), (dw, db))| {
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take_zeroed(weight.len()), take_zeroed(conv.out_c))).collect();
+    ranges.par_iter().zip(d_outs.par_iter_mut()).zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
+        |(((range, dy), dx), (dw, db))| {
             let y = &output[range.start * conv.out_len()..range.end * conv.out_len()];
             relu_mask_bias_grad(y, dy, db, conv.relu);
             if let Some(dx) = dx.as_deref_mut() {
@@ -334,17 +356,9 @@ pub fn conv_backward(
             }
             if conv.direct() {
                 for (j, nn) in range.clone().enumerate() {
-                    let dxs = dx
-                        .as_deref_mut()
-                        .map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
+                    let dxs = dx.as_deref_mut().map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
                     let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
-                    conv.direct_backward(
-                        x,
-                        weight,
-                        &dy[j * conv.out_len()..(j + 1) * conv.out_len()],
-                        dw,
-                        dxs,
-                    );
+                    conv.direct_backward(x, weight, &dy[j * conv.out_len()..(j + 1) * conv.out_len()], dw, dxs);
                 }
                 return;
             }
@@ -359,52 +373,33 @@ pub fn conv_backward(
                             conv.im2col(input, n0, n1, g, col);
                             let dy_g = Operand::new(&dy_chunk[g * cout_g..], conv.out_c);
                             // dW_g += col^T . dY_g
-                            matmul(
-                                pl,
-                                cout_g,
-                                rows,
-                                Operand::t(col, pl),
-                                dy_g,
-                                &mut dw[g * cout_g..],
-                                conv.out_c,
-                                true,
-                            );
+                            matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw[g * cout_g..], conv.out_c, true);
                             if let Some(dx) = dx.as_deref_mut() {
                                 // dcol = dY_g . W_g^T, then scattered back onto the input pixels.
                                 let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
                                 matmul(rows, pl, cout_g, dy_g, w_t, dcol, pl, false);
-                                conv.col2im(
-                                    dcol,
-                                    n0,
-                                    n1,
-                                    g,
-                                    &mut dx[(n0 - range.start) * conv.in_len()..],
-                                );
+                                conv.col2im(dcol, n0, n1, g, &mut dx[(n0 - range.start) * conv.in_len()..]);
                             }
                         }
                         n0 = n1;
                     }
                 });
             });
-        });
+        },
+    );
     sum_partials(partials, d_weight, d_bias);
 }
 
 /// Reduce per-thread gradient partials in a fixed order (reproducible for a thread count),
 /// then recycle them.
 pub fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, d_weight: &mut [f32], d_bias: &mut [f32]) {
-    d_weight
-        .par_chunks_mut(1 << 14)
-        .enumerate()
-        .for_each(|(i, a)| {
-            let range = i << 14..(i << 14) + a.len();
-            a.copy_from_slice(&partials[0].0[range.clone()]);
-            for (dw, _) in &partials[1..] {
-                a.iter_mut()
-                    .zip(&dw[range.clone()])
-                    .for_each(|(a, b)| *a += b);
-            }
-        });
+    d_weight.par_chunks_mut(1 << 14).enumerate().for_each(|(i, a)| {
+        let range = i << 14..(i << 14) + a.len();
+        a.copy_from_slice(&partials[0].0[range.clone()]);
+        for (dw, _) in &partials[1..] {
+            a.iter_mut().zip(&dw[range.clone()]).for_each(|(a, b)| *a += b);
+        }
+    });
     d_bias.copy_from_slice(&partials[0].1);
     for (_, db) in &partials[1..] {
         d_bias.iter_mut().zip(db).for_each(|(a, b)| *a += b);
@@ -416,11 +411,7 @@ pub fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, d_weight: &mut [f32], d
 }
 
 /// Split a batch buffer into one mutable slice per sample range.
-pub fn split_by_ranges<'a>(
-    mut buf: &'a mut [f32],
-    ranges: &[std::ops::Range<usize>],
-    per_sample: usize,
-) -> Vec<&'a mut [f32]> {
+pub fn split_by_ranges<'a>(mut buf: &'a mut [f32], ranges: &[std::ops::Range<usize>], per_sample: usize) -> Vec<&'a mut [f32]> {
     let mut out = Vec::with_capacity(ranges.len());
     for r in ranges {
         let (head, tail) = buf.split_at_mut(r.len() * per_sample);
@@ -448,23 +439,18 @@ mod tests {
                         let mut s = b[co];
                         for ky in 0..k {
                             for kx in 0..k {
-                                let (Some(iy), Some(ix)) = (
-                                    Window::tap(&c.win.h, c.win.stride, oy, ky),
-                                    Window::tap(&c.win.w, c.win.stride, ox, kx),
-                                ) else {
+                                let (Some(iy), Some(ix)) =
+                                    (Window::tap(&c.win.h, c.win.stride, oy, ky), Window::tap(&c.win.w, c.win.stride, ox, kx))
+                                else {
                                     continue;
                                 };
                                 for ci in 0..cin_g {
-                                    s += x[n * c.in_len()
-                                        + (iy * c.win.w.input + ix) * c.in_c
-                                        + g * cin_g
-                                        + ci]
+                                    s += x[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + g * cin_g + ci]
                                         * w[((ky * k + kx) * cin_g + ci) * c.out_c + co];
                                 }
                             }
                         }
-                        y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] =
-                            if c.relu { s.max(0.0) } else { s };
+                        y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] = if c.relu { s.max(0.0) } else { s };
                     }
                 }
             }
@@ -473,13 +459,7 @@ mod tests {
     }
 
     fn cases() -> Vec<(Conv, usize)> {
-        let mk = |h, w, k, s, p, in_c, out_c, groups, relu| Conv {
-            win: Window::new(h, w, k, s, p).unwrap(),
-            in_c,
-            out_c,
-            groups,
-            relu,
-        };
+        let mk = |h, w, k, s, p, in_c, out_c, groups, relu| Conv { win: Window::new(h, w, k, s, p).unwrap(), in_c, out_c, groups, relu };
         vec![
             (mk(6, 5, 3, 1, Padding::Same, 3, 4, 1, true), 2),
             (mk(28, 28, 3, 1, Padding::Same, 1, 4, 1, true), 3),
@@ -517,28 +497,13 @@ mod tests {
             let r = random_vec(batch * c.out_len(), 7);
             // Loss = sum(r * conv(x)); its gradient w.r.t. the output is r.
             let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
-                conv_naive(&c, batch, x, w, b)
-                    .iter()
-                    .zip(&r)
-                    .map(|(y, r)| (*y as f64) * (*r as f64))
-                    .sum()
+                conv_naive(&c, batch, x, w, b).iter().zip(&r).map(|(y, r)| (*y as f64) * (*r as f64)).sum()
             };
             let mut y = vec![0.0; batch * c.out_len()];
             conv_forward(&c, batch, &x, &w, &b, &mut y);
             let mut dy = r.clone();
-            let (mut dx, mut dw, mut db) =
-                (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
-            conv_backward(
-                &c,
-                batch,
-                &x,
-                &w,
-                &y,
-                &mut dy,
-                Some(&mut dx),
-                &mut dw,
-                &mut db,
-            );
+            let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
+            conv_backward(&c, batch, &x, &w, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
             check_grad("conv dx", &x, &dx, |v| loss(v, &w, &b));
             check_grad("conv dw", &w, &dw, |v| loss(&x, v, &b));
             check_grad("conv db", &b, &db, |v| loss(&x, &w, v));

@@ -11,58 +11,36 @@ use rayon::prelude::*;
 
 /// A generator for one (stream, index) pair, e.g. (dropout layer at a step, sample in batch).
 pub fn substream(stream: u64, index: u64) -> Xoshiro256PlusPlus {
-    Xoshiro256PlusPlus::seed_from_u64(
-        stream ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17),
-    )
+    Xoshiro256PlusPlus::seed_from_u64(stream ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
 }
 
 /// Mix several words (seed, step, layer) into one stream id.
 pub fn stream_id(words: &[u64]) -> u64 {
-    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
-        (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29)
-    })
+    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29))
 }
 
 /// `mask` receives 0 or 1/keep per element; `output = input * mask`.
-pub fn dropout_forward(
-    keep: f32,
-    per_sample: usize,
-    stream: u64,
-    input: &[f32],
-    output: &mut [f32],
-    mask: &mut [f32],
-) {
+pub fn dropout_forward(keep: f32, per_sample: usize, stream: u64, input: &[f32], output: &mut [f32], mask: &mut [f32]) {
     // Compare the top 24 bits of a draw with keep * 2^24: exact for keep = 1.
     let threshold = (keep as f64 * (1u64 << 24) as f64) as u32;
     let scale = 1.0 / keep;
-    output
-        .par_chunks_mut(per_sample)
-        .zip(mask.par_chunks_mut(per_sample))
-        .zip(input.par_chunks(per_sample))
-        .enumerate()
-        .for_each(|(n, ((y, m), x))| {
+    output.par_chunks_mut(per_sample).zip(mask.par_chunks_mut(per_sample)).zip(input.par_chunks(per_sample)).enumerate().for_each(
+        |(n, ((y, m), x))| {
             let mut rng = substream(stream, n as u64);
             for ((y, m), x) in y.iter_mut().zip(m.iter_mut()).zip(x) {
-                *m = if (rng.next_u32() >> 8) < threshold {
-                    scale
-                } else {
-                    0.0
-                };
+                *m = if (rng.next_u32() >> 8) < threshold { scale } else { 0.0 };
                 *y = x * *m;
             }
-        });
+        },
+    );
 }
 
 pub fn dropout_backward(mask: &[f32], d_output: &[f32], d_input: &mut [f32]) {
-    d_input
-        .par_chunks_mut(1 << 14)
-        .zip(d_output.par_chunks(1 << 14))
-        .zip(mask.par_chunks(1 << 14))
-        .for_each(|((dx, dy), m)| {
-            for ((dx, dy), m) in dx.iter_mut().zip(dy).zip(m) {
-                *dx = dy * m;
-            }
-        });
+    d_input.par_chunks_mut(1 << 14).zip(d_output.par_chunks(1 << 14)).zip(mask.par_chunks(1 << 14)).for_each(|((dx, dy), m)| {
+        for ((dx, dy), m) in dx.iter_mut().zip(dy).zip(m) {
+            *dx = dy * m;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -79,10 +57,7 @@ mod tests {
         assert!((kept - 0.8).abs() < 0.005, "kept {kept}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
         let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        assert!(
-            (mean - 1.0).abs() < 0.01,
-            "inverted dropout keeps the mean: {mean}"
-        );
+        assert!((mean - 1.0).abs() < 0.01, "inverted dropout keeps the mean: {mean}");
         let mut dx = vec![0.0; n];
         dropout_backward(&m, &x, &mut dx);
         assert_eq!(dx, y, "d(x*mask)/dx = mask");

@@ -17,66 +17,31 @@ pub struct Operand<'a> {
 
 impl<'a> Operand<'a> {
     pub fn new(data: &'a [f32], ld: usize) -> Self {
-        Operand {
-            data,
-            ld,
-            transposed: false,
-        }
+        Operand { data, ld, transposed: false }
     }
     pub fn t(data: &'a [f32], ld: usize) -> Self {
-        Operand {
-            data,
-            ld,
-            transposed: true,
-        }
+        Operand { data, ld, transposed: true }
     }
     /// (row stride, column stride) of the logical matrix.
     fn strides(&self) -> (isize, isize) {
-        if self.transposed {
-            (1, self.ld as isize)
-        } else {
-            (self.ld as isize, 1)
-        }
+        if self.transposed { (1, self.ld as isize) } else { (self.ld as isize, 1) }
     }
     fn check(&self, rows: usize, cols: usize, what: &str) {
-        let (sr, sc) = if self.transposed {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
+        let (sr, sc) = if self.transposed { (cols, rows) } else { (rows, cols) };
         if sr > 0 && sc > 0 {
-            assert!(
-                sc <= self.ld,
-                "{what}: leading dimension {} < {sc}",
-                self.ld
-            );
-            assert!(
-                (sr - 1) * self.ld + sc <= self.data.len(),
-                "{what}: slice too short"
-            );
+            assert!(sc <= self.ld, "{what}: leading dimension {} < {sc}", self.ld);
+            assert!((sr - 1) * self.ld + sc <= self.data.len(), "{what}: slice too short");
         }
     }
 }
 
 /// `c[m x n] (leading dim ldc) = (accumulate ? c : 0) + a[m x k] * b[k x n]`, single-threaded:
 /// callers parallelise at a coarser grain (over samples or column blocks).
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+pub fn matmul(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], ldc: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        n <= ldc && (m - 1) * ldc + n <= c.len(),
-        "dst slice too short"
-    );
+    assert!(n <= ldc && (m - 1) * ldc + n <= c.len(), "dst slice too short");
     // SAFETY: the assertion covers every element the GEMM writes, and `c` is borrowed mutably.
     unsafe { matmul_raw(m, n, k, a, b, c.as_mut_ptr(), ldc, accumulate) }
 }
@@ -84,17 +49,7 @@ pub fn matmul(
 /// # Safety
 /// `c` must be valid for writes at `i * ldc + j` for all i < m, j < n, with no other live
 /// reference to those elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
+unsafe fn matmul_raw(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: *mut f32, ldc: usize, accumulate: bool) {
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
     if k == 0 {
@@ -138,41 +93,19 @@ unsafe fn matmul_raw(
 /// `matmul` split over column blocks of the output across the rayon pool. Used for the fully
 /// connected layers, whose row count (the batch) is too small to split: each thread reads only
 /// its share of the weight matrix, so the 16 MB of fc1 are streamed once per GEMM, not per thread.
-pub fn matmul_par_cols(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+pub fn matmul_par_cols(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], ldc: usize, accumulate: bool) {
     let threads = rayon::current_num_threads();
     // Blocks are multiples of 16 columns so every block keeps full SIMD panels.
     let block = n.div_ceil(threads).div_ceil(16) * 16;
     if threads == 1 || n <= 16 || block >= n || m == 0 {
         return matmul(m, n, k, a, b, c, ldc, accumulate);
     }
-    assert!(
-        n <= ldc && (m - 1) * ldc + n <= c.len(),
-        "dst slice too short"
-    );
+    assert!(n <= ldc && (m - 1) * ldc + n <= c.len(), "dst slice too short");
     let c_ptr = SendPtr(c.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
         let j0 = blk * block;
         let nb = block.min(n - j0);
-        let b_sub = if b.transposed {
-            Operand {
-                data: &b.data[j0 * b.ld..],
-                ..b
-            }
-        } else {
-            Operand {
-                data: &b.data[j0..],
-                ..b
-            }
-        };
+        let b_sub = if b.transposed { Operand { data: &b.data[j0 * b.ld..], ..b } } else { Operand { data: &b.data[j0..], ..b } };
         // SAFETY: the assertion above covers all of c's m x n block; blocks write the disjoint
         // column ranges [j0, j0 + nb), and no slice of `c` is alive meanwhile.
         unsafe { matmul_raw(m, nb, k, a, b_sub, c_ptr.get().add(j0), ldc, accumulate) };
@@ -194,13 +127,7 @@ impl SendPtr {
 mod tests {
     use super::*;
 
-    fn naive(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &dyn Fn(usize, usize) -> f32,
-        b: &dyn Fn(usize, usize) -> f32,
-    ) -> Vec<f32> {
+    fn naive(m: usize, n: usize, k: usize, a: &dyn Fn(usize, usize) -> f32, b: &dyn Fn(usize, usize) -> f32) -> Vec<f32> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -220,16 +147,8 @@ mod tests {
             let ae = |i: usize, p: usize| if ta { a[p * lda + i] } else { a[i * lda + p] };
             let be = |p: usize, j: usize| if tb { b[j * ldb + p] } else { b[p * ldb + j] };
             let want = naive(m, n, k, &ae, &be);
-            let opa = Operand {
-                data: &a,
-                ld: lda,
-                transposed: ta,
-            };
-            let opb = Operand {
-                data: &b,
-                ld: ldb,
-                transposed: tb,
-            };
+            let opa = Operand { data: &a, ld: lda, transposed: ta };
+            let opb = Operand { data: &b, ld: ldb, transposed: tb };
             let mut c = vec![1.0; m * n];
             matmul(m, n, k, opa, opb, &mut c, n, false);
             let mut c2 = vec![1.0; m * n];

@@ -13,30 +13,13 @@ pub struct Linear {
     pub relu: bool,
 }
 
-pub fn linear_forward(
-    l: &Linear,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    output: &mut [f32],
-) {
+pub fn linear_forward(l: &Linear, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     let y = &mut output[..batch * l.out_len];
-    matmul_par_cols(
-        batch,
-        l.out_len,
-        l.in_len,
-        Operand::new(input, l.in_len),
-        Operand::t(weight, l.in_len),
-        y,
-        l.out_len,
-        false,
-    );
+    matmul_par_cols(batch, l.out_len, l.in_len, Operand::new(input, l.in_len), Operand::t(weight, l.in_len), y, l.out_len, false);
     super::conv::bias_relu(y, bias, l.relu);
 }
 
 /// `d_output` is masked in place by the ReLU; gradients are overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     l: &Linear,
     batch: usize,
@@ -52,28 +35,10 @@ pub fn linear_backward(
     d_bias.fill(0.0);
     relu_mask_bias_grad(&output[..batch * l.out_len], dy, d_bias, l.relu);
     // dW [out x in] = dY^T [out x batch] . X [batch x in]
-    matmul_par_cols(
-        l.out_len,
-        l.in_len,
-        batch,
-        Operand::t(dy, l.out_len),
-        Operand::new(input, l.in_len),
-        d_weight,
-        l.in_len,
-        false,
-    );
+    matmul_par_cols(l.out_len, l.in_len, batch, Operand::t(dy, l.out_len), Operand::new(input, l.in_len), d_weight, l.in_len, false);
     if let Some(dx) = d_input {
         // dX [batch x in] = dY [batch x out] . W [out x in]
-        matmul_par_cols(
-            batch,
-            l.in_len,
-            l.out_len,
-            Operand::new(dy, l.out_len),
-            Operand::new(weight, l.in_len),
-            dx,
-            l.in_len,
-            false,
-        );
+        matmul_par_cols(batch, l.in_len, l.out_len, Operand::new(dy, l.out_len), Operand::new(weight, l.in_len), dx, l.in_len, false);
     }
 }
 
@@ -85,18 +50,9 @@ mod tests {
     #[test]
     fn forward_and_backward_match_references() {
         for relu in [false, true] {
-            let l = Linear {
-                in_len: 37,
-                out_len: 45,
-                relu,
-            };
+            let l = Linear { in_len: 37, out_len: 45, relu };
             let batch = 3;
-            let (x, w, b, r) = (
-                random_vec(batch * 37, 31),
-                random_vec(45 * 37, 32),
-                random_vec(45, 33),
-                random_vec(batch * 45, 34),
-            );
+            let (x, w, b, r) = (random_vec(batch * 37, 31), random_vec(45 * 37, 32), random_vec(45, 33), random_vec(batch * 45, 34));
             let naive = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
                 let mut s = 0.0f64;
                 for n in 0..batch {
@@ -115,25 +71,11 @@ mod tests {
             };
             let mut y = vec![0.0; batch * 45];
             linear_forward(&l, batch, &x, &w, &b, &mut y);
-            let got: f64 = y
-                .iter()
-                .zip(&r)
-                .map(|(a, b)| (*a as f64) * (*b as f64))
-                .sum();
+            let got: f64 = y.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
             assert!((got - naive(&x, &w, &b)).abs() < 1e-3);
             let mut dy = r.clone();
             let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; 45]);
-            linear_backward(
-                &l,
-                batch,
-                &x,
-                &w,
-                &y,
-                &mut dy,
-                Some(&mut dx),
-                &mut dw,
-                &mut db,
-            );
+            linear_backward(&l, batch, &x, &w, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
             check_grad("linear dx", &x, &dx, |v| naive(v, &w, &b));
             check_grad("linear dw", &w, &dw, |v| naive(&x, v, &b));
             check_grad("linear db", &b, &db, |v| naive(&x, &w, v));

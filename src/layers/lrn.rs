@@ -63,13 +63,7 @@ fn window_scale(p: &LrnParams, x: &[f32], sq: &mut [f32], scale: &mut [f32]) {
 
 /// `len` values of `channels`-long pixel vectors. `scale` keeps the denominators' bases for
 /// the backward pass.
-pub fn lrn_forward(
-    p: &LrnParams,
-    channels: usize,
-    input: &[f32],
-    output: &mut [f32],
-    scale: &mut [f32],
-) {
+pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [f32], scale: &mut [f32]) {
     let pixels_per_task = 64;
     let chunk = channels * pixels_per_task;
     with_inv_pow!(p.beta, inv_pow => {
@@ -88,15 +82,7 @@ pub fn lrn_forward(
 /// `d_input[i] = d_out[i] * scale[i]^-beta
 ///   - 2 alpha beta x[i] * sum_{|j-i|<=r} d_out[j] * out[j] / scale[j]`
 /// (using `x[j] * scale[j]^(-beta-1) = out[j] / scale[j]`). Overwrites `d_input`.
-pub fn lrn_backward(
-    p: &LrnParams,
-    channels: usize,
-    input: &[f32],
-    output: &[f32],
-    scale: &[f32],
-    d_output: &[f32],
-    d_input: &mut [f32],
-) {
+pub fn lrn_backward(p: &LrnParams, channels: usize, input: &[f32], output: &[f32], scale: &[f32], d_output: &[f32], d_input: &mut [f32]) {
     let chunk = channels * 64;
     let r = p.depth_radius;
     with_inv_pow!(p.beta, inv_pow => {
@@ -135,51 +121,24 @@ mod tests {
         // One pixel, 3 channels [1, 2, 3], r=1, bias=1, alpha=0.5, beta=0.75:
         // sums of squares over windows: [1+4, 1+4+9, 4+9] = [5, 14, 13]
         // scale = 1 + 0.5*sum = [3.5, 8, 7.5]; out = x * scale^-0.75.
-        let p = LrnParams {
-            depth_radius: 1,
-            bias: 1.0,
-            alpha: 0.5,
-            beta: 0.75,
-        };
+        let p = LrnParams { depth_radius: 1, bias: 1.0, alpha: 0.5, beta: 0.75 };
         let x = [1.0, 2.0, 3.0];
         let (mut y, mut s) = ([0.0; 3], [0.0; 3]);
         lrn_forward(&p, 3, &x, &mut y, &mut s);
         assert_eq!(s, [3.5, 8.0, 7.5]);
-        let want = [
-            1.0 / 3.5f32.powf(0.75),
-            2.0 / 8.0f32.powf(0.75),
-            3.0 / 7.5f32.powf(0.75),
-        ];
+        let want = [1.0 / 3.5f32.powf(0.75), 2.0 / 8.0f32.powf(0.75), 3.0 / 7.5f32.powf(0.75)];
         // 3.5^-0.75 = 0.39079, 8^-0.75 = 0.21022 (x2 = 0.42045), 7.5^-0.75 = 0.22065 (x3 = 0.66195)
         for ((a, b), hand) in y.iter().zip(want).zip([0.39079, 0.42045, 0.66195]) {
-            assert!(
-                (a - b).abs() < 1e-6 && (a - hand).abs() < 1e-5,
-                "{a} vs {b} vs {hand}"
-            );
+            assert!((a - b).abs() < 1e-6 && (a - hand).abs() < 1e-5, "{a} vs {b} vs {hand}");
         }
     }
 
     #[test]
     fn backward_matches_finite_differences() {
         for p in [
-            LrnParams {
-                depth_radius: 4,
-                bias: 1.0,
-                alpha: 0.001 / 9.0,
-                beta: 0.75,
-            },
-            LrnParams {
-                depth_radius: 2,
-                bias: 2.0,
-                alpha: 0.3,
-                beta: 0.75,
-            },
-            LrnParams {
-                depth_radius: 1,
-                bias: 0.5,
-                alpha: 0.2,
-                beta: 0.6,
-            },
+            LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 },
+            LrnParams { depth_radius: 2, bias: 2.0, alpha: 0.3, beta: 0.75 },
+            LrnParams { depth_radius: 1, bias: 0.5, alpha: 0.2, beta: 0.6 },
         ] {
             let c = 11;
             let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
@@ -192,14 +151,7 @@ mod tests {
             let (y, s) = fwd(&x);
             let mut dx = vec![0.0; x.len()];
             lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
-            check_grad("lrn dx", &x, &dx, |x| {
-                fwd(x)
-                    .0
-                    .iter()
-                    .zip(&r)
-                    .map(|(a, b)| (*a as f64) * (*b as f64))
-                    .sum()
-            });
+            check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
         }
     }
 }

@@ -63,11 +63,7 @@ impl Padding {
                 ((input + 2 * p - kernel) / stride + 1, p)
             }
         };
-        Some(Axis {
-            input,
-            output,
-            pad_before,
-        })
+        Some(Axis { input, output, pad_before })
     }
 }
 
@@ -81,19 +77,8 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(
-        in_h: usize,
-        in_w: usize,
-        kernel: usize,
-        stride: usize,
-        padding: Padding,
-    ) -> Option<Window> {
-        Some(Window {
-            h: padding.resolve(in_h, kernel, stride)?,
-            w: padding.resolve(in_w, kernel, stride)?,
-            kernel,
-            stride,
-        })
+    pub fn new(in_h: usize, in_w: usize, kernel: usize, stride: usize, padding: Padding) -> Option<Window> {
+        Some(Window { h: padding.resolve(in_h, kernel, stride)?, w: padding.resolve(in_w, kernel, stride)?, kernel, stride })
     }
     pub fn in_pixels(&self) -> usize {
         self.h.input * self.w.input
@@ -104,9 +89,7 @@ impl Window {
     /// Input coordinate of kernel tap `k` for output coordinate `o`, if it lies inside the input.
     #[inline]
     pub fn tap(axis: &Axis, stride: usize, o: usize, k: usize) -> Option<usize> {
-        (o * stride + k)
-            .checked_sub(axis.pad_before)
-            .filter(|&i| i < axis.input)
+        (o * stride + k).checked_sub(axis.pad_before).filter(|&i| i < axis.input)
     }
 }
 
@@ -114,9 +97,7 @@ impl Window {
 /// for every layer, fixed by the thread count so results are reproducible for a given count.
 pub fn sample_ranges(batch: usize) -> Vec<std::ops::Range<usize>> {
     let parts = rayon::current_num_threads().min(batch).max(1);
-    (0..parts)
-        .map(|p| (p * batch / parts)..((p + 1) * batch / parts))
-        .collect()
+    (0..parts).map(|p| (p * batch / parts)..((p + 1) * batch / parts)).collect()
 }
 
 #[cfg(test)]

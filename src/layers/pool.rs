@@ -38,9 +38,13 @@ pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [
                 for ox in 0..win.w.output {
                     taps.clear();
                     for ky in 0..win.kernel {
-                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
+                            continue;
+                        };
                         for kx in 0..win.kernel {
-                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
+                                continue;
+                            };
                             taps.push((iy * win.w.input + ix) * c);
                         }
                     }
@@ -77,31 +81,16 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[usize], cb: usize, y: &mut [f32
 }
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
-pub fn max_pool_backward(
-    p: &MaxPool,
-    batch: usize,
-    d_output: &[f32],
-    argmax: &[u32],
-    d_input: &mut [f32],
-) {
-    d_input[..batch * p.in_len()]
-        .par_chunks_mut(p.in_len())
-        .enumerate()
-        .for_each(|(n, dx)| {
-            dx.fill(0.0);
-            let (dy, idx) = (
-                &d_output[n * p.out_len()..(n + 1) * p.out_len()],
-                &argmax[n * p.out_len()..(n + 1) * p.out_len()],
-            );
-            for (g, i) in dy
-                .chunks_exact(p.channels)
-                .zip(idx.chunks_exact(p.channels))
-            {
-                for (ch, (g, &i)) in g.iter().zip(i).enumerate() {
-                    dx[i as usize + ch] += g;
-                }
+pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u32], d_input: &mut [f32]) {
+    d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
+        dx.fill(0.0);
+        let (dy, idx) = (&d_output[n * p.out_len()..(n + 1) * p.out_len()], &argmax[n * p.out_len()..(n + 1) * p.out_len()]);
+        for (g, i) in dy.chunks_exact(p.channels).zip(idx.chunks_exact(p.channels)) {
+            for (ch, (g, &i)) in g.iter().zip(i).enumerate() {
+                dx[i as usize + ch] += g;
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -111,10 +100,7 @@ mod tests {
     use crate::layers::testing::{check_grad, random_vec};
 
     fn pool(h: usize, w: usize, c: usize) -> MaxPool {
-        MaxPool {
-            win: Window::new(h, w, 3, 2, Padding::Same).unwrap(),
-            channels: c,
-        }
+        MaxPool { win: Window::new(h, w, 3, 2, Padding::Same).unwrap(), channels: c }
     }
 
     #[test]
@@ -126,11 +112,7 @@ mod tests {
         let (mut y, mut idx) = (vec![0.0; 4], vec![0; 4]);
         max_pool_forward(&p, 1, &x, &mut y, &mut idx);
         assert_eq!(y, vec![10.0, 11.0, 14.0, 15.0]);
-        assert_eq!(
-            idx,
-            vec![10, 11, 14, 15],
-            "one channel: pixel offsets are indices"
-        );
+        assert_eq!(idx, vec![10, 11, 14, 15], "one channel: pixel offsets are indices");
     }
 
     #[test]
@@ -165,13 +147,6 @@ mod tests {
         let (_, idx) = forward(&x);
         let mut dx = vec![0.0; x.len()];
         max_pool_backward(&p, batch, &r, &idx, &mut dx);
-        check_grad("maxpool dx", &x, &dx, |x| {
-            forward(x)
-                .0
-                .iter()
-                .zip(&r)
-                .map(|(a, b)| (*a as f64) * (*b as f64))
-                .sum()
-        });
+        check_grad("maxpool dx", &x, &dx, |x| forward(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
     }
 }

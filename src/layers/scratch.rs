@@ -12,11 +12,7 @@ thread_local! {
 }
 
 /// Run `f` on the first `len` elements of this thread's buffer `key` (contents unspecified).
-pub fn with_scratch<R>(
-    key: &'static LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
+pub fn with_scratch<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     key.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < len {

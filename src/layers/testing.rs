@@ -27,9 +27,6 @@ pub fn check_grad(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32])
         let numeric = (up - down) / (2.0 * eps as f64);
         let a = analytic[i] as f64;
         let tol = 2e-3 * (1.0 + numeric.abs().max(a.abs()));
-        assert!(
-            (a - numeric).abs() <= tol,
-            "{what}[{i}]: analytic {a} vs numeric {numeric}"
-        );
+        assert!((a - numeric).abs() <= tol, "{what}[{i}]: analytic {a} vs numeric {numeric}");
     }
 }

@@ -18,8 +18,8 @@
 use super::conv::{Conv, relu_mask_bias_grad, split_by_ranges, sum_partials};
 use super::gemm::{Operand, matmul};
 use super::sample_ranges;
-use super::simd::{L, V8, load, store};
 use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take_zeroed, with_scratch};
+use super::simd::{L, V8, load, store};
 use rayon::prelude::*;
 
 /// Number of transformed-domain points: (4 + 3 - 1)^2.
@@ -37,8 +37,8 @@ pub fn applies(conv: &Conv) -> bool {
         && w.w.pad_before == 1
         && w.h.output == w.h.input
         && w.w.output == w.w.input
-        && conv.in_c % L == 0
-        && conv.out_c % L == 0
+        && conv.in_c.is_multiple_of(L)
+        && conv.out_c.is_multiple_of(L)
 }
 
 fn tiles(conv: &Conv) -> (usize, usize) {
@@ -85,12 +85,7 @@ fn b([v0, v1, v2, v3, v4, v5]: [V8; 6]) -> [V8; 6] {
 #[inline(always)]
 fn at([m0, m1, m2, m3, m4, m5]: [V8; 6]) -> [V8; 4] {
     let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-    [
-        m0 + s12 + s34,
-        d12 + 2.0 * d34,
-        s12 + 4.0 * s34,
-        d12 + 8.0 * d34 + m5,
-    ]
+    [m0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m5]
 }
 #[inline(always)]
 fn a([y0, y1, y2, y3]: [V8; 4]) -> [V8; 6] {
@@ -102,31 +97,17 @@ fn a([y0, y1, y2, y3]: [V8; 4]) -> [V8; 6] {
 fn g([g0, g1, g2]: [V8; 3]) -> [V8; 6] {
     let s = g0 + g2;
     let q = (1.0 / 24.0) * g0 + (1.0 / 6.0) * g2;
-    [
-        0.25 * g0,
-        (-1.0 / 6.0) * (s + g1),
-        (-1.0 / 6.0) * (s - g1),
-        q + (1.0 / 12.0) * g1,
-        q - (1.0 / 12.0) * g1,
-        g2,
-    ]
+    [0.25 * g0, (-1.0 / 6.0) * (s + g1), (-1.0 / 6.0) * (s - g1), q + (1.0 / 12.0) * g1, q - (1.0 / 12.0) * g1, g2]
 }
 #[inline(always)]
 fn gt([u0, u1, u2, u3, u4, u5]: [V8; 6]) -> [V8; 3] {
     let (s12, s34) = (u1 + u2, u3 + u4);
-    [
-        0.25 * u0 - (1.0 / 6.0) * s12 + (1.0 / 24.0) * s34,
-        (1.0 / 6.0) * (u2 - u1) + (1.0 / 12.0) * (u3 - u4),
-        (1.0 / 6.0) * (s34 - s12) + u5,
-    ]
+    [0.25 * u0 - (1.0 / 6.0) * s12 + (1.0 / 24.0) * s34, (1.0 / 6.0) * (u2 - u1) + (1.0 / 12.0) * (u3 - u4), (1.0 / 6.0) * (s34 - s12) + u5]
 }
 
 /// `f` applied along columns, then along rows: `F x F^T` for the matrix F of `f`.
 #[inline(always)]
-fn two_d<const N: usize, const M: usize>(
-    x: &[[V8; N]; N],
-    f: impl Fn([V8; N]) -> [V8; M],
-) -> [[V8; M]; M] {
+fn two_d<const N: usize, const M: usize>(x: &[[V8; N]; N], f: impl Fn([V8; N]) -> [V8; M]) -> [[V8; M]; M] {
     let mut cols = [[V8::default(); N]; M];
     for j in 0..N {
         let mut col = [V8::default(); N];
@@ -163,25 +144,15 @@ fn transform_weights(conv: &Conv, weight: &[f32], u: &mut [f32]) {
 }
 
 /// Sub-chunks of a thread's sample range, sized for ~TARGET_TILES tiles per GEMM.
-fn sub_chunks(
-    conv: &Conv,
-    range: std::ops::Range<usize>,
-) -> impl Iterator<Item = std::ops::Range<usize>> {
+fn sub_chunks(conv: &Conv, range: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
     let per = (TARGET_TILES / tiles_per_sample(conv)).max(1);
-    range
-        .clone()
-        .step_by(per)
-        .map(move |s| s..(s + per).min(range.end))
+    range.clone().step_by(per).map(move |s| s..(s + per).min(range.end))
 }
 
 /// V[t][xi][c] for the tiles of samples `n0..n1`.
 fn transform_input(conv: &Conv, input: &[f32], n0: usize, n1: usize, v: &mut [f32]) {
     let (th, tw) = tiles(conv);
-    let (h, w, c) = (
-        conv.win.h.input as isize,
-        conv.win.w.input as isize,
-        conv.in_c,
-    );
+    let (h, w, c) = (conv.win.h.input as isize, conv.win.w.input as isize, conv.in_c);
     let mut t = 0;
     for n in n0..n1 {
         let x = &input[n * conv.in_len()..(n + 1) * conv.in_len()];
@@ -215,11 +186,7 @@ fn transform_input(conv: &Conv, input: &[f32], n0: usize, n1: usize, v: &mut [f3
 /// Matrix `xi` of a `[row][xi][col]` tensor, as a GEMM operand (transposed if `t`).
 fn slab(data: &[f32], cols: usize, xi: usize, t: bool) -> Operand<'_> {
     let s = &data[xi * cols..];
-    if t {
-        Operand::t(s, XI * cols)
-    } else {
-        Operand::new(s, XI * cols)
-    }
+    if t { Operand::t(s, XI * cols) } else { Operand::new(s, XI * cols) }
 }
 
 /// Forward over a batch: `output = relu?(conv(input) + bias)`. With `saved`, U and V are kept
@@ -237,7 +204,7 @@ pub fn conv3x3_forward(
     let tps = tiles_per_sample(conv);
     let mut u_own = Vec::new();
     let owned = saved.is_none();
-    let (u, mut v_all) = match saved {
+    let (u, v_all) = match saved {
         Some(s) => {
             let (u, v) = s.split_at_mut(u_len(conv));
             (u, Some(v))
@@ -251,82 +218,69 @@ pub fn conv3x3_forward(
     let u: &[f32] = u;
     let ranges = sample_ranges(n);
     let mut outs = split_by_ranges(&mut output[..n * conv.out_len()], &ranges, conv.out_len());
-    let mut v_parts: Vec<Option<&mut [f32]>> = match v_all.as_deref_mut() {
-        Some(v) => split_by_ranges(&mut v[..XI * n * tps * cin], &ranges, XI * tps * cin)
-            .into_iter()
-            .map(Some)
-            .collect(),
+    let mut v_parts: Vec<Option<&mut [f32]>> = match v_all {
+        Some(v) => split_by_ranges(&mut v[..XI * n * tps * cin], &ranges, XI * tps * cin).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
     let (th, tw) = tiles(conv);
     let (h, w) = (conv.win.h.output, conv.win.w.output);
-    ranges
-        .par_iter()
-        .zip(outs.par_iter_mut())
-        .zip(v_parts.par_iter_mut())
-        .for_each(|((range, out), v_keep)| {
-            for chunk in sub_chunks(conv, range.clone()) {
-                let t_count = chunk.len() * tps;
-                let mut run = |v: &mut [f32]| {
-                    transform_input(conv, input, chunk.start, chunk.end, v);
-                    with_scratch(&SCRATCH_B, XI * t_count * cout, |m| {
-                        for xi in 0..XI {
-                            matmul(
-                                t_count,
-                                cout,
-                                cin,
-                                slab(v, cin, xi, false),
-                                slab(u, cout, xi, false),
-                                &mut m[xi * cout..],
-                                XI * cout,
-                                false,
-                            );
-                        }
-                        // Inverse transform, bias and ReLU, clipped to the image.
-                        let mut t = 0;
-                        for nn in chunk.clone() {
-                            let y = &mut out[(nn - range.start) * conv.out_len()
-                                ..(nn - range.start + 1) * conv.out_len()];
-                            for ty in 0..th {
-                                for tx in 0..tw {
-                                    let mt = &m[t * XI * cout..(t + 1) * XI * cout];
-                                    for co in (0..cout).step_by(L) {
-                                        let mut mm = [[V8::default(); 6]; 6];
-                                        for (xi, v) in mm.iter_mut().flatten().enumerate() {
-                                            *v = load(mt, xi * cout + co);
-                                        }
-                                        let o = two_d(&mm, at);
-                                        let bv = load(bias, co);
-                                        for (i, row) in o.iter().enumerate().take(h - 4 * ty) {
-                                            for (j, val) in row.iter().enumerate().take(w - 4 * tx)
-                                            {
-                                                let mut s = *val + bv;
-                                                if conv.relu {
-                                                    s.0.iter_mut().for_each(|x| *x = x.max(0.0));
-                                                }
-                                                store(
-                                                    y,
-                                                    ((4 * ty + i) * w + 4 * tx + j) * cout + co,
-                                                    s,
-                                                );
+    ranges.par_iter().zip(outs.par_iter_mut()).zip(v_parts.par_iter_mut()).for_each(|((range, out), v_keep)| {
+        for chunk in sub_chunks(conv, range.clone()) {
+            let t_count = chunk.len() * tps;
+            let mut run = |v: &mut [f32]| {
+                transform_input(conv, input, chunk.start, chunk.end, v);
+                with_scratch(&SCRATCH_B, XI * t_count * cout, |m| {
+                    for xi in 0..XI {
+                        matmul(
+                            t_count,
+                            cout,
+                            cin,
+                            slab(v, cin, xi, false),
+                            slab(u, cout, xi, false),
+                            &mut m[xi * cout..],
+                            XI * cout,
+                            false,
+                        );
+                    }
+                    // Inverse transform, bias and ReLU, clipped to the image.
+                    let mut t = 0;
+                    for nn in chunk.clone() {
+                        let y = &mut out[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
+                        for ty in 0..th {
+                            for tx in 0..tw {
+                                let mt = &m[t * XI * cout..(t + 1) * XI * cout];
+                                for co in (0..cout).step_by(L) {
+                                    let mut mm = [[V8::default(); 6]; 6];
+                                    for (xi, v) in mm.iter_mut().flatten().enumerate() {
+                                        *v = load(mt, xi * cout + co);
+                                    }
+                                    let o = two_d(&mm, at);
+                                    let bv = load(bias, co);
+                                    for (i, row) in o.iter().enumerate().take(h - 4 * ty) {
+                                        for (j, val) in row.iter().enumerate().take(w - 4 * tx) {
+                                            let mut s = *val + bv;
+                                            if conv.relu {
+                                                s.0.iter_mut().for_each(|x| *x = x.max(0.0));
                                             }
+                                            store(y, ((4 * ty + i) * w + 4 * tx + j) * cout + co, s);
                                         }
                                     }
-                                    t += 1;
                                 }
+                                t += 1;
                             }
                         }
-                    });
-                };
-                match v_keep {
-                    Some(v) => {
-                        let off = XI * (chunk.start - range.start) * tps * cin;
-                        run(&mut v[off..off + XI * t_count * cin]);
                     }
-                    None => with_scratch(&SCRATCH_A, XI * t_count * cin, run),
+                });
+            };
+            match v_keep {
+                Some(v) => {
+                    let off = XI * (chunk.start - range.start) * tps * cin;
+                    run(&mut v[off..off + XI * t_count * cin]);
                 }
+                None => with_scratch(&SCRATCH_A, XI * t_count * cin, run),
             }
-        });
+        }
+    });
     if owned {
         give_back(u_own);
     }
@@ -334,14 +288,13 @@ pub fn conv3x3_forward(
 
 /// Backward from what `conv3x3_forward` saved. `d_output` is masked in place by the ReLU;
 /// gradients are overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn conv3x3_backward(
     conv: &Conv,
     n: usize,
     saved: &[f32],
     output: &[f32],
     d_output: &mut [f32],
-    mut d_input: Option<&mut [f32]>,
+    d_input: Option<&mut [f32]>,
     d_weight: &mut [f32],
     d_bias: &mut [f32],
 ) {
@@ -352,23 +305,13 @@ pub fn conv3x3_backward(
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let ranges = sample_ranges(n);
     let mut d_outs = split_by_ranges(&mut d_output[..n * conv.out_len()], &ranges, conv.out_len());
-    let mut d_ins: Vec<Option<&mut [f32]>> = match d_input.as_deref_mut() {
-        Some(dx) => split_by_ranges(&mut dx[..n * conv.in_len()], &ranges, conv.in_len())
-            .into_iter()
-            .map(Some)
-            .collect(),
+    let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
+        Some(dx) => split_by_ranges(&mut dx[..n * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges
-        .iter()
-        .map(|_| (take_zeroed(u_len(conv)), take_zeroed(cout)))
-        .collect();
-    ranges
-        .par_iter()
-        .zip(d_outs.par_iter_mut())
-        .zip(d_ins.par_iter_mut())
-        .zip(partials.par_iter_mut())
-        .for_each(|(((range, dy), dx), (du, db))| {
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take_zeroed(u_len(conv)), take_zeroed(cout))).collect();
+    ranges.par_iter().zip(d_outs.par_iter_mut()).zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
+        |(((range, dy), dx), (du, db))| {
             let y = &output[range.start * conv.out_len()..range.end * conv.out_len()];
             relu_mask_bias_grad(y, dy, db, conv.relu);
             if let Some(dx) = dx.as_deref_mut() {
@@ -382,20 +325,15 @@ pub fn conv3x3_backward(
                     // dM = A dY A^T per tile (zero beyond the image).
                     let mut t = 0;
                     for nn in chunk.clone() {
-                        let gy = &dy[(nn - range.start) * conv.out_len()
-                            ..(nn - range.start + 1) * conv.out_len()];
+                        let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
                         for ty in 0..th {
                             for tx in 0..tw {
                                 let dmt = &mut dm[t * XI * cout..(t + 1) * XI * cout];
                                 for co in (0..cout).step_by(L) {
                                     let mut yt = [[V8::default(); 4]; 4];
                                     for (i, row) in yt.iter_mut().enumerate().take(h - 4 * ty) {
-                                        for (j, val) in row.iter_mut().enumerate().take(w - 4 * tx)
-                                        {
-                                            *val = load(
-                                                gy,
-                                                ((4 * ty + i) * w + 4 * tx + j) * cout + co,
-                                            );
+                                        for (j, val) in row.iter_mut().enumerate().take(w - 4 * tx) {
+                                            *val = load(gy, ((4 * ty + i) * w + 4 * tx + j) * cout + co);
                                         }
                                     }
                                     for (xi, val) in two_d(&yt, a).iter().flatten().enumerate() {
@@ -436,8 +374,7 @@ pub fn conv3x3_backward(
                         }
                         let mut t = 0;
                         for nn in chunk.clone() {
-                            let gx = &mut dx[(nn - range.start) * conv.in_len()
-                                ..(nn - range.start + 1) * conv.in_len()];
+                            let gx = &mut dx[(nn - range.start) * conv.in_len()..(nn - range.start + 1) * conv.in_len()];
                             for ty in 0..th {
                                 for tx in 0..tw {
                                     let dvt = &dv[t * XI * cin..(t + 1) * XI * cin];
@@ -467,34 +404,29 @@ pub fn conv3x3_backward(
                     });
                 });
             }
-        });
+        },
+    );
     // Sum the per-thread dU, then dW = G^T dU G back into HWIO.
     let mut du = take_zeroed(u_len(conv));
     sum_partials(partials, &mut du, d_bias);
     // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
     let mut by_channel = take_zeroed(9 * cin * cout);
-    by_channel
-        .par_chunks_mut(9 * cout)
-        .zip(du.par_chunks(XI * cout))
-        .for_each(|(dw, du)| {
-            for co in (0..cout).step_by(L) {
-                let mut ut = [[V8::default(); 6]; 6];
-                for (xi, v) in ut.iter_mut().flatten().enumerate() {
-                    *v = load(du, xi * cout + co);
-                }
-                for (k, v) in two_d(&ut, gt).iter().flatten().enumerate() {
-                    store(dw, k * cout + co, *v);
-                }
+    by_channel.par_chunks_mut(9 * cout).zip(du.par_chunks(XI * cout)).for_each(|(dw, du)| {
+        for co in (0..cout).step_by(L) {
+            let mut ut = [[V8::default(); 6]; 6];
+            for (xi, v) in ut.iter_mut().flatten().enumerate() {
+                *v = load(du, xi * cout + co);
             }
-        });
-    d_weight
-        .par_chunks_mut(cin * cout)
-        .enumerate()
-        .for_each(|(k, dw)| {
-            for (ci, row) in dw.chunks_exact_mut(cout).enumerate() {
-                row.copy_from_slice(&by_channel[(ci * 9 + k) * cout..(ci * 9 + k + 1) * cout]);
+            for (k, v) in two_d(&ut, gt).iter().flatten().enumerate() {
+                store(dw, k * cout + co, *v);
             }
-        });
+        }
+    });
+    d_weight.par_chunks_mut(cin * cout).enumerate().for_each(|(k, dw)| {
+        for (ci, row) in dw.chunks_exact_mut(cout).enumerate() {
+            row.copy_from_slice(&by_channel[(ci * 9 + k) * cout..(ci * 9 + k + 1) * cout]);
+        }
+    });
     give_back(by_channel);
     give_back(du);
 }
@@ -509,10 +441,7 @@ mod tests {
     fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
         let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * scale.max(1.0),
-                "{what}[{i}]: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= tol * scale.max(1.0), "{what}[{i}]: {x} vs {y}");
         }
     }
 
@@ -520,27 +449,15 @@ mod tests {
     /// differences) on every pass, for tile-aligned and ragged image sizes.
     #[test]
     fn matches_im2col_forward_and_backward() {
-        for (h, w, cin, cout, relu, batch) in [
-            (8, 8, 8, 16, false, 2),
-            (14, 14, 16, 8, true, 3),
-            (7, 7, 8, 8, true, 5),
-            (5, 9, 16, 24, false, 1),
-        ] {
-            let conv = Conv {
-                win: Window::new(h, w, 3, 1, Padding::Same).unwrap(),
-                in_c: cin,
-                out_c: cout,
-                groups: 1,
-                relu,
-            };
+        for (h, w, cin, cout, relu, batch) in
+            [(8, 8, 8, 16, false, 2), (14, 14, 16, 8, true, 3), (7, 7, 8, 8, true, 5), (5, 9, 16, 24, false, 1)]
+        {
+            let conv = Conv { win: Window::new(h, w, 3, 1, Padding::Same).unwrap(), in_c: cin, out_c: cout, groups: 1, relu };
             assert!(applies(&conv));
             let x = random_vec(batch * conv.in_len(), 1);
             let wt = random_vec(conv.weight_len(), 2);
             let bias = random_vec(cout, 3);
-            let (mut y_ref, mut y) = (
-                vec![0.0; batch * conv.out_len()],
-                vec![0.0; batch * conv.out_len()],
-            );
+            let (mut y_ref, mut y) = (vec![0.0; batch * conv.out_len()], vec![0.0; batch * conv.out_len()]);
             conv_forward(&conv, batch, &x, &wt, &bias, &mut y_ref);
             let mut saved = vec![0.0; saved_len(&conv, batch)];
             conv3x3_forward(&conv, batch, &x, &wt, &bias, &mut y, Some(&mut saved));
@@ -551,31 +468,10 @@ mod tests {
 
             let r = random_vec(y.len(), 4);
             let (mut dy_ref, mut dy) = (r.clone(), r.clone());
-            let (mut dx_ref, mut dw_ref, mut db_ref) =
-                (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; cout]);
-            conv_backward(
-                &conv,
-                batch,
-                &x,
-                &wt,
-                &y_ref,
-                &mut dy_ref,
-                Some(&mut dx_ref),
-                &mut dw_ref,
-                &mut db_ref,
-            );
-            let (mut dx, mut dw, mut db) =
-                (vec![1.0; x.len()], vec![1.0; wt.len()], vec![1.0; cout]);
-            conv3x3_backward(
-                &conv,
-                batch,
-                &saved,
-                &y,
-                &mut dy,
-                Some(&mut dx),
-                &mut dw,
-                &mut db,
-            );
+            let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; cout]);
+            conv_backward(&conv, batch, &x, &wt, &y_ref, &mut dy_ref, Some(&mut dx_ref), &mut dw_ref, &mut db_ref);
+            let (mut dx, mut dw, mut db) = (vec![1.0; x.len()], vec![1.0; wt.len()], vec![1.0; cout]);
+            conv3x3_backward(&conv, batch, &saved, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
             close("dx", &dx, &dx_ref, 1e-5);
             close("dw", &dw, &dw_ref, 1e-5);
             close("db", &db, &db_ref, 1e-5);

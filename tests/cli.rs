@@ -1,0 +1,71 @@
+//! The binary as a user meets it: bad input gets a clear error and a non-zero exit, and never
+//! costs a good model file.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn alexnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_alexnet")).args(args).output().expect("runs the binary")
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = alexnet(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr {err:?} lacks {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+}
+
+#[test]
+fn bad_flag_values_are_rejected_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    fails_with(&["train", "--batch-size", "0", "--out", out], &["--batch-size"]);
+    fails_with(&["train", "--keep-prob", "1.5", "--out", out], &["--keep-prob", "1.5"]);
+    fails_with(&["train", "--keep-prob", "0", "--out", out], &["--keep-prob"]);
+    fails_with(&["train", "--lr", "0", "--out", out], &["--lr"]);
+    fails_with(&["train", "--lr", "-0.1", "--out", out], &["--lr"]);
+    fails_with(&["train", "--model", "vgg", "--out", out], &["unknown model 'vgg'"]);
+    fails_with(&["--threads", "0", "summary"], &["--threads"]);
+    fails_with(&["train", "--data", "/nonexistent/mnist", "--out", out], &["/nonexistent/mnist", "does not exist"]);
+    assert!(!Path::new(out).join("model.safetensors").exists());
+}
+
+#[test]
+fn missing_or_mismatched_checkpoints_and_unreadable_images_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.safetensors");
+    fails_with(&["eval", "--checkpoint", missing.to_str().unwrap()], &["nope.safetensors"]);
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"definitely not safetensors").unwrap();
+    fails_with(&["eval", "--checkpoint", junk.to_str().unwrap()], &["junk.safetensors"]);
+    fails_with(&["predict", "--checkpoint", junk.to_str().unwrap(), "x.png"], &["junk.safetensors"]);
+}
+
+#[test]
+fn failed_training_leaves_the_previous_model_untouched() {
+    // A run directory with a good model, then a run into it that fails on its data.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.safetensors");
+    std::fs::write(&model, b"previous good model").unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("train-images-idx3-ubyte"), [0u8, 0, 8, 3, 0, 0]).unwrap();
+    std::fs::write(data.join("train-labels-idx1-ubyte"), [0u8, 0, 8, 1, 0, 0, 0, 0]).unwrap();
+    fails_with(
+        &["train", "--data", data.to_str().unwrap(), "--out", dir.path().to_str().unwrap()],
+        &["train-images-idx3-ubyte", "truncated"],
+    );
+    assert_eq!(std::fs::read(&model).unwrap(), b"previous good model");
+}
+
+#[test]
+fn summary_prints_the_seed_model_table() {
+    let out = alexnet(&["summary", "--model", "alexnet-mnist"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("conv3") && text.contains("256x128x3x3") && text.contains("5624842 parameters"), "{text}");
+}
