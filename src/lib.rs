@@ -12,5 +12,6 @@ pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod predict;
+pub mod rng;
 pub mod summary;
 pub mod train;

@@ -3,13 +3,14 @@
 //! whose buffers are all allocated up front for one batch size.
 
 use crate::layers::conv::{Conv, conv_backward, conv_forward};
-use crate::layers::dropout::{dropout_backward, dropout_forward, stream_id};
+use crate::layers::dropout::{dropout_backward, dropout_forward};
 use crate::layers::linear::{Linear, linear_backward, linear_forward};
 use crate::layers::lrn::{LrnParams, lrn_backward, lrn_forward};
 use crate::layers::pool::{MaxPool, max_pool_backward, max_pool_forward};
 use crate::layers::softmax::softmax_cross_entropy;
 use crate::layers::winograd;
 use crate::layers::{Padding, Window};
+use crate::rng::stream_id;
 use anyhow::{Result, bail};
 use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -204,6 +205,8 @@ enum Saved {
 /// Every buffer a forward/backward pass at `batch` samples needs.
 pub struct Workspace {
     pub batch: usize,
+    /// Whether it holds what training needs (gradients, dropout masks, Winograd transforms).
+    training: bool,
     /// `acts[0]` is the input; `acts[i + 1]` is layer i's output.
     pub acts: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
@@ -221,7 +224,10 @@ impl Workspace {
     /// `training` also allocates gradient buffers and what backward needs.
     pub fn new(model: &Model, batch: usize, training: bool) -> Workspace {
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
-        let acts: Vec<Vec<f32>> = model.shapes.iter().map(|s| vec![0.0; len(s)]).collect();
+        // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
+        let skipped = |i: usize| !training && i > 0 && matches!(model.layers[i - 1], Layer::Dropout { .. });
+        let acts: Vec<Vec<f32>> =
+            model.shapes.iter().enumerate().map(|(i, s)| if skipped(i) { Vec::new() } else { vec![0.0; len(s)] }).collect();
         let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
         let saved = model
             .layers
@@ -229,7 +235,8 @@ impl Workspace {
             .zip(&model.shapes[1..])
             .map(|(l, s)| match l {
                 Layer::Pool(_) => Saved::Argmax(vec![0; len(s)]),
-                Layer::Lrn { .. } | Layer::Dropout { .. } => Saved::Values(vec![0.0; len(s)]),
+                Layer::Lrn { .. } => Saved::Values(vec![0.0; len(s)]),
+                Layer::Dropout { .. } if training => Saved::Values(vec![0.0; len(s)]),
                 Layer::Conv { conv, winograd: true, .. } if training => Saved::Values(vec![0.0; winograd::saved_len(conv, batch)]),
                 _ => Saved::None,
             })
@@ -237,6 +244,7 @@ impl Workspace {
         let classes = model.classes();
         Workspace {
             batch,
+            training,
             acts,
             grads,
             saved,
@@ -261,7 +269,7 @@ impl Workspace {
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
     Eval,
-    /// Training, with the dropout masks drawn from this stream (see `dropout::stream_id`).
+    /// Training, with the dropout masks drawn from this stream (see `rng::stream_id`).
     Train {
         stream: u64,
     },
@@ -270,6 +278,7 @@ pub enum Mode {
 /// Run the first `n` samples of the workspace's input through the network.
 pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
     assert!(n <= ws.batch, "batch {n} exceeds workspace {}", ws.batch);
+    assert!(ws.training || matches!(mode, Mode::Eval), "training forward on an evaluation workspace");
     let mut cur = 0;
     for (i, layer) in model.layers.iter().enumerate() {
         let started = ws.layer_seconds.is_some().then(std::time::Instant::now);

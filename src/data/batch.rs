@@ -1,7 +1,7 @@
 //! Epoch order and batch assembly.
 
 use super::mnist::Dataset;
-use crate::layers::dropout::{stream_id, substream};
+use crate::rng::{stream_id, substream};
 use rand_xoshiro::rand_core::Rng;
 
 /// The order of the training set in `epoch`: a Fisher-Yates shuffle from a generator seeded

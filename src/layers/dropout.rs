@@ -5,19 +5,9 @@
 //! seed, step and layer) and the sample's index in the batch: masks do not depend on how the
 //! batch is split across threads.
 
-use rand_xoshiro::Xoshiro256PlusPlus;
-use rand_xoshiro::rand_core::{Rng, SeedableRng};
+use crate::rng::substream;
+use rand_xoshiro::rand_core::Rng;
 use rayon::prelude::*;
-
-/// A generator for one (stream, index) pair, e.g. (dropout layer at a step, sample in batch).
-pub fn substream(stream: u64, index: u64) -> Xoshiro256PlusPlus {
-    Xoshiro256PlusPlus::seed_from_u64(stream ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
-}
-
-/// Mix several words (seed, step, layer) into one stream id.
-pub fn stream_id(words: &[u64]) -> u64 {
-    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| (h ^ w).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29))
-}
 
 /// `mask` receives 0 or 1/keep per element; `output = input * mask`.
 pub fn dropout_forward(keep: f32, per_sample: usize, stream: u64, input: &[f32], output: &mut [f32], mask: &mut [f32]) {
