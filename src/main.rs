@@ -293,11 +293,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
                 println!("peak memory: {:.0} MiB", r.peak_rss_mib);
                 if layers {
-                    println!("per training step (ms):\n{:<10} {:>9} {:>9}", "layer", "forward", "backward");
-                    for (name, f, b) in &r.layer_ms {
-                        println!("{name:<10} {f:>9.2} {b:>9.2}");
+                    println!("milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch);
+                    println!("{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference");
+                    for ((name, f, b), i) in r.layer_ms.iter().zip(&r.infer_layer_ms) {
+                        println!("{name:<10} {f:>9.2} {b:>9.2} {i:>10.2}");
                     }
-                    println!("{:<10} {:>9.2}", "other", r.update_ms);
+                    println!("{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms);
                 }
             }
         }
