@@ -101,7 +101,7 @@ struct TrainArgs {
     epochs: Option<usize>,
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
     optimizer: OptimizerKind,
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
     lr: f32,
     /// Multiply the learning rate by --lr-gamma every this many epochs (default: constant).
     #[arg(long)]
