@@ -280,8 +280,11 @@ pub fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
 pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], relu: bool) {
     let c = d_bias.len();
     if relu {
+        // A bit mask rather than a select: LLVM turns `if y > 0 { dy } else { 0 }` into a
+        // masked store, which is microcoded and slow on AMD.
         for (y, dy) in out.iter().zip(d_out.iter_mut()) {
-            *dy = if *y > 0.0 { *dy } else { 0.0 };
+            let keep = if *y > 0.0 { u32::MAX } else { 0 };
+            *dy = f32::from_bits(dy.to_bits() & keep);
         }
     }
     for dy in d_out.chunks_exact(c) {

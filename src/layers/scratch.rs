@@ -28,13 +28,22 @@ static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new())
 
 /// A zeroed buffer of `len` floats, reusing a returned one when possible.
 pub fn take_zeroed(len: usize) -> Vec<f32> {
+    let mut v = take(len);
+    v.fill(0.0);
+    v
+}
+
+/// A buffer of `len` floats with unspecified contents (for outputs written before read).
+pub fn take(len: usize) -> Vec<f32> {
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v = match pool.iter().position(|v| v.capacity() >= len) {
+    // Best fit, so small requests do not take the large buffers the large requests need.
+    let best = pool.iter().enumerate().filter(|(_, v)| v.capacity() >= len).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
+    let mut v = match best {
         Some(i) => pool.swap_remove(i),
         None => Vec::with_capacity(len),
     };
     drop(pool);
-    v.clear();
+    v.truncate(len);
     v.resize(len, 0.0);
     v
 }

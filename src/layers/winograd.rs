@@ -18,7 +18,7 @@
 use super::conv::{Conv, relu_mask_bias_grad, split_by_ranges, sum_partials};
 use super::gemm::{Operand, matmul};
 use super::sample_ranges;
-use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take_zeroed, with_scratch};
+use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, take_zeroed, with_scratch};
 use super::simd::{L, V8, load, store};
 use rayon::prelude::*;
 
@@ -210,7 +210,7 @@ pub fn conv3x3_forward(
             (u, Some(v))
         }
         None => {
-            u_own = take_zeroed(u_len(conv));
+            u_own = take(u_len(conv));
             (&mut u_own[..], None)
         }
     };
@@ -309,7 +309,7 @@ pub fn conv3x3_backward(
         Some(dx) => split_by_ranges(&mut dx[..n * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take_zeroed(u_len(conv)), take_zeroed(cout))).collect();
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take(u_len(conv)), take_zeroed(cout))).collect();
     ranges.par_iter().zip(d_outs.par_iter_mut()).zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
         |(((range, dy), dx), (du, db))| {
             let y = &output[range.start * conv.out_len()..range.end * conv.out_len()];
@@ -317,7 +317,8 @@ pub fn conv3x3_backward(
             if let Some(dx) = dx.as_deref_mut() {
                 dx.fill(0.0);
             }
-            for chunk in sub_chunks(conv, range.clone()) {
+            // The first chunk writes dU, later ones accumulate: the partial needs no zeroing.
+            for (nth, chunk) in sub_chunks(conv, range.clone()).enumerate() {
                 let t_count = chunk.len() * tps;
                 let voff = XI * chunk.start * tps * cin;
                 let v = &v_all[voff..voff + XI * t_count * cin];
@@ -354,7 +355,7 @@ pub fn conv3x3_backward(
                             slab(dm, cout, xi, false),
                             &mut du[xi * cout..],
                             XI * cout,
-                            true,
+                            nth > 0,
                         );
                     }
                     let Some(dx) = dx.as_deref_mut() else { return };
@@ -407,10 +408,10 @@ pub fn conv3x3_backward(
         },
     );
     // Sum the per-thread dU, then dW = G^T dU G back into HWIO.
-    let mut du = take_zeroed(u_len(conv));
+    let mut du = take(u_len(conv));
     sum_partials(partials, &mut du, d_bias);
     // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
-    let mut by_channel = take_zeroed(9 * cin * cout);
+    let mut by_channel = take(9 * cin * cout);
     by_channel.par_chunks_mut(9 * cout).zip(du.par_chunks(XI * cout)).for_each(|(dw, du)| {
         for co in (0..cout).step_by(L) {
             let mut ut = [[V8::default(); 6]; 6];
