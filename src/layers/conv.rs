@@ -83,16 +83,11 @@ impl Conv {
         self.for_each_window(|o, taps| {
             for g in 0..self.groups {
                 let (xg, wg) = (g * cin_g, g * cout_g);
-                let mut cb = 0;
-                while cb < cout_g {
-                    let at = o * oc + wg + cb;
-                    // Four vectors per block: independent FMA chains hide the FMA latency.
-                    cb += match cout_g - cb {
-                        r if r >= 4 * L => direct_block::<{ 4 * L }>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
-                        r if r >= L => direct_block::<L>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
-                        _ => direct_block::<1>(x, weight, taps, self.in_c, cin_g, oc, xg, wg + cb, &mut y[at..]),
-                    };
-                }
+                let terms = || {
+                    taps.iter()
+                        .flat_map(move |&(tap, i)| (0..cin_g).map(move |ci| (x[i * self.in_c + xg + ci], (tap * cin_g + ci) * oc + wg)))
+                };
+                sum_scaled_rows(terms, weight, &mut y[o * oc + wg..o * oc + wg + cout_g], true);
             }
         });
     }
@@ -122,17 +117,8 @@ impl Conv {
                 for ci in 0..cin_g {
                     let c = g * cin_g + ci;
                     let w_row = (tap * cin_g + ci) * oc + g * cout_g;
-                    let mut cb = 0;
-                    while cb < cout_g {
-                        let at = w_row + cb;
-                        cb += match cout_g - cb {
-                            r if r >= 4 * L => {
-                                weight_grad_block::<{ 4 * L }>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..])
-                            }
-                            r if r >= L => weight_grad_block::<L>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..]),
-                            _ => weight_grad_block::<1>(x, dy, &pairs, self.in_c, c, oc, g * cout_g + cb, &mut dw[at..]),
-                        };
-                    }
+                    let terms = || pairs.iter().map(|&(o, i)| (x[i * self.in_c + c], o * oc + g * cout_g));
+                    sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], false);
                     if let Some(dx) = dx.as_deref_mut() {
                         let wr = &weight[w_row..w_row + cout_g];
                         for &(o, i) in &pairs {
@@ -207,58 +193,42 @@ impl Conv {
     }
 }
 
-/// `y[0..N] = sum over taps and input channels of x * w` for output channels `w_col..+N`;
-/// returns N.
+/// `out[c] (+)= sum over terms (a, at) of a * b[at + c]`, for c in 0..out.len(). Channels go in
+/// blocks of 32, 8, then 1, each accumulated in registers: four independent vector FMA chains
+/// hide the FMA latency. The direct convolution's forward (terms: input value, weight row) and
+/// weight gradient (terms: input value, output-gradient row) are both this.
 #[inline(always)]
-fn direct_block<const N: usize>(
-    x: &[f32],
-    weight: &[f32],
-    taps: &[(usize, usize)],
-    in_c: usize,
-    cin_g: usize,
-    oc: usize,
-    x_ch: usize,
-    w_col: usize,
-    y: &mut [f32],
-) -> usize {
-    let mut acc = [0.0f32; N];
-    for &(tap, i) in taps {
-        for ci in 0..cin_g {
-            let xv = x[i * in_c + x_ch + ci];
-            let at = (tap * cin_g + ci) * oc + w_col;
-            let w: &[f32; N] = weight[at..at + N].try_into().expect("N channels");
-            for l in 0..N {
-                acc[l] += xv * w[l];
-            }
-        }
+fn sum_scaled_rows<I: Iterator<Item = (f32, usize)>>(terms: impl Fn() -> I, b: &[f32], out: &mut [f32], overwrite: bool) {
+    let mut c = 0;
+    while c < out.len() {
+        c += match out.len() - c {
+            r if r >= 4 * L => scaled_rows_block::<{ 4 * L }, I>(terms(), b, c, out, overwrite),
+            r if r >= L => scaled_rows_block::<L, I>(terms(), b, c, out, overwrite),
+            _ => scaled_rows_block::<1, I>(terms(), b, c, out, overwrite),
+        };
     }
-    y[..N].copy_from_slice(&acc);
-    N
 }
 
-/// `dw[0..N] += sum over (output, input) pixel pairs of x[input][channel] * dy[output][col..+N]`;
-/// returns N.
 #[inline(always)]
-fn weight_grad_block<const N: usize>(
-    x: &[f32],
-    dy: &[f32],
-    pairs: &[(usize, usize)],
-    in_c: usize,
-    channel: usize,
-    oc: usize,
-    col: usize,
-    dw: &mut [f32],
+fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
+    terms: I,
+    b: &[f32],
+    c: usize,
+    out: &mut [f32],
+    overwrite: bool,
 ) -> usize {
     let mut acc = [0.0f32; N];
-    for &(o, i) in pairs {
-        let xv = x[i * in_c + channel];
-        let g: &[f32; N] = dy[o * oc + col..o * oc + col + N].try_into().expect("N channels");
+    for (a, at) in terms {
+        let row: &[f32; N] = b[at + c..at + c + N].try_into().expect("N lanes");
         for l in 0..N {
-            acc[l] += xv * g[l];
+            acc[l] += a * row[l];
         }
     }
-    for (d, a) in dw[..N].iter_mut().zip(acc) {
-        *d += a;
+    let out = &mut out[c..c + N];
+    if overwrite {
+        out.copy_from_slice(&acc);
+    } else {
+        out.iter_mut().zip(acc).for_each(|(o, a)| *o += a);
     }
     N
 }
