@@ -51,36 +51,11 @@ impl Conv {
         self.patch_len() < DIRECT_MAX_PATCH
     }
 
-    /// For each output pixel, call `f(output pixel, taps)` with the (tap index ky*k+kx, input
-    /// pixel) pairs of its window that lie inside the input.
-    #[inline(always)]
-    fn for_each_window(&self, mut f: impl FnMut(usize, &[(usize, usize)])) {
-        let (win, k) = (&self.win, self.win.kernel);
-        let mut taps = Vec::with_capacity(k * k);
-        for oy in 0..win.h.output {
-            for ox in 0..win.w.output {
-                taps.clear();
-                for ky in 0..k {
-                    let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
-                        continue;
-                    };
-                    for kx in 0..k {
-                        let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
-                            continue;
-                        };
-                        taps.push((ky * k + kx, iy * win.w.input + ix));
-                    }
-                }
-                f(oy * win.w.output + ox, &taps);
-            }
-        }
-    }
-
     /// Direct forward of one sample: `y` (pre-bias) = sum over taps of x * w, accumulated in
     /// registers 8 output channels at a time.
     fn direct_forward(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
-        self.for_each_window(|o, taps| {
+        self.win.for_each_window(|o, taps| {
             for g in 0..self.groups {
                 let (xg, wg) = (g * cin_g, g * cout_g);
                 let terms = || {
@@ -93,26 +68,19 @@ impl Conv {
     }
 
     /// Direct backward of one sample: accumulates into `dw`, and into `dx` if given. The
-    /// weight gradient runs tap by tap over all pixels with the accumulators in registers,
-    /// 32 output channels at a time.
-    fn direct_backward(&self, x: &[f32], weight: &[f32], dy: &[f32], dw: &mut [f32], mut dx: Option<&mut [f32]>) {
-        let (win, k) = (&self.win, self.win.kernel);
+    /// weight gradient runs tap by tap over all pixels (`pairs`, from `Window::pairs_by_tap`)
+    /// with the accumulators in registers, 32 output channels at a time.
+    fn direct_backward(
+        &self,
+        pairs: &[Vec<(usize, usize)>],
+        x: &[f32],
+        weight: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        mut dx: Option<&mut [f32]>,
+    ) {
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
-        // (output pixel, input pixel) pairs of each tap.
-        let mut pairs = Vec::with_capacity(win.out_pixels());
-        for tap in 0..k * k {
-            pairs.clear();
-            for oy in 0..win.h.output {
-                let Some(iy) = Window::tap(&win.h, win.stride, oy, tap / k) else {
-                    continue;
-                };
-                for ox in 0..win.w.output {
-                    let Some(ix) = Window::tap(&win.w, win.stride, ox, tap % k) else {
-                        continue;
-                    };
-                    pairs.push((oy * win.w.output + ox, iy * win.w.input + ix));
-                }
-            }
+        for (tap, pairs) in pairs.iter().enumerate() {
             for g in 0..self.groups {
                 for ci in 0..cin_g {
                     let c = g * cin_g + ci;
@@ -121,7 +89,7 @@ impl Conv {
                     sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], false);
                     if let Some(dx) = dx.as_deref_mut() {
                         let wr = &weight[w_row..w_row + cout_g];
-                        for &(o, i) in &pairs {
+                        for &(o, i) in pairs {
                             let dyr = &dy[o * oc + g * cout_g..o * oc + (g + 1) * cout_g];
                             dx[i * self.in_c + c] += wr.iter().zip(dyr).map(|(w, g)| w * g).sum::<f32>();
                         }
@@ -163,32 +131,19 @@ impl Conv {
     /// Scatter-add patch gradients `dcol` of samples `n0..n1`, group `g`, into `d_input`
     /// (indexed from sample `n0`).
     fn col2im(&self, dcol: &[f32], n0: usize, n1: usize, g: usize, d_input: &mut [f32]) {
-        let (win, k) = (&self.win, self.win.kernel);
-        let cin_g = self.in_c / self.groups;
-        let mut row = 0;
+        let (cin_g, opix) = (self.in_c / self.groups, self.win.out_pixels());
         for n in 0..n1 - n0 {
             let dx = &mut d_input[n * self.in_len()..(n + 1) * self.in_len()];
-            for oy in 0..win.h.output {
-                for ox in 0..win.w.output {
-                    let src = &dcol[row * self.patch_len()..(row + 1) * self.patch_len()];
-                    for ky in 0..k {
-                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
-                            continue;
-                        };
-                        for kx in 0..k {
-                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
-                                continue;
-                            };
-                            let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
-                            let d = &src[(ky * k + kx) * cin_g..(ky * k + kx + 1) * cin_g];
-                            for (a, b) in dx[s..s + cin_g].iter_mut().zip(d) {
-                                *a += b;
-                            }
-                        }
+            self.win.for_each_window(|o, taps| {
+                let src = &dcol[(n * opix + o) * self.patch_len()..(n * opix + o + 1) * self.patch_len()];
+                for &(tap, i) in taps {
+                    let s = i * self.in_c + g * cin_g;
+                    let d = &src[tap * cin_g..(tap + 1) * cin_g];
+                    for (a, b) in dx[s..s + cin_g].iter_mut().zip(d) {
+                        *a += b;
                     }
-                    row += 1;
                 }
-            }
+            });
         }
     }
 }
@@ -328,10 +283,11 @@ pub fn conv_backward(
                 dx.fill(0.0);
             }
             if conv.direct() {
+                let pairs = conv.win.pairs_by_tap();
                 for (j, nn) in range.clone().enumerate() {
                     let dxs = dx.as_deref_mut().map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
                     let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
-                    conv.direct_backward(x, weight, &dy[j * conv.out_len()..(j + 1) * conv.out_len()], dw, dxs);
+                    conv.direct_backward(&pairs, x, weight, &dy[j * conv.out_len()..(j + 1) * conv.out_len()], dw, dxs);
                 }
                 return;
             }

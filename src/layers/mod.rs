@@ -91,6 +91,34 @@ impl Window {
     pub fn tap(axis: &Axis, stride: usize, o: usize, k: usize) -> Option<usize> {
         (o * stride + k).checked_sub(axis.pad_before).filter(|&i| i < axis.input)
     }
+
+    /// For each output pixel, call `f(output pixel, taps)` with the (tap index ky*k+kx, input
+    /// pixel) pairs of its window that lie inside the input (padding contributes nothing).
+    #[inline(always)]
+    pub fn for_each_window(&self, mut f: impl FnMut(usize, &[(usize, usize)])) {
+        let k = self.kernel;
+        let mut taps = Vec::with_capacity(k * k);
+        for oy in 0..self.h.output {
+            for ox in 0..self.w.output {
+                taps.clear();
+                for ky in 0..k {
+                    let Some(iy) = Window::tap(&self.h, self.stride, oy, ky) else { continue };
+                    for kx in 0..k {
+                        let Some(ix) = Window::tap(&self.w, self.stride, ox, kx) else { continue };
+                        taps.push((ky * k + kx, iy * self.w.input + ix));
+                    }
+                }
+                f(oy * self.w.output + ox, &taps);
+            }
+        }
+    }
+
+    /// The same pairs grouped by tap: `pairs[tap]` lists (output pixel, input pixel).
+    pub fn pairs_by_tap(&self) -> Vec<Vec<(usize, usize)>> {
+        let mut pairs = vec![Vec::new(); self.kernel * self.kernel];
+        self.for_each_window(|o, taps| taps.iter().for_each(|&(tap, i)| pairs[tap].push((o, i))));
+        pairs
+    }
 }
 
 /// Split `batch` samples into one contiguous range per pool thread: the unit of parallel work

@@ -33,42 +33,27 @@ pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [
         .enumerate()
         .for_each(|(n, (y, idx))| {
             let x = &input[n * p.in_len()..(n + 1) * p.in_len()];
-            let mut taps = Vec::with_capacity(win.kernel * win.kernel);
-            for oy in 0..win.h.output {
-                for ox in 0..win.w.output {
-                    taps.clear();
-                    for ky in 0..win.kernel {
-                        let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else {
-                            continue;
-                        };
-                        for kx in 0..win.kernel {
-                            let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else {
-                                continue;
-                            };
-                            taps.push((iy * win.w.input + ix) * c);
-                        }
-                    }
-                    let o = (oy * win.w.output + ox) * c;
-                    // Eight channels at a time in registers (max and argmax as lane-wise
-                    // selects), stored once: conditional stores would become slow masked moves.
-                    let full = c - c % L;
-                    for cb in (0..full).step_by(L) {
-                        pool_block::<L>(x, &taps, cb, &mut y[o + cb..o + cb + L], &mut idx[o + cb..o + cb + L]);
-                    }
-                    for cb in full..c {
-                        pool_block::<1>(x, &taps, cb, &mut y[o + cb..o + cb + 1], &mut idx[o + cb..o + cb + 1]);
-                    }
+            win.for_each_window(|o, taps| {
+                let o = o * c;
+                // Eight channels at a time in registers (max and argmax as lane-wise
+                // selects), stored once: conditional stores would become slow masked moves.
+                let full = c - c % L;
+                for cb in (0..full).step_by(L) {
+                    pool_block::<L>(x, taps, cb, c, &mut y[o + cb..o + cb + L], &mut idx[o + cb..o + cb + L]);
                 }
-            }
+                for cb in full..c {
+                    pool_block::<1>(x, taps, cb, c, &mut y[o + cb..o + cb + 1], &mut idx[o + cb..o + cb + 1]);
+                }
+            });
         });
 }
 
-/// Max and argmax over the window `taps` of channels `cb..cb + N`.
+/// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
-fn pool_block<const N: usize>(x: &[f32], taps: &[usize], cb: usize, y: &mut [f32], idx: &mut [u32]) {
+fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u32]) {
     let mut best = [f32::NEG_INFINITY; N];
-    let mut arg = [taps[0] as u32; N];
-    for &base in taps {
+    let mut arg = [(taps[0].1 * c) as u32; N];
+    for base in taps.iter().map(|&(_, i)| i * c) {
         let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
         for l in 0..N {
             let wins = xs[l] > best[l];
