@@ -4,6 +4,7 @@
 //! architecture travels in the file's metadata, so `eval` and `predict` need only the file.
 
 use crate::model::{Architecture, Layer, Model};
+use crate::optim::Optimizer;
 use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensors, serialize};
@@ -76,43 +77,84 @@ fn torch_to_ours(layout: &Layout, len: usize) -> Option<Vec<usize>> {
     }
 }
 
-/// The model's parameters in PyTorch layout, by name.
-pub fn torch_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+/// Tensors shaped like the model's parameters (the parameters themselves, or an optimiser
+/// slot), converted to PyTorch layout and named `prefix` + the parameter's name.
+fn to_torch(model: &Model, prefix: &str, values: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     model
         .params
         .iter()
+        .zip(values)
         .zip(layouts(model))
-        .map(|(p, layout)| {
-            let data = match torch_to_ours(&layout, p.value.len()) {
-                None => p.value.clone(),
-                Some(map) => map.iter().map(|&j| p.value[j]).collect(),
+        .map(|((p, v), layout)| {
+            let data = match torch_to_ours(&layout, v.len()) {
+                None => v.clone(),
+                Some(map) => map.iter().map(|&j| v[j]).collect(),
             };
-            (p.name.clone(), p.torch_shape.clone(), data)
+            (format!("{prefix}{}", p.name), p.torch_shape.clone(), data)
         })
         .collect()
 }
 
-/// Serialise to safetensors bytes, with the architecture and `extra` in the metadata.
-pub fn to_bytes(model: &Model, extra: &[(&str, String)]) -> Result<Vec<u8>> {
-    let tensors = torch_tensors(model);
+/// The model's parameters in PyTorch layout, by name.
+pub fn torch_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let values: Vec<Vec<f32>> = model.params.iter().map(|p| p.value.clone()).collect();
+    to_torch(model, "", &values)
+}
+
+/// Training checkpoints add the optimiser's slots as `optimizer.slot1.<param>` (Adam's first
+/// moment or SGD's velocity) and `optimizer.slot2.<param>` (Adam's second moment), in the same
+/// layout as the parameter, and its step count in the metadata.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+const OPTIMIZER_STEP_KEY: &str = "optimizer.step";
+const OPTIMIZER_KIND_KEY: &str = "optimizer.kind";
+
+fn slot_prefix(slot: usize) -> String {
+    format!("{OPTIMIZER_PREFIX}slot{slot}.")
+}
+
+/// Serialise to safetensors bytes, with the architecture and `extra` in the metadata, and the
+/// optimiser's state when given (a training checkpoint).
+pub fn to_bytes(model: &Model, extra: &[(&str, String)], optimizer: Option<&Optimizer>) -> Result<Vec<u8>> {
+    let mut tensors = torch_tensors(model);
+    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    if let Some(opt) = optimizer {
+        for (slot, values) in [(1, &opt.slot1), (2, &opt.slot2)] {
+            if !values.is_empty() {
+                tensors.extend(to_torch(model, &slot_prefix(slot), values));
+            }
+        }
+        meta.insert(OPTIMIZER_STEP_KEY.into(), opt.step.to_string());
+        meta.insert(OPTIMIZER_KIND_KEY.into(), serde_json::to_string(&opt.config.kind)?);
+    }
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert(ARCH_KEY.into(), serde_json::to_string(&model.arch)?);
     meta.insert("format".into(), "pt".into());
     Ok(serialize(views, Some(meta))?)
 }
+
+/// Temporary files of `write_atomic` start with this; a resumed run deletes any a killed
+/// process left behind.
+pub const TEMP_PREFIX: &str = ".alexnet-tmp";
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
 /// renamed over the target, so a crash at any instant leaves either the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(TEMP_PREFIX);
+    #[cfg(unix)]
+    {
+        // tempfile creates 0600 files; a model or config is an ordinary file others may read.
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let mut tmp = builder.tempfile_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("cannot rename the temporary file onto {}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
@@ -123,7 +165,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn save(model: &Model, path: &Path, extra: &[(&str, String)]) -> Result<()> {
-    write_atomic(path, &to_bytes(model, extra)?)
+    write_atomic(path, &to_bytes(model, extra, None)?)
+}
+
+/// A training checkpoint: the model, the optimiser's state and `extra` metadata (step, ...).
+pub fn save_training_state(model: &Model, optimizer: &Optimizer, path: &Path, extra: &[(&str, String)]) -> Result<()> {
+    write_atomic(path, &to_bytes(model, extra, Some(optimizer))?)
 }
 
 /// The architecture stored in a model file's metadata.
@@ -135,47 +182,96 @@ pub fn read_architecture(path: &Path, bytes: &[u8]) -> Result<Architecture> {
     serde_json::from_str(json).with_context(|| format!("{}: unreadable architecture metadata", path.display()))
 }
 
-/// Copy the file's tensors into `model`, checking every name, shape and dtype first: on any
-/// mismatch the model is left untouched and the error lists all of them.
-pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8]) -> Result<()> {
+/// One tensor of the file, checked against the expected shape and converted to our layout.
+fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize], layout: &Layout) -> std::result::Result<Vec<f32>, String> {
+    let t = st.tensor(name).map_err(|_| format!("missing tensor {name} {shape:?}"))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(format!("{name}: dtype {:?}, expected F32", t.dtype()));
+    }
+    if t.shape() != shape {
+        return Err(format!("{name}: shape {:?} in file, model expects {shape:?}", t.shape()));
+    }
+    let torch: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    if let Some(i) = torch.iter().position(|x| !x.is_finite()) {
+        return Err(format!("{name}: non-finite value at index {i}"));
+    }
+    Ok(match torch_to_ours(layout, torch.len()) {
+        None => torch,
+        Some(map) => {
+            let mut v = vec![0.0; torch.len()];
+            map.iter().zip(&torch).for_each(|(&j, &x)| v[j] = x);
+            v
+        }
+    })
+}
+
+/// Every tensor shaped like a parameter, named `prefix` + its name; problems are collected.
+fn read_all(st: &SafeTensors, model: &Model, prefix: &str, problems: &mut Vec<String>) -> Vec<Vec<f32>> {
+    model
+        .params
+        .iter()
+        .zip(layouts(model))
+        .filter_map(|(p, layout)| {
+            read_tensor(st, &format!("{prefix}{}", p.name), &p.torch_shape, &layout).map_err(|e| problems.push(e)).ok()
+        })
+        .collect()
+}
+
+/// Copy the file's tensors into `model` (and, for a training checkpoint, the optimiser's state
+/// into `optimizer`), checking every name, shape and dtype first: on any mismatch nothing is
+/// changed and the error lists all of them. Without `optimizer`, a training checkpoint's
+/// optimiser tensors are ignored, so `eval` and `predict` take either kind of file.
+pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option<&mut Optimizer>) -> Result<()> {
     let st = SafeTensors::deserialize(bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut problems = Vec::new();
-    let mut loaded = Vec::new();
-    for (p, layout) in model.params.iter().zip(layouts(model)) {
-        match st.tensor(&p.name) {
-            Err(_) => problems.push(format!("missing tensor {} {:?}", p.name, p.torch_shape)),
-            Ok(t) if t.dtype() != Dtype::F32 => problems.push(format!("{}: dtype {:?}, expected F32", p.name, t.dtype())),
-            Ok(t) if t.shape() != p.torch_shape.as_slice() => {
-                problems.push(format!("{}: shape {:?} in file, model expects {:?}", p.name, t.shape(), p.torch_shape))
-            }
-            Ok(t) => {
-                let torch: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-                let ours = match torch_to_ours(&layout, torch.len()) {
-                    None => torch,
-                    Some(map) => {
-                        let mut v = vec![0.0; torch.len()];
-                        map.iter().zip(&torch).for_each(|(&j, &x)| v[j] = x);
-                        v
-                    }
-                };
-                loaded.push(ours);
-            }
+    let values = read_all(&st, model, "", &mut problems);
+    let mut expected: Vec<String> = model.params.iter().map(|p| p.name.clone()).collect();
+    let mut slots = Vec::new();
+    let mut step = 0;
+    if let Some(opt) = &optimizer {
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let kind = serde_json::to_string(&opt.config.kind)?;
+        match (meta.get(OPTIMIZER_STEP_KEY).and_then(|s| s.parse::<u64>().ok()), meta.get(OPTIMIZER_KIND_KEY)) {
+            (Some(s), Some(k)) if *k == kind => step = s,
+            (Some(_), Some(k)) => problems.push(format!("optimizer {k} in file, the run uses {kind}")),
+            _ => problems.push("no optimizer state: a model file, not a training checkpoint".into()),
+        }
+        let used = if opt.slot2.is_empty() { 1 } else { 2 };
+        for slot in 1..=used {
+            let prefix = slot_prefix(slot);
+            slots.push(read_all(&st, model, &prefix, &mut problems));
+            expected.extend(model.params.iter().map(|p| format!("{prefix}{}", p.name)));
         }
     }
-    let known: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
-    let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !known.contains(n)).collect();
+    let mut extra: Vec<&str> = st
+        .names()
+        .into_iter()
+        .filter(|n| !expected.iter().any(|e| e == n) && (optimizer.is_some() || !n.starts_with(OPTIMIZER_PREFIX)))
+        .collect();
     extra.sort();
     problems.extend(extra.iter().map(|n| format!("unexpected tensor {n}")));
     if !problems.is_empty() {
         bail!("{}: does not match model {}:\n  {}", path.display(), model.arch.name, problems.join("\n  "));
     }
-    for (p, v) in model.params.iter_mut().zip(loaded) {
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!("{}: tensor {} has a non-finite value at index {i}", path.display(), p.name);
-        }
+    for (p, v) in model.params.iter_mut().zip(values) {
         p.value = v;
     }
+    if let Some(opt) = optimizer {
+        let mut slots = slots.into_iter();
+        opt.slot1 = slots.next().expect("slot 1 read");
+        if let Some(s) = slots.next() {
+            opt.slot2 = s;
+        }
+        opt.step = step;
+    }
     Ok(())
+}
+
+/// The metadata of a safetensors file (step, accuracy, ... as written by `extra`).
+pub fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Load a model file: the architecture is `arch` if given (for files written elsewhere, e.g. a
@@ -187,7 +283,7 @@ pub fn load(path: &Path, arch: Option<Architecture>) -> Result<Model> {
         None => read_architecture(path, &bytes)?,
     };
     let mut model = Model::new(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;
-    load_into(&mut model, path, &bytes)?;
+    load_into(&mut model, path, &bytes, None)?;
     Ok(model)
 }
 
@@ -226,13 +322,13 @@ mod tests {
         }
         let mut m = Model::new(&small).unwrap();
         m.init(1, 0.0);
-        let bytes = to_bytes(&m, &[]).unwrap();
+        let bytes = to_bytes(&m, &[], None).unwrap();
         let mut target = Model::new(&alexnet_mnist(0.8)).unwrap();
         let before = target.params[0].value.clone();
-        let err = load_into(&mut target, Path::new("small.safetensors"), &bytes).unwrap_err().to_string();
+        let err = load_into(&mut target, Path::new("small.safetensors"), &bytes, None).unwrap_err().to_string();
         assert!(err.contains("fc1.weight: shape [512, 4096]") && err.contains("fc2.weight: shape [1024, 512]"), "{err}");
         assert_eq!(target.params[0].value, before);
-        let err = format!("{:#}", load_into(&mut target, Path::new("junk.bin"), b"not a model").unwrap_err());
+        let err = format!("{:#}", load_into(&mut target, Path::new("junk.bin"), b"not a model", None).unwrap_err());
         assert!(err.contains("junk.bin"), "{err}");
     }
 

@@ -31,9 +31,16 @@ pub struct TrainConfig {
     /// Random translation of up to this many pixels per image per epoch (0 = off).
     pub augment_shift: usize,
     pub display_step: usize,
+    /// Write a training checkpoint every this many steps (0: only at epoch ends and on exit).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
     pub eval_batch: usize,
     pub data: Option<PathBuf>,
     pub out: PathBuf,
+}
+
+pub fn default_checkpoint_every() -> usize {
+    500
 }
 
 impl TrainConfig {

@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its MNIST adaptation, trained on the CPU.
 #[derive(Parser)]
@@ -89,6 +91,14 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TrainArgs {
+    /// Continue the run in this directory from its last checkpoint, with its saved config
+    /// (and its thread count, unless --threads says otherwise).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_gamma", "beta1", "beta2",
+        "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
+        "checkpoint_every", "eval_batch", "data", "out",
+    ])]
+    resume: Option<PathBuf>,
     #[arg(long, default_value = "alexnet-mnist")]
     model: String,
     #[arg(long, default_value_t = 64)]
@@ -137,6 +147,9 @@ struct TrainArgs {
     /// Print the minibatch loss and accuracy every this many steps.
     #[arg(long, default_value_t = 100)]
     display_step: usize,
+    /// Write a training checkpoint every this many steps (0: only at epoch ends and on exit).
+    #[arg(long, default_value_t = alexnet::config::default_checkpoint_every())]
+    checkpoint_every: usize,
     #[arg(long, default_value_t = 1000)]
     eval_batch: usize,
     /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
@@ -150,7 +163,7 @@ struct TrainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -158,13 +171,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn start_thread_pool(threads: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")
+}
+
+/// SIGINT and SIGTERM set `stop` to the signal's number, which the training loop polls after
+/// each step; a second one exits at once (with the conventional 128 + signal status).
+fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Registration order matters: the exit check must run before `seen` is set.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, seen.clone())?;
+        signal_hook::flag::register(signal, seen.clone())?;
+        signal_hook::flag::register_usize(signal, stop.clone(), signal as usize)?;
+    }
+    Ok(stop)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     let threads = match cli.threads {
         Some(0) => bail!("--threads must be at least 1"),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Some(n) => Some(n),
+        None => None,
     };
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")?;
+    let all_cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Command::Train(TrainArgs { resume: Some(dir), .. }) = &cli.command {
+        let mut cfg = train::read_config(dir)?;
+        if threads.is_some_and(|t| t != cfg.threads) {
+            eprintln!(
+                "warning: the run used {} threads; with {} the result will not be bit-identical to an uninterrupted run",
+                cfg.threads,
+                threads.unwrap_or_default()
+            );
+        }
+        cfg.threads = threads.unwrap_or(cfg.threads);
+        start_thread_pool(cfg.threads)?;
+        return finish_training(train::train(&cfg, true, &*stop_on_signals()?)?);
+    }
+    let threads = threads.unwrap_or_else(all_cores);
+    start_thread_pool(threads)?;
     match cli.command {
         Command::Train(a) => {
             let out = a.out.unwrap_or_else(|| {
@@ -191,11 +238,12 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 augment_shift: if a.augment { a.shift } else { 0 },
                 display_step: a.display_step,
+                checkpoint_every: a.checkpoint_every,
                 eval_batch: a.eval_batch,
                 data: a.data,
                 out,
             };
-            train::train(&cfg)?;
+            return finish_training(train::train(&cfg, false, &*stop_on_signals()?)?);
         }
         Command::Eval { checkpoint: path, model, data, batch_size, confusion } => {
             if batch_size == 0 {
@@ -303,7 +351,15 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A run stopped by a signal exits with the shell's convention for that signal (128 + number).
+fn finish_training(outcome: train::TrainOutcome) -> Result<ExitCode> {
+    Ok(match outcome {
+        train::TrainOutcome::Finished { .. } => ExitCode::SUCCESS,
+        train::TrainOutcome::Interrupted { signal, .. } => ExitCode::from(128 + signal as u8),
+    })
 }
 
 /// The data or image size must be the model's input size.

@@ -346,6 +346,57 @@ pub fn train_step_gradients(model: &mut Model, ws: &mut Workspace, labels: &[u8]
     (loss, correct)
 }
 
+/// Whether every value is finite, in a form LLVM vectorises (`x * 0` is 0 for finite `x` and
+/// NaN otherwise, and NaN survives the sum).
+pub fn all_finite(xs: &[f32]) -> bool {
+    let mut lanes = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(0.0, |a, &x| a + x * 0.0);
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += x * 0.0);
+    }
+    tail == 0.0 && lanes.iter().all(|&l| l == 0.0)
+}
+
+/// Whether every parameter gradient is finite (checked in parallel: it runs every step).
+pub fn gradients_finite(model: &Model) -> bool {
+    use rayon::prelude::*;
+    model.params.par_iter().all(|p| p.grad.par_chunks(1 << 16).all(all_finite))
+}
+
+/// After a training step went non-finite: where it first happened, in the order the values
+/// were computed (the forward outputs from the input up, then the backward gradients from the
+/// loss down), e.g. "the output of conv2" or "the gradient of fc1.weight".
+pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<String> {
+    let names = crate::summary::layer_names(model);
+    let len = |i: usize| model.shapes[i].iter().product::<usize>() * n;
+    if !all_finite(&ws.acts[0][..len(0)]) {
+        return Some("the input batch".into());
+    }
+    for (i, name) in names.iter().enumerate() {
+        if ws.inputs_at.get(i + 1).is_some_and(|&at| at != i + 1) && ws.logits_at != i + 1 {
+            continue; // skipped in forward (dropout at keep 1): its buffer was not written
+        }
+        if !all_finite(&ws.acts[i + 1][..len(i + 1)]) {
+            return Some(format!("the output of {name}"));
+        }
+    }
+    for (i, (layer, name)) in model.layers.iter().zip(&names).enumerate().rev() {
+        if let Layer::Conv { param, .. } | Layer::Linear { param, .. } = layer {
+            for p in [&model.params[*param], &model.params[param + 1]] {
+                if !all_finite(&p.grad) {
+                    return Some(format!("the gradient of {}", p.name));
+                }
+            }
+        }
+        let input_at = ws.inputs_at[i];
+        if input_at > 0 && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
+            return Some(format!("the gradient flowing out of {name}"));
+        }
+    }
+    None
+}
+
 /// Backward through the stack; expects `ws.grads[last]` to hold d loss / d logits.
 fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
     // Layers skipped in forward (dropout at keep 1) pass the gradient through unchanged: the

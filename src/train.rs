@@ -1,13 +1,16 @@
 //! The training loop: the notebook's schedule (display every `display_step` steps, test at
-//! each epoch end and at the end), with a run directory holding the config, per-step metrics
-//! and the model.
+//! each epoch end and at the end), with a run directory holding the config, per-step metrics,
+//! training checkpoints and the model. A run can be stopped at any instant (SIGINT/SIGTERM
+//! write a checkpoint first; even SIGKILL leaves the last one intact) and resumed bit for bit:
+//! every random draw is keyed by (seed, epoch, step, ...) (see `rng`), so the step count,
+//! the weights and the optimiser's slots are all the state there is.
 
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::{self, Dataset, Split};
 use crate::eval::{EvalResult, evaluate};
-use crate::model::{Mode, Model, Workspace, architecture, forward, train_step_gradients};
+use crate::model::{Mode, Model, Workspace, architecture, first_non_finite, forward, gradients_finite, train_step_gradients};
 use crate::optim::Optimizer;
 use crate::rng::stream_id;
 use anyhow::{Context, Result, bail};
@@ -16,12 +19,27 @@ use serde_json::json;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-pub struct TrainOutcome {
-    pub test: EvalResult,
-    pub model_path: PathBuf,
-    pub seconds: f64,
+pub const CONFIG_FILE: &str = "config.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The latest training state (model, optimiser, step), for `--resume`.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The model alone, written at each epoch end and at the end of the run.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+pub enum TrainOutcome {
+    Finished {
+        test: EvalResult,
+        model_path: PathBuf,
+        seconds: f64,
+    },
+    /// Stopped by a signal (its number) after writing a checkpoint at `step`.
+    Interrupted {
+        signal: usize,
+        step: usize,
+    },
 }
 
 /// Appends one JSON object per line to `metrics.jsonl`.
@@ -38,8 +56,77 @@ pub fn load_data(cfg_data: Option<&Path>) -> Result<(Dataset, Dataset)> {
     Ok((mnist::load(&dir, Split::Train, strict)?, mnist::load(&dir, Split::Test, strict)?))
 }
 
-pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
+/// The config saved in a run directory.
+pub fn read_config(run_dir: &Path) -> Result<TrainConfig> {
+    let path = run_dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (is {} a run directory?)", path.display(), run_dir.display()))?;
+    let mut cfg: TrainConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a training config", path.display()))?;
+    cfg.out = run_dir.to_path_buf();
+    Ok(cfg)
+}
+
+pub fn signal_name(signal: usize) -> String {
+    match signal {
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Where a resumed run starts: the checkpoint's step and elapsed seconds.
+struct Start {
+    step: usize,
+    elapsed: f64,
+}
+
+/// Load the run directory's checkpoint into `model` and `opt`, drop the metrics written after
+/// it (they will be written again), and clear temporary files a killed write left behind.
+fn restore(cfg: &TrainConfig, model: &mut Model, opt: &mut Optimizer) -> Result<Start> {
+    for entry in std::fs::read_dir(&cfg.out).with_context(|| format!("cannot read {}", cfg.out.display()))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(checkpoint::TEMP_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let path = cfg.out.join(CHECKPOINT_FILE);
+    let start = if path.exists() {
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        checkpoint::load_into(model, &path, &bytes, Some(opt))?;
+        let meta = checkpoint::metadata(&path, &bytes)?;
+        let number = |key: &str| {
+            meta.get(key).and_then(|v| v.parse::<f64>().ok()).with_context(|| format!("{}: no '{key}' metadata", path.display()))
+        };
+        Start { step: number("step")? as usize, elapsed: number("elapsed_s")? }
+    } else {
+        println!("No checkpoint in {} yet: starting from step 0", cfg.out.display());
+        Start { step: 0, elapsed: 0.0 }
+    };
+    let metrics_path = cfg.out.join(METRICS_FILE);
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= start.step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
+    Ok(start)
+}
+
+/// Train per `cfg`, or with `resume` continue the run in `cfg.out` from its checkpoint.
+/// `stop` is polled after every step: a non-zero value (a signal number) writes a checkpoint
+/// and returns `Interrupted`.
+pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<TrainOutcome> {
     cfg.validate()?;
+    let checkpoint_path = cfg.out.join(CHECKPOINT_FILE);
+    if !resume && checkpoint_path.exists() {
+        bail!(
+            "{} already holds a training run ({CHECKPOINT_FILE}): continue it with `alexnet train --resume {}`, or pick another --out",
+            cfg.out.display(),
+            cfg.out.display()
+        );
+    }
     let (train_set, test_set) = load_data(cfg.data.as_deref())?;
     let arch = architecture(&cfg.model, cfg.keep_prob)?;
     if [train_set.rows, train_set.cols, 1] != arch.input || [test_set.rows, test_set.cols, 1] != arch.input {
@@ -52,15 +139,25 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
         bail!("--batch-size {} exceeds the {} training images", cfg.batch_size, train_set.len());
     }
     let total_steps = cfg.total_steps(train_set.len());
+    let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
 
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
-    checkpoint::write_atomic(&cfg.out.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
-    let metrics_path = cfg.out.join("metrics.jsonl");
-    let mut metrics = Metrics(File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?);
-    let model_path = cfg.out.join("model.safetensors");
+    let start = if resume {
+        restore(cfg, &mut model, &mut opt)?
+    } else {
+        std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
+        checkpoint::write_atomic(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+        checkpoint::write_atomic(&cfg.out.join(METRICS_FILE), b"")?;
+        Start { step: 0, elapsed: 0.0 }
+    };
+    let metrics_path = cfg.out.join(METRICS_FILE);
+    let metrics_file =
+        File::options().append(true).open(&metrics_path).with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let mut metrics = Metrics(metrics_file);
+    let model_path = cfg.out.join(MODEL_FILE);
 
     println!(
-        "Training {} ({} parameters) on {} images for {total_steps} steps of {} ({} epochs), {} threads -> {}",
+        "{} {} ({} parameters) on {} images for {total_steps} steps of {} ({} epochs), {} threads -> {}",
+        if start.step > 0 { format!("Resuming at step {} of", start.step) } else { "Training".into() },
         arch.name,
         model.param_count(),
         train_set.len(),
@@ -71,30 +168,48 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
     );
     let mut ws = Workspace::new(&model, cfg.batch_size, true);
     let mut eval_ws = Workspace::new(&model, cfg.eval_batch.min(test_set.len()), false);
-    let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
+    bar.set_position(start.step as u64);
     let mut labels = Vec::with_capacity(cfg.batch_size);
     let mut order = Vec::new();
-    let started = Instant::now();
+    let started = Instant::now() - std::time::Duration::from_secs_f64(start.elapsed);
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut last_test = None;
-    for step in 1..=total_steps {
+    let mut saved_step = start.step;
+    let save_state = |model: &Model, opt: &Optimizer, step: usize| {
+        let meta = [("step", step.to_string()), ("elapsed_s", started.elapsed().as_secs_f64().to_string()), ("seed", cfg.seed.to_string())];
+        checkpoint::save_training_state(model, opt, &checkpoint_path, &meta)
+    };
+    for step in start.step + 1..=total_steps {
         let epoch = (step - 1) / steps_per_epoch;
         let pos = (step - 1) % steps_per_epoch;
-        if pos == 0 {
+        if pos == 0 || order.is_empty() {
             order = epoch_order(train_set.len(), cfg.seed, epoch as u64);
         }
         let indices = &order[pos * cfg.batch_size..(pos + 1) * cfg.batch_size];
         fill_batch(&train_set, indices, cfg.augment_shift, stream_id(&[cfg.seed, epoch as u64, 0x0041_5547]), ws.input_mut(), &mut labels);
         let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, stream_id(&[cfg.seed, step as u64]));
-        if !loss.is_finite() {
-            bail!("loss became {loss} at step {step}: training diverged; try a lower --lr (now {})", cfg.lr);
+        if !loss.is_finite() || !gradients_finite(&model) {
+            // The weights are still the last good ones (the update has not run); on disk the
+            // last checkpoint is kept as it is.
+            bar.finish_and_clear();
+            let place = first_non_finite(&model, &ws, cfg.batch_size).unwrap_or_else(|| "an unlocated value".into());
+            metrics.log(json!({"step": step, "diverged": place, "loss": loss.to_string()}))?;
+            let kept = if saved_step > 0 {
+                format!("the last good checkpoint ({}, step {saved_step}) is kept", checkpoint_path.display())
+            } else {
+                "no checkpoint had been written yet".into()
+            };
+            bail!(
+                "training diverged at step {step} (loss {loss}): the first non-finite value is {place}; {kept}. Try a lower --lr (this run: {})",
+                cfg.lr
+            );
         }
         let lr = cfg.lr_at(epoch);
         opt.update(&mut model.params, lr);
         window_samples += cfg.batch_size;
-        bar.inc(1);
+        bar.set_position(step as u64);
         if step % cfg.display_step == 0 || step == total_steps {
             // The notebook reports the minibatch with dropout off (keep_prob 1).
             forward(&model, &mut ws, cfg.batch_size, Mode::Eval);
@@ -113,8 +228,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
             bar.suspend(|| println!("Iter {}, Minibatch Loss= {loss:.6}, Training Accuracy= {acc:.5}", step * cfg.batch_size));
             metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epoch, "loss": loss, "accuracy": acc, "lr": lr.to_string().parse::<f64>().unwrap_or(lr as f64), "samples_per_s": rate}))?;
         }
+        let t = Instant::now();
         if pos + 1 == steps_per_epoch || step == total_steps {
-            let t = Instant::now();
             let test = evaluate(&model, &mut eval_ws, &test_set);
             let epochs_done = step as f64 / steps_per_epoch as f64;
             let label = if pos + 1 == steps_per_epoch { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
@@ -126,19 +241,43 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainOutcome> {
                     started.elapsed().as_secs_f64()
                 )
             });
-            metrics.log(json!({"step": step, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "elapsed_s": started.elapsed().as_secs_f64()}))?;
-            let meta = [("step", step.to_string()), ("test_accuracy", test.accuracy.to_string())];
-            checkpoint::save(&model, &model_path, &meta)?;
-            window_start += t.elapsed();
+            metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "confusion": test.confusion, "elapsed_s": started.elapsed().as_secs_f64()}))?;
+            checkpoint::save(&model, &model_path, &[("step", step.to_string()), ("test_accuracy", test.accuracy.to_string())])?;
             last_test = Some(test);
+        }
+        let signal = stop.load(Ordering::SeqCst);
+        let at_epoch_end = pos + 1 == steps_per_epoch;
+        if signal != 0 || at_epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
+            save_state(&model, &opt, step)?;
+            saved_step = step;
+        }
+        window_start += t.elapsed();
+        if signal != 0 && step < total_steps {
+            bar.finish_and_clear();
+            println!(
+                "Interrupted by {} at step {step} of {total_steps}: checkpoint written to {}. Continue with: alexnet train --resume {}",
+                signal_name(signal),
+                checkpoint_path.display(),
+                cfg.out.display()
+            );
+            return Ok(TrainOutcome::Interrupted { signal, step });
         }
     }
     bar.finish_and_clear();
-    let test = last_test.expect("the last step evaluates");
+    let test = match last_test {
+        Some(t) => t,
+        None => {
+            println!("The run had already finished; evaluating its model");
+            evaluate(&model, &mut eval_ws, &test_set)
+        }
+    };
+    if !model_path.exists() {
+        checkpoint::save(&model, &model_path, &[("step", total_steps.to_string()), ("test_accuracy", test.accuracy.to_string())])?;
+    }
     println!("Optimization Finished!");
     println!("Testing Accuracy: {:.4}", test.accuracy);
     println!("Model written to {}", model_path.display());
-    Ok(TrainOutcome { test, model_path, seconds: started.elapsed().as_secs_f64() })
+    Ok(TrainOutcome::Finished { test, model_path, seconds: started.elapsed().as_secs_f64() })
 }
 
 #[cfg(test)]
@@ -168,6 +307,7 @@ mod tests {
             threads: rayon::current_num_threads(),
             augment_shift: 2,
             display_step: 2,
+            checkpoint_every: 500,
             eval_batch: 16,
             data: Some(data.to_path_buf()),
             out: out.to_path_buf(),
@@ -184,7 +324,7 @@ mod tests {
             let out = dir.path().join(name);
             let mut cfg = config(dir.path(), &out);
             cfg.seed = seed;
-            train(&cfg).unwrap();
+            train(&cfg, false, &AtomicUsize::new(0)).unwrap();
             let model = checkpoint::load(&out.join("model.safetensors"), None).unwrap();
             model.params.into_iter().map(|p| p.value).collect::<Vec<_>>()
         };
@@ -197,5 +337,72 @@ mod tests {
         assert_eq!(metrics.lines().filter(|l| l.contains("\"test_accuracy\"")).count(), 2);
         let saved: TrainConfig = serde_json::from_str(&std::fs::read_to_string(dir.path().join("a/config.json")).unwrap()).unwrap();
         assert_eq!((saved.seed, saved.batch_size, saved.augment_shift), (5, 8, 2));
+    }
+
+    #[test]
+    fn divergence_stops_the_run_naming_step_and_layer_and_keeps_the_last_good_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
+        write_idx(dir.path(), "train", 32, &labels);
+        write_idx(dir.path(), "t10k", 32, &labels);
+        let out = dir.path().join("run");
+        let mut cfg = config(dir.path(), &out);
+        // Adam moves every weight by ~lr per step: 1e12 overflows f32 within two steps.
+        (cfg.lr, cfg.checkpoint_every, cfg.samples) = (1e12, 1, 80);
+        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0)).err().expect("the run diverges"));
+        assert!(err.contains("diverged at step 2") && err.contains("the first non-finite value is the output of"), "{err}");
+        assert!(err.contains("step 1) is kept") && err.contains("--lr"), "{err}");
+        // The checkpoint on disk is step 1's, finite (the loader rejects non-finite tensors).
+        let bytes = std::fs::read(out.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(checkpoint::metadata(&out.join(CHECKPOINT_FILE), &bytes).unwrap()["step"], "1");
+        checkpoint::load(&out.join(CHECKPOINT_FILE), None).unwrap();
+        let metrics = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
+        assert!(metrics.contains("\"diverged\""), "{metrics}");
+    }
+
+    #[test]
+    fn a_fresh_run_refuses_a_directory_holding_a_run_and_resume_needs_a_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
+        write_idx(dir.path(), "train", 32, &labels);
+        write_idx(dir.path(), "t10k", 32, &labels);
+        let out = dir.path().join("run");
+        let cfg = config(dir.path(), &out);
+        train(&cfg, false, &AtomicUsize::new(0)).unwrap();
+        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0)).err().unwrap());
+        assert!(err.contains("--resume") && err.contains("already holds a training run"), "{err}");
+        let err = format!("{:#}", read_config(dir.path()).unwrap_err());
+        assert!(err.contains("config.json") && err.contains("run directory"), "{err}");
+        // Resuming a finished run re-evaluates its model and changes nothing.
+        let before = std::fs::read(out.join(CHECKPOINT_FILE)).unwrap();
+        assert!(matches!(train(&read_config(&out).unwrap(), true, &AtomicUsize::new(0)).unwrap(), TrainOutcome::Finished { .. }));
+        assert_eq!(before, std::fs::read(out.join(CHECKPOINT_FILE)).unwrap());
+    }
+
+    #[test]
+    fn a_stop_request_writes_a_checkpoint_that_holds_the_optimizer_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
+        write_idx(dir.path(), "train", 32, &labels);
+        write_idx(dir.path(), "t10k", 32, &labels);
+        let out = dir.path().join("run");
+        let cfg = config(dir.path(), &out);
+        // Stop requested before the first step: the run stops after it.
+        let outcome = train(&cfg, false, &AtomicUsize::new(15)).unwrap();
+        assert!(matches!(outcome, TrainOutcome::Interrupted { signal: 15, step: 1 }));
+        let path = out.join(CHECKPOINT_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        let arch = architecture(&cfg.model, cfg.keep_prob).unwrap();
+        let mut model = Model::new(&arch).unwrap();
+        let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
+        checkpoint::load_into(&mut model, &path, &bytes, Some(&mut opt)).unwrap();
+        assert_eq!(opt.step, 1);
+        assert!(opt.slot1.iter().chain(&opt.slot2).all(|s| s.iter().any(|&v| v != 0.0)), "Adam's moments were saved");
+        // A model-only file is not a training checkpoint.
+        let model_only = out.join("model-only.safetensors");
+        checkpoint::save(&model, &model_only, &[]).unwrap();
+        let err =
+            checkpoint::load_into(&mut model, &model_only, &std::fs::read(&model_only).unwrap(), Some(&mut opt)).unwrap_err().to_string();
+        assert!(err.contains("no optimizer state") && err.contains("missing tensor optimizer.slot1.conv1.weight"), "{err}");
     }
 }
