@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod layers;
 pub mod model;
+pub mod onnx;
 pub mod optim;
 pub mod predict;
 pub mod rng;

@@ -60,6 +60,16 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Write a model file as ONNX (inputs NCHW in [0, 1]; outputs logits and probabilities).
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_name = "OUT.onnx")]
+        onnx: PathBuf,
+    },
     /// Print a model's layer table.
     Summary {
         #[arg(long, default_value = "alexnet-mnist")]
@@ -301,6 +311,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if failed > 0 {
                 bail!("{failed} of {} images could not be read", images.len());
             }
+        }
+        Command::Export { checkpoint: path, model, onnx } => {
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
+            alexnet::onnx::export(&model, &onnx)?;
+            println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
         }
         Command::Summary { model } => {
             let m = Model::new(&architecture(&model, 1.0)?)?;
