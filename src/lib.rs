@@ -12,6 +12,7 @@ pub mod layers;
 pub mod model;
 pub mod onnx;
 pub mod optim;
+pub mod plot;
 pub mod predict;
 pub mod rng;
 pub mod summary;

@@ -70,6 +70,11 @@ enum Command {
         #[arg(long, value_name = "OUT.onnx")]
         onnx: PathBuf,
     },
+    /// Draw a run's loss and accuracy curves and its test confusion matrix as PNGs.
+    Plot {
+        #[arg(value_name = "RUN_DIR")]
+        run: PathBuf,
+    },
     /// Print a model's layer table.
     Summary {
         #[arg(long, default_value = "alexnet-mnist")]
@@ -316,6 +321,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
+        }
+        Command::Plot { run } => {
+            for path in alexnet::plot::write_run_plots(&run)? {
+                println!("{}", path.display());
+            }
         }
         Command::Summary { model } => {
             let m = Model::new(&architecture(&model, 1.0)?)?;

@@ -74,6 +74,14 @@ pub fn signal_name(signal: usize) -> String {
     }
 }
 
+/// Plots are a view of the metrics: failing to draw them must not fail the run.
+fn write_plots(run_dir: &Path) {
+    match crate::plot::write_run_plots(run_dir) {
+        Ok(paths) => println!("Plots: {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+        Err(e) => eprintln!("warning: no plots: {e:#}"),
+    }
+}
+
 /// Where a resumed run starts: the checkpoint's step and elapsed seconds.
 struct Start {
     step: usize,
@@ -260,6 +268,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
                 checkpoint_path.display(),
                 cfg.out.display()
             );
+            write_plots(&cfg.out);
             return Ok(TrainOutcome::Interrupted { signal, step });
         }
     }
@@ -274,6 +283,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
     if !model_path.exists() {
         checkpoint::save(&model, &model_path, &[("step", total_steps.to_string()), ("test_accuracy", test.accuracy.to_string())])?;
     }
+    write_plots(&cfg.out);
     println!("Optimization Finished!");
     println!("Testing Accuracy: {:.4}", test.accuracy);
     println!("Model written to {}", model_path.display());
