@@ -278,12 +278,21 @@ pub fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
 /// PyTorch state dict saved with safetensors), else the one in the file's metadata.
 pub fn load(path: &Path, arch: Option<Architecture>) -> Result<Model> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
+    load_bytes(path, &bytes, arch)
+}
+
+/// `load` on the file's bytes (`path` names it in errors).
+pub fn load_bytes(path: &Path, bytes: &[u8], arch: Option<Architecture>) -> Result<Model> {
     let arch = match arch {
         Some(a) => a,
-        None => read_architecture(path, &bytes)?,
+        None => read_architecture(path, bytes)?,
     };
+    let params = Model::parameter_count(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;
+    if params.saturating_mul(4) > bytes.len() {
+        bail!("{}: {} bytes cannot hold the {params} parameters of model {}", path.display(), bytes.len(), arch.name);
+    }
     let mut model = Model::new(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;
-    load_into(&mut model, path, &bytes, None)?;
+    load_into(&mut model, path, bytes, None)?;
     Ok(model)
 }
 

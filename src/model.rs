@@ -11,7 +11,7 @@ use crate::layers::softmax::softmax_cross_entropy;
 use crate::layers::winograd;
 use crate::layers::{Padding, Window};
 use crate::rng::stream_id;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
@@ -122,25 +122,51 @@ pub struct Model {
 impl Model {
     /// Resolve the shapes and allocate zeroed parameters; `init` draws them.
     pub fn new(arch: &Architecture) -> Result<Model> {
+        let mut model = Model::resolve(arch)?;
+        for p in &mut model.params {
+            let len = p.torch_shape.iter().product();
+            (p.value, p.grad) = (vec![0.0; len], vec![0.0; len]);
+        }
+        Ok(model)
+    }
+
+    /// Parameters the architecture has, without allocating them: lets a loader check a file
+    /// against an architecture read from that same (possibly hostile) file first.
+    pub fn parameter_count(arch: &Architecture) -> Result<usize> {
+        Ok(Model::resolve(arch)?.params.iter().map(|p| p.torch_shape.iter().product::<usize>()).sum())
+    }
+
+    /// Shapes, layers and parameter names and shapes, with empty parameter buffers. Sizes are
+    /// bounded, so no architecture (from a file, say) can overflow or ask for absurd memory.
+    fn resolve(arch: &Architecture) -> Result<Model> {
+        const MAX_ELEMENTS: usize = 1 << 30;
         let mut shape = arch.input;
         let (mut layers, mut params, mut shapes) = (Vec::new(), Vec::new(), vec![shape]);
-        let mut param = |name: &str, torch_shape: Vec<usize>, decay: bool| {
-            let len = torch_shape.iter().product();
-            params.push(Param { name: name.to_string(), torch_shape, value: vec![0.0; len], grad: vec![0.0; len], decay });
-            params.len() - 1
+        let mut total = 0usize;
+        let mut param = |name: &str, torch_shape: Vec<usize>, decay: bool| -> Result<usize> {
+            let len = torch_shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_ELEMENTS);
+            total = len.and_then(|n| total.checked_add(n)).filter(|&n| n <= MAX_ELEMENTS).with_context(|| {
+                format!("model {}: {name} {torch_shape:?} makes the model larger than {MAX_ELEMENTS} parameters", arch.name)
+            })?;
+            params.push(Param { name: name.to_string(), torch_shape, value: Vec::new(), grad: Vec::new(), decay });
+            Ok(params.len() - 1)
         };
+        let within = |s: [usize; 3]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n > 0 && n <= MAX_ELEMENTS);
+        if !within(shape) || arch.layers.is_empty() {
+            bail!("model {}: input {shape:?} is empty or too large, or there are no layers", arch.name);
+        }
         for spec in &arch.layers {
             let [h, w, c] = shape;
             let bad = |what: &str| anyhow::anyhow!("model {}: {what} does not fit input {h}x{w}x{c}", arch.name);
             match spec {
                 LayerSpec::Conv { name, out_c, kernel, stride, padding, groups, relu } => {
                     let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad(name))?;
-                    if c % groups != 0 || out_c % groups != 0 {
+                    if *groups == 0 || c % groups != 0 || out_c % groups != 0 {
                         bail!("model {}: {name}: channels {c} -> {out_c} not divisible by groups {groups}", arch.name);
                     }
                     let conv = Conv { win, in_c: c, out_c: *out_c, groups: *groups, relu: *relu };
-                    let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true);
-                    param(&format!("{name}.bias"), vec![*out_c], false);
+                    let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true)?;
+                    param(&format!("{name}.bias"), vec![*out_c], false)?;
                     layers.push(Layer::Conv { conv, param: p, winograd: winograd::applies(&conv) });
                     shape = [win.h.output, win.w.output, *out_c];
                 }
@@ -153,11 +179,14 @@ impl Model {
                 LayerSpec::Dropout { keep } => layers.push(Layer::Dropout { keep: *keep }),
                 LayerSpec::Linear { name, out, relu } => {
                     let linear = Linear { in_len: h * w * c, out_len: *out, relu: *relu };
-                    let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true);
-                    param(&format!("{name}.bias"), vec![*out], false);
+                    let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true)?;
+                    param(&format!("{name}.bias"), vec![*out], false)?;
                     layers.push(Layer::Linear { linear, param: p, from: shape });
                     shape = [1, 1, *out];
                 }
+            }
+            if !within(shape) {
+                bail!("model {}: layer output {shape:?} is empty or too large", arch.name);
             }
             shapes.push(shape);
         }

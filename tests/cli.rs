@@ -43,6 +43,26 @@ fn missing_or_mismatched_checkpoints_and_unreadable_images_are_clear_errors() {
     std::fs::write(&junk, b"definitely not safetensors").unwrap();
     fails_with(&["eval", "--checkpoint", junk.to_str().unwrap()], &["junk.safetensors"]);
     fails_with(&["predict", "--checkpoint", junk.to_str().unwrap(), "x.png"], &["junk.safetensors"]);
+    let onnx = dir.path().join("out.onnx");
+    fails_with(&["export", "--checkpoint", junk.to_str().unwrap(), "--onnx", onnx.to_str().unwrap()], &["junk.safetensors"]);
+    assert!(!onnx.exists());
+}
+
+#[test]
+fn resume_and_plot_need_a_run_directory_and_resume_takes_no_training_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    fails_with(&["train", "--resume", d], &["config.json", "run directory"]);
+    fails_with(&["train", "--resume", d, "--lr", "0.1"], &["--resume", "--lr"]);
+    fails_with(&["plot", d], &["metrics.jsonl"]);
+    // A checkpoint whose architecture asks for absurd sizes is refused before allocating.
+    let arch = r#"{"name":"huge","input":[100000,100000,3],"layers":[{"Linear":{"name":"fc1","out":100000,"relu":false}}]}"#;
+    let header = format!(r#"{{"__metadata__":{{"alexnet.architecture":{}}}}}"#, serde_json::to_string(arch).unwrap());
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    let huge = dir.path().join("huge.safetensors");
+    std::fs::write(&huge, bytes).unwrap();
+    fails_with(&["eval", "--checkpoint", huge.to_str().unwrap()], &["huge.safetensors", "too large"]);
 }
 
 #[test]

@@ -24,7 +24,11 @@ pub struct IdxArray {
 /// Read the whole file, gunzipping it if it starts with the gzip magic.
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>, IdxError> {
     let io = |source| IdxError::Io { path: path.to_path_buf(), source };
-    let raw = std::fs::read(path).map_err(io)?;
+    decompress(path, std::fs::read(path).map_err(io)?)
+}
+
+/// Gunzip `raw` if it starts with the gzip magic, else return it as is.
+pub fn decompress(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, IdxError> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
         GzDecoder::new(&raw[..])

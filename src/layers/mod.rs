@@ -41,7 +41,14 @@ pub struct Axis {
 impl Padding {
     /// Output size and leading pad for one axis, or `None` if the window does not fit.
     pub fn resolve(self, input: usize, kernel: usize, stride: usize) -> Option<Axis> {
-        if input == 0 || kernel == 0 || stride == 0 {
+        // Geometry can come from a model file: keep every product below overflow.
+        const MAX: usize = 1 << 24;
+        if input == 0 || kernel == 0 || stride == 0 || input > MAX || kernel > MAX || stride > MAX {
+            return None;
+        }
+        if let Padding::Explicit(p) = self
+            && p > MAX
+        {
             return None;
         }
         let (output, pad_before) = match self {
