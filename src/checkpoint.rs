@@ -299,7 +299,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], arch: Option<Architecture>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::alexnet_mnist;
+    use crate::architectures::alexnet_mnist;
 
     #[test]
     fn round_trips_and_uses_pytorch_layouts() {

@@ -3,6 +3,7 @@
 //! `layers` holds the numeric kernels (forward/backward pairs over preallocated buffers),
 //! `model` the fixed layer stacks, `data` the MNIST pipeline, `optim` Adam and SGD, `train`,
 //! `eval`, `predict` and `bench` the commands, `checkpoint` the PyTorch-compatible files.
+pub mod architectures;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

@@ -1,9 +1,10 @@
+use alexnet::architectures::{MODEL_NAMES, architecture};
 use alexnet::bench::{self, BenchPlan};
 use alexnet::config::TrainConfig;
 use alexnet::data::mnist::{self, Split};
 use alexnet::eval::evaluate;
 use alexnet::layers::softmax::softmax;
-use alexnet::model::{MODEL_NAMES, Mode, Model, Workspace, architecture, forward};
+use alexnet::model::{Mode, Model, Workspace, forward};
 use alexnet::optim::OptimizerKind;
 use alexnet::{checkpoint, predict, summary, train};
 use anyhow::{Context, Result, bail};
@@ -79,6 +80,9 @@ enum Command {
     Summary {
         #[arg(long, default_value = "alexnet-mnist")]
         model: String,
+        /// Output classes (default: the model's own, 10 for MNIST, 1000 for ImageNet).
+        #[arg(long)]
+        classes: Option<usize>,
     },
     /// Measure training and inference throughput on real MNIST batches.
     Bench {
@@ -264,7 +268,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
             let (dir, strict) = mnist::resolve_dir(data.as_deref());
             let test = mnist::load(&dir, Split::Test, strict)?;
             check_input(&model, test.rows, test.cols)?;
@@ -283,7 +287,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Predict { checkpoint: path, model, json, top, images } => {
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
             check_input(&model, 28, 28)?;
             let classes = model.classes();
             let mut ws = Workspace::new(&model, 1, false);
@@ -318,7 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export { checkpoint: path, model, onnx } => {
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
         }
@@ -327,15 +331,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", path.display());
             }
         }
-        Command::Summary { model } => {
-            let m = Model::new(&architecture(&model, 1.0)?)?;
+        Command::Summary { model, classes } => {
+            let m = Model::new(&architecture(&model, 1.0, classes)?)?;
             print!("{}", summary::table(&m));
         }
         Command::Bench { model, batch_size, infer_batch, runs, steps, data, json, layers } => {
             if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
                 bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
             }
-            let mut m = Model::new(&architecture(&model, 0.8)?)?;
+            let mut m = Model::new(&architecture(&model, 0.8, None)?)?;
             m.init(1, 0.0);
             let (dir, strict) = mnist::resolve_dir(data.as_deref());
             let train_set = mnist::load(&dir, Split::Train, strict)?;

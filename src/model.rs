@@ -51,41 +51,19 @@ pub struct Architecture {
     /// Input height, width, channels.
     pub input: [usize; 3],
     pub layers: Vec<LayerSpec>,
+    #[serde(default)]
+    pub init: Init,
 }
 
-pub const MODEL_NAMES: &[&str] = &["alexnet-mnist"];
-
-/// The notebook's AlexNet for 28x28 MNIST: 3 x [conv 3x3 SAME + ReLU -> max-pool 3x3/2 SAME ->
-/// LRN -> dropout] with 64/128/256 channels, then FC 1024, FC 1024, FC 10.
-pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
-    let lrn = LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 };
-    let mut layers = Vec::new();
-    for (i, out_c) in [64, 128, 256].into_iter().enumerate() {
-        layers.push(LayerSpec::Conv {
-            name: format!("conv{}", i + 1),
-            out_c,
-            kernel: 3,
-            stride: 1,
-            padding: Padding::Same,
-            groups: 1,
-            relu: true,
-        });
-        layers.push(LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Same });
-        layers.push(LayerSpec::Lrn(lrn));
-        layers.push(LayerSpec::Dropout { keep: keep_prob });
-    }
-    layers.push(LayerSpec::Linear { name: "fc1".into(), out: 1024, relu: true });
-    layers.push(LayerSpec::Linear { name: "fc2".into(), out: 1024, relu: true });
-    layers.push(LayerSpec::Linear { name: "fc3".into(), out: 10, relu: false });
-    Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers }
-}
-
-/// Look up an architecture by its command-line name.
-pub fn architecture(name: &str, keep_prob: f32) -> Result<Architecture> {
-    match name {
-        "alexnet-mnist" => Ok(alexnet_mnist(keep_prob)),
-        other => bail!("unknown model '{other}' (known: {})", MODEL_NAMES.join(", ")),
-    }
+/// How `Model::init` draws the parameters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum Init {
+    /// He-normal weights, std sqrt(2 / fan_in); every bias the caller's constant.
+    #[default]
+    He,
+    /// The paper's: weights N(0, std); biases 1 in the named layers (so their ReLUs start in
+    /// the positive regime), 0 elsewhere.
+    Gaussian { std: f32, unit_bias: Vec<String> },
 }
 
 /// A resolved layer: geometry plus the index of its weight in `Model::params` (bias follows).
@@ -206,18 +184,27 @@ impl Model {
         self.params.iter().map(|p| p.value.len()).sum()
     }
 
-    /// He-normal weights (std = sqrt(2 / fan_in), right for ReLU) and constant biases. The
-    /// notebook's N(0, 1) weights made the logits explode (loss ~1e5); these keep the
+    /// Draw the parameters per the architecture's `Init`; `bias` is the constant bias of `He`.
+    /// He-normal (std = sqrt(2 / fan_in), right for ReLU) is what makes the notebook's model
+    /// train: its N(0, 1) weights made the logits explode (loss ~1e5), these keep the
     /// activations' variance roughly constant through the stack.
     pub fn init(&mut self, seed: u64, bias: f32) {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let init = self.arch.init.clone();
         for p in &mut self.params {
+            let layer = p.name.rsplit_once('.').map_or(p.name.as_str(), |(layer, _)| layer);
             if p.decay {
-                let fan_in: usize = p.torch_shape[1..].iter().product();
-                let normal = Normal::new(0.0, (2.0 / fan_in as f32).sqrt()).expect("finite std");
+                let std = match &init {
+                    Init::He => (2.0 / p.torch_shape[1..].iter().product::<usize>() as f32).sqrt(),
+                    Init::Gaussian { std, .. } => *std,
+                };
+                let normal = Normal::new(0.0, std).expect("finite std");
                 p.value.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
             } else {
-                p.value.fill(bias);
+                p.value.fill(match &init {
+                    Init::He => bias,
+                    Init::Gaussian { unit_bias, .. } => f32::from(unit_bias.iter().any(|l| l == layer)),
+                });
             }
         }
     }
@@ -483,6 +470,7 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::architectures::alexnet_mnist;
     use crate::layers::testing::random_vec;
 
     /// A narrow version of the seed model (same layer kinds, shapes and padding cases) so the

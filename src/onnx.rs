@@ -267,7 +267,7 @@ pub fn export(model: &Model, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::alexnet_mnist;
+    use crate::architectures::alexnet_mnist;
 
     #[test]
     fn seed_model_graph_has_exact_tf_same_pads_and_onnx_lrn_alpha() {

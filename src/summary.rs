@@ -50,7 +50,7 @@ pub fn table(model: &Model) -> String {
     let mut s = String::new();
     let [h, w, c] = model.arch.input;
     writeln!(s, "Model {}: input {h}x{w}x{c}", model.arch.name).unwrap();
-    writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
+    writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
     for ((layer, [h, w, c]), name) in model.layers.iter().zip(&model.shapes[1..]).zip(layer_names(model)) {
         let weight = match layer {
             Layer::Conv { param, .. } | Layer::Linear { param, .. } => {
@@ -62,7 +62,7 @@ pub fn table(model: &Model) -> String {
         let (shape, params) = weight.map_or((String::new(), String::new()), |(s, n)| {
             (s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"), n.to_string())
         });
-        writeln!(s, "{:<10} {:>14} {:>10} {:>18} {:>12}", name, format!("{h}x{w}x{c}"), h * w * c, shape, params).unwrap();
+        writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", name, format!("{h}x{w}x{c}"), h * w * c, shape, params).unwrap();
     }
     let t = totals(model);
     writeln!(s, "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases", t.neurons, t.weights, t.parameters)
@@ -73,7 +73,7 @@ pub fn table(model: &Model) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::alexnet_mnist;
+    use crate::architectures::{alexnet_mnist, architecture};
 
     #[test]
     fn seed_model_totals() {
@@ -84,5 +84,33 @@ mod tests {
         assert_eq!(t.weights, 576 + 73728 + 294912 + 4194304 + 1048576 + 10240);
         assert_eq!(t.parameters, 5_624_842);
         assert!(table(&m).contains("fc1") && table(&m).contains("1024x4096"));
+    }
+
+    #[test]
+    fn paper_models_match_the_published_counts() {
+        let count = |name: &str| totals(&Model::new(&architecture(name, 0.5, None).unwrap()).unwrap());
+        // The paper's table: 659,272 neurons, 62,367,776 weights (62,378,344 with biases).
+        let t = count("alexnet");
+        assert_eq!((t.neurons, t.weights, t.parameters), (659_272, 62_367_776, 62_378_344));
+        // The two-tower model as published (Caffe's bvlc_alexnet) and torchvision's alexnet.
+        assert_eq!(count("alexnet-2gpu").parameters, 60_965_224);
+        assert_eq!(count("alexnet-owt").parameters, 61_100_840);
+        let m = Model::new(&architecture("alexnet-owt", 0.5, Some(37)).unwrap()).unwrap();
+        assert_eq!(m.classes(), 37);
+        let names: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names.first(), Some(&"features.0.weight"));
+        assert_eq!(names.last(), Some(&"classifier.6.bias"));
+        assert!(table(&Model::new(&architecture("alexnet", 0.5, None).unwrap()).unwrap()).contains("55x55x96"));
+        // The paper's init: biases 1 in conv2, conv4, conv5, fc6, fc7; weights N(0, 0.01).
+        let mut m = Model::new(&architecture("alexnet-2gpu", 0.5, Some(10)).unwrap()).unwrap();
+        m.init(1, 0.0);
+        let bias = |name: &str| m.params.iter().find(|p| p.name == name).unwrap().value[0];
+        assert_eq!(
+            [bias("conv1.bias"), bias("conv2.bias"), bias("conv3.bias"), bias("fc7.bias"), bias("fc8.bias")],
+            [0.0, 1.0, 0.0, 1.0, 0.0]
+        );
+        let w = &m.params.iter().find(|p| p.name == "fc6.weight").unwrap().value;
+        let std = (w.iter().map(|v| (v * v) as f64).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 0.01).abs() < 1e-4, "{std}");
     }
 }

@@ -5,12 +5,13 @@
 //! every random draw is keyed by (seed, epoch, step, ...) (see `rng`), so the step count,
 //! the weights and the optimiser's slots are all the state there is.
 
+use crate::architectures::architecture;
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::{self, Dataset, Split};
 use crate::eval::{EvalResult, evaluate};
-use crate::model::{Mode, Model, Workspace, architecture, first_non_finite, forward, gradients_finite, train_step_gradients};
+use crate::model::{Mode, Model, Workspace, first_non_finite, forward, gradients_finite, train_step_gradients};
 use crate::optim::Optimizer;
 use crate::rng::stream_id;
 use anyhow::{Context, Result, bail};
@@ -136,7 +137,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         );
     }
     let (train_set, test_set) = load_data(cfg.data.as_deref())?;
-    let arch = architecture(&cfg.model, cfg.keep_prob)?;
+    let arch = architecture(&cfg.model, cfg.keep_prob, None)?;
     if [train_set.rows, train_set.cols, 1] != arch.input || [test_set.rows, test_set.cols, 1] != arch.input {
         bail!("model {} takes {:?} inputs but the data has {}x{} images", arch.name, arch.input, train_set.rows, train_set.cols);
     }
@@ -324,12 +325,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn same_seed_gives_bit_identical_runs_and_a_complete_run_directory() {
+    /// 32 synthetic training and test images in a temporary directory.
+    fn tiny_dataset() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
         write_idx(dir.path(), "train", 32, &labels);
         write_idx(dir.path(), "t10k", 32, &labels);
+        dir
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_runs_and_a_complete_run_directory() {
+        let dir = tiny_dataset();
         let run = |name: &str, seed: u64| {
             let out = dir.path().join(name);
             let mut cfg = config(dir.path(), &out);
@@ -351,10 +358,7 @@ mod tests {
 
     #[test]
     fn divergence_stops_the_run_naming_step_and_layer_and_keeps_the_last_good_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
-        write_idx(dir.path(), "train", 32, &labels);
-        write_idx(dir.path(), "t10k", 32, &labels);
+        let dir = tiny_dataset();
         let out = dir.path().join("run");
         let mut cfg = config(dir.path(), &out);
         // Adam moves every weight by ~lr per step: 1e12 overflows f32 within two steps.
@@ -372,10 +376,7 @@ mod tests {
 
     #[test]
     fn a_fresh_run_refuses_a_directory_holding_a_run_and_resume_needs_a_run_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
-        write_idx(dir.path(), "train", 32, &labels);
-        write_idx(dir.path(), "t10k", 32, &labels);
+        let dir = tiny_dataset();
         let out = dir.path().join("run");
         let cfg = config(dir.path(), &out);
         train(&cfg, false, &AtomicUsize::new(0)).unwrap();
@@ -391,10 +392,7 @@ mod tests {
 
     #[test]
     fn a_stop_request_writes_a_checkpoint_that_holds_the_optimizer_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let labels: Vec<u8> = (0..32).map(|i| (i % 10) as u8).collect();
-        write_idx(dir.path(), "train", 32, &labels);
-        write_idx(dir.path(), "t10k", 32, &labels);
+        let dir = tiny_dataset();
         let out = dir.path().join("run");
         let cfg = config(dir.path(), &out);
         // Stop requested before the first step: the run stops after it.
@@ -402,7 +400,7 @@ mod tests {
         assert!(matches!(outcome, TrainOutcome::Interrupted { signal: 15, step: 1 }));
         let path = out.join(CHECKPOINT_FILE);
         let bytes = std::fs::read(&path).unwrap();
-        let arch = architecture(&cfg.model, cfg.keep_prob).unwrap();
+        let arch = architecture(&cfg.model, cfg.keep_prob, None).unwrap();
         let mut model = Model::new(&arch).unwrap();
         let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
         checkpoint::load_into(&mut model, &path, &bytes, Some(&mut opt)).unwrap();
