@@ -84,14 +84,20 @@ enum Command {
         #[arg(long)]
         classes: Option<usize>,
     },
-    /// Measure training and inference throughput on real MNIST batches.
+    /// Measure training and inference throughput: real MNIST batches for the seed model,
+    /// random images (--dummy) for the ImageNet models.
     Bench {
         #[arg(long, default_value = "alexnet-mnist")]
         model: String,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, visible_alias = "batch", default_value_t = 64)]
         batch_size: usize,
-        #[arg(long, default_value_t = 1000)]
-        infer_batch: usize,
+        /// Inference batch (default: 1000 for the seed model, else the training batch).
+        #[arg(long)]
+        infer_batch: Option<usize>,
+        /// Random images with fixed labels instead of MNIST (implied for models that do not
+        /// take 28x28 grayscale).
+        #[arg(long)]
+        dummy: bool,
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 7)]
         runs: usize,
@@ -335,18 +341,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let m = Model::new(&architecture(&model, 1.0, classes)?)?;
             print!("{}", summary::table(&m));
         }
-        Command::Bench { model, batch_size, infer_batch, runs, steps, data, json, layers } => {
+        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers } => {
+            let mut m = Model::new(&architecture(&model, if model == "alexnet-mnist" { 0.8 } else { 0.5 }, None)?)?;
+            m.init(1, 0.0);
+            let mnist_shaped = m.arch.input == [28, 28, 1];
+            let infer_batch = infer_batch.unwrap_or(if mnist_shaped { 1000 } else { batch_size });
             if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
                 bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
             }
-            let mut m = Model::new(&architecture(&model, 0.8, None)?)?;
-            m.init(1, 0.0);
-            let (dir, strict) = mnist::resolve_dir(data.as_deref());
-            let train_set = mnist::load(&dir, Split::Train, strict)?;
-            check_input(&m, train_set.rows, train_set.cols)?;
+            let train_set = if dummy || !mnist_shaped {
+                mnist::Dataset::dummy(2 * batch_size.max(infer_batch), m.arch.input, m.classes(), 1)
+            } else {
+                let (dir, strict) = mnist::resolve_dir(data.as_deref());
+                mnist::load(&dir, Split::Train, strict)?
+            };
+            // Each model with the optimiser it trains with: Adam for the notebook's, the
+            // paper's SGD for the ImageNet models.
             let cfg = alexnet::optim::OptimizerConfig {
-                kind: OptimizerKind::Adam,
-                lr: 1e-3,
+                kind: if mnist_shaped { OptimizerKind::Adam } else { OptimizerKind::Sgd },
+                lr: if mnist_shaped { 1e-3 } else { 0.01 },
                 beta1: 0.9,
                 beta2: 0.999,
                 epsilon: 1e-8,
@@ -362,7 +375,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("model {}, {} threads", r.model, r.threads);
+                let source = if train_set.channels == 1 && !dummy { "MNIST" } else { "random images" };
+                println!("model {}, {} threads, {source}", r.model, r.threads);
                 println!(
                     "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)",
                     r.train_samples_per_s, r.train_batch

@@ -21,7 +21,7 @@ fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
     };
     let pixels = ds.images[..n * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
     gz(format!("{prefix}-images-idx3-ubyte.gz"), vec![2051, n as u32, 28, 28], pixels);
-    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].to_vec());
+    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].iter().map(|&l| l as u8).collect());
 }
 
 struct Setup {

@@ -20,7 +20,7 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
 /// With `shift > 0` each image is translated by a random (dx, dy) in [-shift, shift]^2, drawn
 /// per image from `stream` (which the caller derives from seed and epoch), zero-filled: the
 /// paper's translation augmentation adapted to centred digits.
-pub fn fill_batch(ds: &Dataset, indices: &[u32], shift: usize, stream: u64, input: &mut [f32], labels: &mut Vec<u8>) {
+pub fn fill_batch(ds: &Dataset, indices: &[u32], shift: usize, stream: u64, input: &mut [f32], labels: &mut Vec<u32>) {
     let (rows, cols) = (ds.rows as isize, ds.cols as isize);
     labels.clear();
     for (slot, &i) in indices.iter().enumerate() {
@@ -71,7 +71,7 @@ mod tests {
         let mut images = vec![0.0; 2 * 25];
         images[12] = 1.0;
         images[25 + 12] = 1.0;
-        let ds = Dataset { images, labels: vec![3, 4], rows: 5, cols: 5 };
+        let ds = Dataset { images, labels: vec![3, 4], rows: 5, cols: 5, channels: 1 };
         let mut seen = std::collections::HashSet::new();
         for stream in 0..200 {
             let (mut input, mut labels) = (vec![0.0; 50], Vec::new());

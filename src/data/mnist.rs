@@ -22,13 +22,15 @@ pub enum Split {
     Test,
 }
 
-/// Images as `n x rows x cols` f32 in [0, 1] (one channel, so also NHWC), labels 0..=9.
+/// Images as `n x rows x cols x channels` f32 (NHWC; MNIST's in [0, 1], one channel) and their
+/// class labels.
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub images: Vec<f32>,
-    pub labels: Vec<u8>,
+    pub labels: Vec<u32>,
     pub rows: usize,
     pub cols: usize,
+    pub channels: usize,
 }
 
 impl Dataset {
@@ -39,8 +41,18 @@ impl Dataset {
         self.labels.is_empty()
     }
     pub fn image_len(&self) -> usize {
-        self.rows * self.cols
+        self.rows * self.cols * self.channels
     }
+    /// `n` random images of `shape` (H, W, C; values N(0, 1), like mean-subtracted pixels)
+    /// with labels cycling through `classes`: for throughput measurement (`bench --dummy`).
+    pub fn dummy(n: usize, shape: [usize; 3], classes: usize, seed: u64) -> Dataset {
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = crate::rng::substream(seed, 0);
+        let [rows, cols, channels] = shape;
+        let images = (0..n * rows * cols * channels).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Dataset { images, labels: (0..n).map(|i| (i % classes) as u32).collect(), rows, cols, channels }
+    }
+
     pub fn image(&self, i: usize) -> &[f32] {
         &self.images[i * self.image_len()..(i + 1) * self.image_len()]
     }
@@ -122,7 +134,13 @@ pub fn load(dir: &Path, split: Split, strict: bool) -> Result<Dataset> {
     if let Some(i) = labels.data.iter().position(|&l| l > 9) {
         return Err(IdxError::Format { path: lbl_path, what: format!("label {} at index {i} is outside 0..=9", labels.data[i]) }.into());
     }
-    Ok(Dataset { images: images.data.iter().map(|&p| p as f32 / 255.0).collect(), labels: labels.data, rows, cols })
+    Ok(Dataset {
+        images: images.data.iter().map(|&p| p as f32 / 255.0).collect(),
+        labels: labels.data.iter().map(|&l| l as u32).collect(),
+        rows,
+        cols,
+        channels: 1,
+    })
 }
 
 #[cfg(test)]

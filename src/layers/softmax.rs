@@ -4,7 +4,7 @@
 /// softmax; `d_logits`, if given, receives d(mean loss)/d logits = (p - onehot) / batch.
 pub fn softmax_cross_entropy(
     logits: &[f32],
-    labels: &[u8],
+    labels: &[u32],
     classes: usize,
     probs: &mut [f32],
     d_logits: Option<&mut [f32]>,
@@ -65,7 +65,7 @@ mod tests {
     fn gradient_matches_finite_differences() {
         let (batch, classes) = (4, 10);
         let z = random_vec(batch * classes, 41);
-        let labels = [3u8, 0, 9, 3];
+        let labels = [3u32, 0, 9, 3];
         let mut d = vec![0.0; z.len()];
         softmax_cross_entropy(&z, &labels, classes, &mut vec![0.0; z.len()], Some(&mut d));
         check_grad("softmax", &z, &d, |z| softmax_cross_entropy(z, &labels, classes, &mut vec![0.0; z.len()], None).0 as f64);
