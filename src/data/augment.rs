@@ -58,6 +58,17 @@ impl RgbMoments {
         }
     }
 
+    /// Fold in the sums of another part of the data.
+    pub fn merge(&mut self, other: &RgbMoments) {
+        self.n += other.n;
+        for i in 0..3 {
+            self.sum[i] += other.sum[i];
+            for j in 0..3 {
+                self.outer[i][j] += other.outer[i][j];
+            }
+        }
+    }
+
     /// The (population) covariance matrix.
     pub fn covariance(&self) -> [[f64; 3]; 3] {
         let mean = self.sum.map(|s| s / self.n);

@@ -1,0 +1,293 @@
+//! The paper's input pipeline for ImageFolder data (sections 2 and 4.1): every image is
+//! rescaled so its shorter side is 256 and centre-cropped to 256x256; the mean image over the
+//! training set is subtracted; training takes random `crop`x`crop` patches and their
+//! reflections and adds PCA colour noise; evaluation takes the centre crop or ten crops.
+//! Images are decoded in parallel for each batch.
+
+use super::augment::{ColourPca, RgbMoments, add_colour, crop, ten_crop_offsets};
+use super::folder::{ImageFolder, Sample};
+use crate::rng::{stream_id, substream};
+use anyhow::{Context, Result, bail};
+use rand_distr::{Distribution, Normal};
+use rand_xoshiro::rand_core::Rng as _;
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Side of the prepared (rescaled, centre-cropped) images.
+pub const PREPARED: usize = 256;
+const PREPARED_LEN: usize = PREPARED * PREPARED * 3;
+/// The statistics cache, next to the data.
+pub const STATS_FILE: &str = "alexnet-stats-256.safetensors";
+
+/// Decode `bytes` and prepare it: shorter side rescaled to 256 (aspect kept), centre crop
+/// 256x256, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB.
+pub fn prepare(bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    (limits.max_image_width, limits.max_image_height, limits.max_alloc) = (Some(1 << 14), Some(1 << 14), Some(1 << 30));
+    reader.limits(limits);
+    let img = reader.decode()?.to_rgb8();
+    let (w, h) = img.dimensions();
+    let scale = PREPARED as f64 / w.min(h) as f64;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(PREPARED as u32), ((h as f64 * scale).round() as u32).max(PREPARED as u32));
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (left, top) = ((nw as usize - PREPARED) / 2, (nh as usize - PREPARED) / 2);
+    let mut out = Vec::with_capacity(PREPARED_LEN);
+    for y in top..top + PREPARED {
+        for x in left..left + PREPARED {
+            out.extend(resized.get_pixel(x as u32, y as u32).0.map(f32::from));
+        }
+    }
+    Ok(out)
+}
+
+fn prepare_file(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    prepare(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+}
+
+/// The training set's mean image and colour PCA, and the images that could not be read.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub mean: Vec<f32>,
+    pub pca: ColourPca,
+    pub unreadable: Vec<PathBuf>,
+}
+
+/// What the statistics depend on: every image path, size and modification time.
+fn stats_key(samples: &[&Sample]) -> String {
+    let mut h = Sha256::new();
+    for s in samples {
+        let meta = std::fs::metadata(&s.path).ok();
+        let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        h.update(format!("{}\t{:?}\t{:?}\n", s.path.display(), meta.map(|m| m.len()), mtime));
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read_cache(path: &Path, key: &str) -> Option<Stats> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    let meta = meta.metadata().clone()?;
+    if meta.get("key")? != key {
+        return None;
+    }
+    let floats = |name: &str| -> Option<Vec<f32>> {
+        Some(st.tensor(name).ok()?.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+    };
+    let (mean, values, vectors) = (floats("mean")?, floats("pca_eigenvalues")?, floats("pca_eigenvectors")?);
+    if mean.len() != PREPARED_LEN || values.len() != 3 || vectors.len() != 9 {
+        return None;
+    }
+    let pca = ColourPca {
+        eigenvalues: [values[0], values[1], values[2]],
+        eigenvectors: std::array::from_fn(|i| std::array::from_fn(|j| vectors[3 * i + j])),
+    };
+    Some(Stats { mean, pca, unreadable: serde_json::from_str(meta.get("unreadable")?).ok()? })
+}
+
+/// The statistics of `folder`'s training images, computed once (one decoding pass with a
+/// progress bar) and cached in the dataset's root; recomputed when any image changes. The
+/// validation images are decoded in the same pass, so unreadable files on either side are
+/// known before training starts.
+pub fn stats(folder: &ImageFolder) -> Result<Stats> {
+    let all: Vec<&Sample> = folder.train.iter().chain(&folder.val).collect();
+    let key = stats_key(&all);
+    let cache = folder.root.join(STATS_FILE);
+    if let Some(s) = read_cache(&cache, &key) {
+        return Ok(s);
+    }
+    let bar = indicatif::ProgressBar::new(all.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("mean image and colour PCA {bar:30} {pos}/{len} images  ETA {eta}")
+            .expect("valid template"),
+    );
+    let train_len = folder.train.len();
+    // Per-thread partial sums (pixel sums in f64 and RGB moments), merged at the end.
+    let partial = || (vec![0.0f64; PREPARED_LEN], RgbMoments::default(), 0usize, Vec::new());
+    let (sum, moments, count, unreadable) = all
+        .par_iter()
+        .enumerate()
+        .fold(partial, |(mut sum, mut moments, mut count, mut bad), (i, s)| {
+            match prepare_file(&s.path) {
+                Ok(px) if i < train_len => {
+                    sum.iter_mut().zip(&px).for_each(|(a, &p)| *a += p as f64);
+                    moments.add(&px);
+                    count += 1;
+                }
+                Ok(_) => {}
+                Err(e) => bad.push((s.path.clone(), format!("{e:#}"))),
+            }
+            bar.inc(1);
+            (sum, moments, count, bad)
+        })
+        .reduce(partial, |(mut s1, mut m1, c1, mut b1), (s2, m2, c2, b2)| {
+            s1.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
+            m1.merge(&m2);
+            b1.extend(b2);
+            (s1, m1, c1 + c2, b1)
+        });
+    bar.finish_and_clear();
+    if count == 0 {
+        bail!("none of the {train_len} training images in {} could be read", folder.root.display());
+    }
+    let mean: Vec<f32> = sum.iter().map(|s| (s / count as f64) as f32).collect();
+    let pca = moments.pca();
+    let mut unreadable = unreadable;
+    unreadable.sort();
+    for (path, why) in &unreadable {
+        eprintln!("warning: unreadable image {}: {why}", path.display());
+    }
+    let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
+    let (mean_b, values_b, vectors_b) = (f32_bytes(&mean), f32_bytes(&pca.eigenvalues), f32_bytes(pca.eigenvectors.as_flattened()));
+    let views = vec![
+        ("mean", TensorView::new(Dtype::F32, vec![PREPARED, PREPARED, 3], &mean_b)?),
+        ("pca_eigenvalues", TensorView::new(Dtype::F32, vec![3], &values_b)?),
+        ("pca_eigenvectors", TensorView::new(Dtype::F32, vec![3, 3], &vectors_b)?),
+    ];
+    let meta = [("key".to_string(), key), ("unreadable".to_string(), serde_json::to_string(&unreadable)?)].into_iter().collect();
+    crate::checkpoint::write_atomic(&cache, &safetensors::serialize(views, Some(meta))?)?;
+    Ok(Stats { mean, pca, unreadable })
+}
+
+/// An ImageFolder dataset prepared for one model input size.
+pub struct FolderData {
+    pub classes: Vec<String>,
+    pub train: Vec<Sample>,
+    pub val: Vec<Sample>,
+    pub stats: Stats,
+    /// Side of the model's input (227 for the paper's model, 224 for torchvision's).
+    pub crop: usize,
+}
+
+impl FolderData {
+    /// Scan, compute (or load) the statistics, and drop unreadable images with a warning, or
+    /// fail naming them if `strict`.
+    pub fn open(root: &Path, crop: usize, strict: bool) -> Result<FolderData> {
+        if crop > PREPARED {
+            bail!("the model's {crop}x{crop} input is larger than the {PREPARED}x{PREPARED} prepared images");
+        }
+        let folder = super::folder::scan(root)?;
+        let stats = stats(&folder)?;
+        if strict && !stats.unreadable.is_empty() {
+            let list: Vec<String> = stats.unreadable.iter().map(|p| p.display().to_string()).collect();
+            bail!("{} unreadable images (drop --strict-images to skip them):\n  {}", list.len(), list.join("\n  "));
+        }
+        let readable = |s: &Sample| !stats.unreadable.contains(&s.path);
+        let (train, val): (Vec<Sample>, Vec<Sample>) =
+            (folder.train.into_iter().filter(readable).collect(), folder.val.into_iter().filter(readable).collect());
+        if train.is_empty() || val.is_empty() {
+            bail!("{}: no readable training or validation images", root.display());
+        }
+        Ok(FolderData { classes: folder.classes, train, val, stats, crop })
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.crop * self.crop * 3
+    }
+
+    /// A prepared image minus the mean image.
+    fn centred(&self, s: &Sample) -> Result<Vec<f32>> {
+        let mut px = prepare_file(&s.path)?;
+        px.iter_mut().zip(&self.stats.mean).for_each(|(p, m)| *p -= m);
+        Ok(px)
+    }
+
+    /// A training batch of the samples `indices`: each image gets a random crop position,
+    /// reflection and PCA colour shift (alphas ~ N(0, 0.1)), drawn from `stream` by sample, so
+    /// they change every epoch (the caller folds the epoch into `stream`) and do not depend on
+    /// thread scheduling.
+    pub fn fill_train(&self, indices: &[u32], stream: u64, input: &mut [f32], labels: &mut Vec<u32>) -> Result<()> {
+        let len = self.input_len();
+        let span = PREPARED - self.crop + 1;
+        input[..indices.len() * len].par_chunks_mut(len).zip(indices).try_for_each(|(dst, &i)| -> Result<()> {
+            let s = &self.train[i as usize];
+            let mut px = self.centred(s)?;
+            let mut rng = substream(stream, i as u64);
+            let normal = Normal::new(0.0f32, 0.1).expect("valid");
+            let (top, left, flip) =
+                ((rng.next_u64() % span as u64) as usize, (rng.next_u64() % span as u64) as usize, rng.next_u64() & 1 == 1);
+            add_colour(&mut px, self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng))));
+            crop(&px, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
+            Ok(())
+        })?;
+        labels.clear();
+        labels.extend(indices.iter().map(|&i| self.train[i as usize].label));
+        Ok(())
+    }
+
+    /// Evaluation views of validation images `range`: the centre crop, or with `ten_crop` the
+    /// four corners, the centre and their reflections; `view` picks one.
+    pub fn fill_val(&self, range: std::ops::Range<usize>, view: usize, ten_crop: bool, input: &mut [f32]) -> Result<()> {
+        let len = self.input_len();
+        let (top, left, flip) = if ten_crop {
+            ten_crop_offsets(PREPARED, PREPARED, self.crop)[view]
+        } else {
+            ((PREPARED - self.crop) / 2, (PREPARED - self.crop) / 2, false)
+        };
+        input[..range.len() * len].par_chunks_mut(len).zip(&self.val[range]).try_for_each(|(dst, s)| -> Result<()> {
+            crop(&self.centred(s)?, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
+            Ok(())
+        })
+    }
+
+    /// The random stream of training epoch `epoch`.
+    pub fn epoch_stream(seed: u64, epoch: u64) -> u64 {
+        stream_id(&[seed, epoch, 0x0050_4341])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::folder::tests::write_colour_folder;
+
+    #[test]
+    fn prepares_to_256_and_caches_statistics_and_skips_unreadable_images() {
+        // A 512x300 image: shorter side to 256 (437x256), centre crop 256x256.
+        let img = image::RgbImage::from_fn(512, 300, |x, _| image::Rgb([if x < 256 { 0 } else { 255 }, 10, 20]));
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let px = prepare(&png).unwrap();
+        assert_eq!(px.len(), 256 * 256 * 3);
+        assert_eq!((px[0], px[1], px[2]), (0.0, 10.0, 20.0));
+        assert_eq!(px[(255 * 256 + 255) * 3], 255.0);
+
+        let dir = tempfile::tempdir().unwrap();
+        write_colour_folder(dir.path(), 2, 3, 1);
+        std::fs::write(dir.path().join("train/class1/broken.jpg"), b"\xff\xd8\xffnot a jpeg").unwrap();
+        let err = format!("{:#}", FolderData::open(dir.path(), 227, true).err().unwrap());
+        assert!(err.contains("broken.jpg") && err.contains("--strict-images"), "{err}");
+        let data = FolderData::open(dir.path(), 227, false).unwrap();
+        assert_eq!((data.train.len(), data.val.len()), (6, 2));
+        assert!(dir.path().join(STATS_FILE).is_file());
+        // Class 0 is red, class 1 green: the mean image is their average, the top principal
+        // component the red-green axis.
+        let mean_red = data.stats.mean.chunks(3).map(|p| p[0]).sum::<f32>() / (256.0 * 256.0);
+        assert!((100.0..160.0).contains(&mean_red), "{mean_red}");
+        let top = data.stats.pca.eigenvectors[0];
+        assert!(top[0].abs() > 0.6 && top[1].abs() > 0.6 && top[0] * top[1] < 0.0, "{top:?}");
+        // The cache is used while nothing changes: same statistics.
+        let again = FolderData::open(dir.path(), 227, false).unwrap();
+        assert_eq!(again.stats.mean, data.stats.mean);
+
+        let (mut input, mut labels) = (vec![0.0; 2 * 227 * 227 * 3], Vec::new());
+        data.fill_train(&[0, 5], 7, &mut input, &mut labels).unwrap();
+        assert_eq!(labels, [0, 1]);
+        let first = input.clone();
+        data.fill_train(&[0, 5], 7, &mut input, &mut labels).unwrap();
+        assert_eq!(input, first, "same stream, same augmentation");
+        data.fill_train(&[0, 5], 8, &mut input, &mut labels).unwrap();
+        assert_ne!(input, first, "another epoch, other crops and colours");
+        for view in 0..10 {
+            data.fill_val(0..2, view, true, &mut input).unwrap();
+        }
+    }
+}
