@@ -90,14 +90,14 @@ pub(crate) mod tests {
     pub fn write_colour_folder(root: &Path, classes: usize, train_per_class: usize, val_per_class: usize) {
         let colours = [[200u8, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]];
         for (split, n) in [("train", train_per_class), ("val", val_per_class)] {
-            for c in 0..classes {
+            for (c, colour) in colours.iter().enumerate().take(classes) {
                 let dir = root.join(split).join(format!("class{c}"));
                 std::fs::create_dir_all(&dir).unwrap();
                 for i in 0..n {
                     let (w, h) = (40 + 13 * (i as u32 % 5), 30 + 17 * (i as u32 % 3));
                     let img = image::RgbImage::from_fn(w, h, |x, y| {
                         let noise = ((x * 31 + y * 17 + i as u32 * 7) % 40) as u8;
-                        image::Rgb(colours[c].map(|v| v.saturating_add(noise)))
+                        image::Rgb(colour.map(|v| v.saturating_add(noise)))
                     });
                     let ext = if i % 2 == 0 { "png" } else { "jpg" };
                     img.save(dir.join(format!("img{i}.{ext}"))).unwrap();
