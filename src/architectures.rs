@@ -27,7 +27,7 @@ pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
         layers.push(LayerSpec::Dropout { keep: keep_prob });
     }
     layers.extend([linear("fc1", 1024, true), linear("fc2", 1024, true), linear("fc3", 10, false)]);
-    Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers, init: Init::He }
+    Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers, init: Init::He, input_scale: 1.0 }
 }
 
 /// The paper's network (Krizhevsky et al. 2012, figure 2). Input 227x227x3: the paper says 224,
@@ -64,7 +64,7 @@ pub fn alexnet(towers: usize, keep_prob: f32, classes: usize) -> Architecture {
     // The paper's section 5: N(0, 0.01) weights; biases 1 in conv2, conv4, conv5 and the
     // hidden FC layers, 0 elsewhere.
     let unit_bias = ["conv2", "conv4", "conv5", "fc6", "fc7"].map(String::from).to_vec();
-    Architecture { name, input: [227, 227, 3], layers, init: Init::Gaussian { std: 0.01, unit_bias } }
+    Architecture { name, input: [227, 227, 3], layers, init: Init::Gaussian { std: 0.01, unit_bias }, input_scale: 1.0 }
 }
 
 /// torchvision's `alexnet` ("one weird trick" single-tower variant): 64/192/384/256/256
@@ -87,7 +87,7 @@ pub fn alexnet_owt(keep_prob: f32, classes: usize) -> Architecture {
         linear("classifier.4", 4096, true),
         linear("classifier.6", classes, false),
     ];
-    Architecture { name: "alexnet-owt".into(), input: [224, 224, 3], layers, init: Init::He }
+    Architecture { name: "alexnet-owt".into(), input: [224, 224, 3], layers, init: Init::He, input_scale: 1.0 / 58.4 }
 }
 
 /// Look up an architecture by its command-line name; `classes` overrides the model's own

@@ -35,6 +35,12 @@ pub struct TrainConfig {
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
     pub eval_batch: usize,
+    /// Evaluate ImageFolder data on ten crops (corners, centre, reflections) instead of one.
+    #[serde(default)]
+    pub ten_crop: bool,
+    /// Fail on unreadable images instead of skipping them with a warning.
+    #[serde(default)]
+    pub strict_images: bool,
     pub data: Option<PathBuf>,
     pub out: PathBuf,
 }

@@ -2,7 +2,7 @@ use alexnet::architectures::{MODEL_NAMES, architecture};
 use alexnet::bench::{self, BenchPlan};
 use alexnet::config::TrainConfig;
 use alexnet::data::mnist::{self, Split};
-use alexnet::eval::evaluate;
+use alexnet::data::source::Source;
 use alexnet::layers::softmax::softmax;
 use alexnet::model::{Mode, Model, Workspace, forward};
 use alexnet::optim::OptimizerKind;
@@ -36,11 +36,15 @@ enum Command {
         /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
         #[arg(long)]
         model: Option<String>,
-        /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
+        /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
+        /// dataset, evaluated on its val/ images.
         #[arg(long)]
         data: Option<PathBuf>,
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
+        /// ImageFolder data: average the softmax over ten crops.
+        #[arg(long)]
+        ten_crop: bool,
         /// Also print the confusion matrix and per-class accuracy.
         #[arg(long)]
         confusion: bool,
@@ -121,7 +125,7 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_gamma", "beta1", "beta2",
         "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
-        "checkpoint_every", "eval_batch", "data", "out",
+        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "data", "out",
     ])]
     resume: Option<PathBuf>,
     #[arg(long, default_value = "alexnet-mnist")]
@@ -155,9 +159,9 @@ struct TrainArgs {
     /// SGD weight decay (on weights, not biases).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f32,
-    /// Dropout keep probability.
-    #[arg(long, default_value_t = 0.8)]
-    keep_prob: f32,
+    /// Dropout keep probability (default: 0.8 for alexnet-mnist, the paper's 0.5 otherwise).
+    #[arg(long)]
+    keep_prob: Option<f32>,
     /// Initial value of every bias (weights are He-normal).
     #[arg(long, default_value_t = 0.0)]
     init_bias: f32,
@@ -175,9 +179,17 @@ struct TrainArgs {
     /// Write a training checkpoint every this many steps (0: only at epoch ends and on exit).
     #[arg(long, default_value_t = alexnet::config::default_checkpoint_every())]
     checkpoint_every: usize,
-    #[arg(long, default_value_t = 1000)]
-    eval_batch: usize,
-    /// Directory of MNIST IDX files (default: $ALEXNET_DATA or the vendored copy).
+    /// Evaluation batch (default: 1000 for alexnet-mnist, the training batch otherwise).
+    #[arg(long)]
+    eval_batch: Option<usize>,
+    /// Evaluate ImageFolder data on ten crops (four corners, centre, and their reflections).
+    #[arg(long)]
+    ten_crop: bool,
+    /// Fail on unreadable images instead of skipping them with a warning.
+    #[arg(long)]
+    strict_images: bool,
+    /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
+    /// dataset (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Run directory (default: runs/MODEL-UNIXTIME).
@@ -243,6 +255,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 PathBuf::from(format!("runs/{}-{secs}", a.model))
             });
+            // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
+            let seed_model = a.model == "alexnet-mnist";
             let cfg = TrainConfig {
                 model: a.model,
                 batch_size: a.batch_size,
@@ -257,30 +271,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 epsilon: a.epsilon,
                 momentum: a.momentum,
                 weight_decay: a.weight_decay,
-                keep_prob: a.keep_prob,
+                keep_prob: a.keep_prob.unwrap_or(if seed_model { 0.8 } else { 0.5 }),
                 init_bias: a.init_bias,
                 seed: a.seed,
                 threads,
                 augment_shift: if a.augment { a.shift } else { 0 },
                 display_step: a.display_step,
                 checkpoint_every: a.checkpoint_every,
-                eval_batch: a.eval_batch,
+                eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { a.batch_size }),
+                ten_crop: a.ten_crop,
+                strict_images: a.strict_images,
                 data: a.data,
                 out,
             };
             return finish_training(train::train(&cfg, false, &*stop_on_signals()?)?);
         }
-        Command::Eval { checkpoint: path, model, data, batch_size, confusion } => {
+        Command::Eval { checkpoint: path, model, data, batch_size, ten_crop, confusion } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
-            let (dir, strict) = mnist::resolve_dir(data.as_deref());
-            let test = mnist::load(&dir, Split::Test, strict)?;
-            check_input(&model, test.rows, test.cols)?;
-            let mut ws = Workspace::new(&model, batch_size.min(test.len()), false);
-            let r = evaluate(&model, &mut ws, &test);
-            println!("{}: {} test images, loss {:.4}, accuracy {:.2}%", path.display(), r.samples, r.loss, 100.0 * r.accuracy);
+            let source = Source::open(data.as_deref(), &model.arch, 0, ten_crop, false)?;
+            if source.classes() != model.classes() {
+                bail!("{} has {} classes, the model {}", data.unwrap_or_default().display(), source.classes(), model.classes());
+            }
+            let mut ws = Workspace::new(&model, batch_size, false);
+            let r = source.evaluate(&model, &mut ws)?;
+            println!(
+                "{}: {} {} images, loss {:.4}, accuracy {:.2}% (top-5 {:.2}%)",
+                path.display(),
+                r.samples,
+                source.eval_split(),
+                r.loss,
+                100.0 * r.accuracy,
+                100.0 * r.top5_accuracy
+            );
             if confusion {
                 print!("true\\pred");
                 (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));

@@ -8,9 +8,8 @@
 use crate::architectures::architecture;
 use crate::checkpoint;
 use crate::config::TrainConfig;
-use crate::data::batch::{epoch_order, fill_batch};
-use crate::data::mnist::{self, Dataset, Split};
-use crate::eval::{EvalResult, evaluate};
+use crate::data::source::{Source, prefetch};
+use crate::eval::EvalResult;
 use crate::model::{Mode, Model, Workspace, first_non_finite, forward, gradients_finite, train_step_gradients};
 use crate::optim::Optimizer;
 use crate::rng::stream_id;
@@ -20,6 +19,7 @@ use serde_json::json;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -50,11 +50,6 @@ impl Metrics {
     fn log(&mut self, value: serde_json::Value) -> Result<()> {
         writeln!(self.0, "{value}").context("cannot write metrics.jsonl")
     }
-}
-
-pub fn load_data(cfg_data: Option<&Path>) -> Result<(Dataset, Dataset)> {
-    let (dir, strict) = mnist::resolve_dir(cfg_data);
-    Ok((mnist::load(&dir, Split::Train, strict)?, mnist::load(&dir, Split::Test, strict)?))
 }
 
 /// The config saved in a run directory.
@@ -136,18 +131,22 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
             cfg.out.display()
         );
     }
-    let (train_set, test_set) = load_data(cfg.data.as_deref())?;
-    let arch = architecture(&cfg.model, cfg.keep_prob, None)?;
-    if [train_set.rows, train_set.cols, 1] != arch.input || [test_set.rows, test_set.cols, 1] != arch.input {
-        bail!("model {} takes {:?} inputs but the data has {}x{} images", arch.name, arch.input, train_set.rows, train_set.cols);
-    }
+    let source = Arc::new(Source::open(
+        cfg.data.as_deref(),
+        &architecture(&cfg.model, cfg.keep_prob, None)?,
+        cfg.augment_shift,
+        cfg.ten_crop,
+        cfg.strict_images,
+    )?);
+    let arch = architecture(&cfg.model, cfg.keep_prob, Some(source.classes()))?;
     let mut model = Model::new(&arch)?;
     model.init(cfg.seed, cfg.init_bias);
-    let steps_per_epoch = train_set.len() / cfg.batch_size;
+    let train_len = source.train_len();
+    let steps_per_epoch = train_len / cfg.batch_size;
     if steps_per_epoch == 0 {
-        bail!("--batch-size {} exceeds the {} training images", cfg.batch_size, train_set.len());
+        bail!("--batch-size {} exceeds the {train_len} training images", cfg.batch_size);
     }
-    let total_steps = cfg.total_steps(train_set.len());
+    let total_steps = cfg.total_steps(train_len);
     let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
 
     let start = if resume {
@@ -169,19 +168,18 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         if start.step > 0 { format!("Resuming at step {} of", start.step) } else { "Training".into() },
         arch.name,
         model.param_count(),
-        train_set.len(),
+        train_len,
         cfg.batch_size,
         format_args!("{:.2}", total_steps as f64 / steps_per_epoch as f64),
         rayon::current_num_threads(),
         cfg.out.display()
     );
     let mut ws = Workspace::new(&model, cfg.batch_size, true);
-    let mut eval_ws = Workspace::new(&model, cfg.eval_batch.min(test_set.len()), false);
+    let mut eval_ws = Workspace::new(&model, cfg.eval_batch, false);
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
     bar.set_position(start.step as u64);
-    let mut labels = Vec::with_capacity(cfg.batch_size);
-    let mut order = Vec::new();
+    let batches = prefetch(source.clone(), cfg.seed, cfg.batch_size, model.input_len(), start.step + 1, total_steps);
     let started = Instant::now() - std::time::Duration::from_secs_f64(start.elapsed);
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut last_test = None;
@@ -193,11 +191,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
     for step in start.step + 1..=total_steps {
         let epoch = (step - 1) / steps_per_epoch;
         let pos = (step - 1) % steps_per_epoch;
-        if pos == 0 || order.is_empty() {
-            order = epoch_order(train_set.len(), cfg.seed, epoch as u64);
-        }
-        let indices = &order[pos * cfg.batch_size..(pos + 1) * cfg.batch_size];
-        fill_batch(&train_set, indices, cfg.augment_shift, stream_id(&[cfg.seed, epoch as u64, 0x0041_5547]), ws.input_mut(), &mut labels);
+        let (batch_input, labels) = batches.recv().context("the batch thread stopped")??;
+        ws.input_mut().copy_from_slice(&batch_input);
         let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, stream_id(&[cfg.seed, step as u64]));
         if !loss.is_finite() || !gradients_finite(&model) {
             // The weights are still the last good ones (the update has not run); on disk the
@@ -239,7 +234,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         }
         let t = Instant::now();
         if pos + 1 == steps_per_epoch || step == total_steps {
-            let test = evaluate(&model, &mut eval_ws, &test_set);
+            let test = source.evaluate(&model, &mut eval_ws)?;
             let epochs_done = step as f64 / steps_per_epoch as f64;
             let label = if pos + 1 == steps_per_epoch { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
             bar.suspend(|| {
@@ -278,7 +273,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         Some(t) => t,
         None => {
             println!("The run had already finished; evaluating its model");
-            evaluate(&model, &mut eval_ws, &test_set)
+            source.evaluate(&model, &mut eval_ws)?
         }
     };
     if !model_path.exists() {
@@ -320,6 +315,8 @@ mod tests {
             display_step: 2,
             checkpoint_every: 500,
             eval_batch: 16,
+            ten_crop: false,
+            strict_images: false,
             data: Some(data.to_path_buf()),
             out: out.to_path_buf(),
         }
@@ -412,5 +409,23 @@ mod tests {
         let err =
             checkpoint::load_into(&mut model, &model_only, &std::fs::read(&model_only).unwrap(), Some(&mut opt)).unwrap_err().to_string();
         assert!(err.contains("no optimizer state") && err.contains("missing tensor optimizer.slot1.conv1.weight"), "{err}");
+    }
+
+    #[test]
+    fn trains_an_imagenet_model_on_an_image_folder_with_ten_crop_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::data::folder::tests::write_colour_folder(dir.path(), 3, 4, 2);
+        let out = dir.path().join("run");
+        let mut cfg = config(dir.path(), &out);
+        (cfg.model, cfg.optimizer, cfg.lr, cfg.keep_prob) = ("alexnet-owt".into(), OptimizerKind::Sgd, 1e-5, 0.5);
+        (cfg.batch_size, cfg.samples, cfg.eval_batch, cfg.ten_crop, cfg.augment_shift) = (4, 8, 4, true, 0);
+        let TrainOutcome::Finished { test, model_path, .. } = train(&cfg, false, &AtomicUsize::new(0)).unwrap() else {
+            panic!("interrupted")
+        };
+        assert_eq!((test.samples, test.confusion.len()), (6, 3));
+        assert_eq!(test.top5_accuracy, 1.0, "3 classes are always in the top five");
+        let model = checkpoint::load(&model_path, None).unwrap();
+        assert_eq!((model.arch.input, model.classes()), ([224, 224, 3], 3));
+        assert!(model.params[0].name == "features.0.weight");
     }
 }

@@ -5,3 +5,4 @@ pub mod folder;
 pub mod idx;
 pub mod mnist;
 pub mod pipeline;
+pub mod source;

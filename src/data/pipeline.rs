@@ -165,12 +165,14 @@ pub struct FolderData {
     pub stats: Stats,
     /// Side of the model's input (227 for the paper's model, 224 for torchvision's).
     pub crop: usize,
+    /// Multiplier of the mean-subtracted 0-255 pixels (`Architecture::input_scale`).
+    pub scale: f32,
 }
 
 impl FolderData {
     /// Scan, compute (or load) the statistics, and drop unreadable images with a warning, or
     /// fail naming them if `strict`.
-    pub fn open(root: &Path, crop: usize, strict: bool) -> Result<FolderData> {
+    pub fn open(root: &Path, crop: usize, scale: f32, strict: bool) -> Result<FolderData> {
         if crop > PREPARED {
             bail!("the model's {crop}x{crop} input is larger than the {PREPARED}x{PREPARED} prepared images");
         }
@@ -186,17 +188,17 @@ impl FolderData {
         if train.is_empty() || val.is_empty() {
             bail!("{}: no readable training or validation images", root.display());
         }
-        Ok(FolderData { classes: folder.classes, train, val, stats, crop })
+        Ok(FolderData { classes: folder.classes, train, val, stats, crop, scale })
     }
 
     pub fn input_len(&self) -> usize {
         self.crop * self.crop * 3
     }
 
-    /// A prepared image minus the mean image.
+    /// A prepared image minus the mean image, scaled.
     fn centred(&self, s: &Sample) -> Result<Vec<f32>> {
         let mut px = prepare_file(&s.path)?;
-        px.iter_mut().zip(&self.stats.mean).for_each(|(p, m)| *p -= m);
+        px.iter_mut().zip(&self.stats.mean).for_each(|(p, m)| *p = (*p - m) * self.scale);
         Ok(px)
     }
 
@@ -214,7 +216,7 @@ impl FolderData {
             let normal = Normal::new(0.0f32, 0.1).expect("valid");
             let (top, left, flip) =
                 ((rng.next_u64() % span as u64) as usize, (rng.next_u64() % span as u64) as usize, rng.next_u64() & 1 == 1);
-            add_colour(&mut px, self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng))));
+            add_colour(&mut px, self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng))).map(|v| v * self.scale));
             crop(&px, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
             Ok(())
         })?;
@@ -263,9 +265,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_colour_folder(dir.path(), 2, 3, 1);
         std::fs::write(dir.path().join("train/class1/broken.jpg"), b"\xff\xd8\xffnot a jpeg").unwrap();
-        let err = format!("{:#}", FolderData::open(dir.path(), 227, true).err().unwrap());
+        let err = format!("{:#}", FolderData::open(dir.path(), 227, 1.0, true).err().unwrap());
         assert!(err.contains("broken.jpg") && err.contains("--strict-images"), "{err}");
-        let data = FolderData::open(dir.path(), 227, false).unwrap();
+        let data = FolderData::open(dir.path(), 227, 1.0, false).unwrap();
         assert_eq!((data.train.len(), data.val.len()), (6, 2));
         assert!(dir.path().join(STATS_FILE).is_file());
         // Class 0 is red, class 1 green: the mean image is their average, the top principal
@@ -275,7 +277,7 @@ mod tests {
         let top = data.stats.pca.eigenvectors[0];
         assert!(top[0].abs() > 0.6 && top[1].abs() > 0.6 && top[0] * top[1] < 0.0, "{top:?}");
         // The cache is used while nothing changes: same statistics.
-        let again = FolderData::open(dir.path(), 227, false).unwrap();
+        let again = FolderData::open(dir.path(), 227, 1.0, false).unwrap();
         assert_eq!(again.stats.mean, data.stats.mean);
 
         let (mut input, mut labels) = (vec![0.0; 2 * 227 * 227 * 3], Vec::new());

@@ -1,0 +1,125 @@
+//! Where a training run's examples come from: MNIST held in memory, or an ImageFolder dataset
+//! decoded batch by batch. Training batches are made on a background thread, up to
+//! `PREFETCH` steps ahead, so a step never waits for image decoding that could have
+//! overlapped the previous one.
+
+use super::batch::{epoch_order, fill_batch};
+use super::folder::is_image_folder;
+use super::mnist::{self, Dataset, Split};
+use super::pipeline::FolderData;
+use crate::eval::{EvalResult, evaluate, evaluate_views};
+use crate::model::{Architecture, Model, Workspace};
+use crate::rng::stream_id;
+use anyhow::{Result, bail};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+
+/// Batches prepared ahead of the training step.
+pub const PREFETCH: usize = 2;
+
+pub enum Source {
+    /// MNIST; `shift` is the random translation augmentation (0 = off).
+    Mnist {
+        train: Dataset,
+        test: Dataset,
+        shift: usize,
+    },
+    Folder {
+        data: FolderData,
+        ten_crop: bool,
+    },
+}
+
+/// One training batch: NHWC input and labels.
+pub type Batch = (Vec<f32>, Vec<u32>);
+
+impl Source {
+    /// ImageFolder data if `dir` has `train/` and `val/`, else MNIST IDX files (the vendored
+    /// copy by default), for a model of architecture `arch`.
+    pub fn open(dir: Option<&Path>, arch: &Architecture, shift: usize, ten_crop: bool, strict_images: bool) -> Result<Source> {
+        let input = arch.input;
+        if let Some(d) = dir.filter(|d| is_image_folder(d)) {
+            let [h, w, c] = input;
+            if h != w || c != 3 {
+                bail!("{} holds RGB images; the model takes {h}x{w}x{c} inputs", d.display());
+            }
+            return Ok(Source::Folder { data: FolderData::open(d, h, arch.input_scale, strict_images)?, ten_crop });
+        }
+        let (dir, strict) = mnist::resolve_dir(dir);
+        let (train, test) = (mnist::load(&dir, Split::Train, strict)?, mnist::load(&dir, Split::Test, strict)?);
+        if [train.rows, train.cols, train.channels] != input {
+            bail!("the model takes {input:?} inputs but {} holds {}x{} grayscale MNIST images", dir.display(), train.rows, train.cols);
+        }
+        Ok(Source::Mnist { train, test, shift })
+    }
+
+    pub fn train_len(&self) -> usize {
+        match self {
+            Source::Mnist { train, .. } => train.len(),
+            Source::Folder { data, .. } => data.train.len(),
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        match self {
+            Source::Mnist { .. } => 10,
+            Source::Folder { data, .. } => data.classes.len(),
+        }
+    }
+
+    /// What evaluation runs on, for messages.
+    pub fn eval_split(&self) -> &'static str {
+        match self {
+            Source::Mnist { .. } => "test",
+            Source::Folder { .. } => "validation",
+        }
+    }
+
+    /// The training batch of `indices` in `epoch`, augmented per the source's settings.
+    pub fn fill_train(&self, indices: &[u32], seed: u64, epoch: u64, input: &mut [f32], labels: &mut Vec<u32>) -> Result<()> {
+        match self {
+            Source::Mnist { train, shift, .. } => {
+                fill_batch(train, indices, *shift, stream_id(&[seed, epoch, 0x0041_5547]), input, labels);
+                Ok(())
+            }
+            Source::Folder { data, .. } => data.fill_train(indices, FolderData::epoch_stream(seed, epoch), input, labels),
+        }
+    }
+
+    /// Loss, top-1/top-5 accuracy and confusion on the test (MNIST) or validation set.
+    pub fn evaluate(&self, model: &Model, ws: &mut Workspace) -> Result<EvalResult> {
+        match self {
+            Source::Mnist { test, .. } => Ok(evaluate(model, ws, test)),
+            Source::Folder { data, ten_crop } => {
+                let labels: Vec<u32> = data.val.iter().map(|s| s.label).collect();
+                evaluate_views(model, ws, &labels, if *ten_crop { 10 } else { 1 }, |range, view, input| {
+                    data.fill_val(range, view, *ten_crop, input)
+                })
+            }
+        }
+    }
+}
+
+/// The training batches of steps `first..=last` (1-based; `batch` samples each, each epoch's
+/// last partial batch dropped), made on a background thread in step order. The thread stops
+/// when the receiver is dropped.
+pub fn prefetch(source: Arc<Source>, seed: u64, batch: usize, input_len: usize, first: usize, last: usize) -> Receiver<Result<Batch>> {
+    let (tx, rx) = sync_channel(PREFETCH);
+    let steps_per_epoch = source.train_len() / batch;
+    std::thread::spawn(move || {
+        let mut order = Vec::new();
+        for step in first..=last {
+            let (epoch, pos) = ((step - 1) / steps_per_epoch, (step - 1) % steps_per_epoch);
+            if pos == 0 || order.is_empty() {
+                order = epoch_order(source.train_len(), seed, epoch as u64);
+            }
+            let (mut input, mut labels) = (vec![0.0; batch * input_len], Vec::with_capacity(batch));
+            let made = source.fill_train(&order[pos * batch..(pos + 1) * batch], seed, epoch as u64, &mut input, &mut labels);
+            if tx.send(made.map(|_| (input, labels))).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
