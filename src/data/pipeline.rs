@@ -59,6 +59,8 @@ pub struct Stats {
 /// What the statistics depend on: every image path, size and modification time.
 fn stats_key(samples: &[&Sample]) -> String {
     let mut h = Sha256::new();
+    // Bump when the statistics' definition changes, so old caches are recomputed.
+    h.update("alexnet-stats v2: mean 0-255, colour PCA of [0, 1] pixels\n");
     for s in samples {
         let meta = std::fs::metadata(&s.path).ok();
         let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
@@ -119,7 +121,8 @@ pub fn stats(folder: &ImageFolder) -> Result<Stats> {
             match prepare_file(&s.path) {
                 Ok(px) if i < train_len => {
                     sum.iter_mut().zip(&px).for_each(|(a, &p)| *a += p as f64);
-                    moments.add(&px);
+                    // Colour statistics of pixels in [0, 1] (see `FolderData::fill_train`).
+                    moments.add(&px.iter().map(|v| v / 255.0).collect::<Vec<_>>());
                     count += 1;
                 }
                 Ok(_) => {}
@@ -216,7 +219,12 @@ impl FolderData {
             let normal = Normal::new(0.0f32, 0.1).expect("valid");
             let (top, left, flip) =
                 ((rng.next_u64() % span as u64) as usize, (rng.next_u64() % span as u64) as usize, rng.next_u64() & 1 == 1);
-            add_colour(&mut px, self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng))).map(|v| v * self.scale));
+            // The PCA is of pixels in [0, 1]: the paper's shift uses the eigenvalues (variances)
+            // themselves, which in 0-255 units would make it 255 times too strong. This is how
+            // the common implementations read it (fb.resnet.torch's `Lighting`, eigenvalues
+            // ~0.2, 0.02, 0.005 on ImageNet): shifts of a few 0-255 levels.
+            let shift = self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng)));
+            add_colour(&mut px, shift.map(|v| v * 255.0 * self.scale));
             crop(&px, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
             Ok(())
         })?;
