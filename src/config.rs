@@ -18,6 +18,10 @@ pub struct TrainConfig {
     /// Step schedule: multiply the learning rate by `lr_gamma` every `lr_step_epochs` epochs.
     pub lr_step_epochs: Option<usize>,
     pub lr_gamma: f32,
+    /// Plateau schedule: multiply the learning rate by `lr_gamma` when the validation error
+    /// has not improved for this many epochs (the paper's schedule).
+    #[serde(default)]
+    pub lr_plateau_patience: Option<usize>,
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
@@ -70,8 +74,11 @@ impl TrainConfig {
         if self.epochs == Some(0) || (self.epochs.is_none() && self.samples < self.batch_size) {
             bail!("nothing to train: --samples {} is less than one batch of {} (or --epochs 0)", self.samples, self.batch_size);
         }
-        if self.lr_step_epochs == Some(0) || !(self.lr_gamma > 0.0 && self.lr_gamma <= 1.0) {
-            bail!("--lr-step-epochs must be at least 1 and --lr-gamma in (0, 1]");
+        if self.lr_step_epochs == Some(0) || self.lr_plateau_patience == Some(0) || !(self.lr_gamma > 0.0 && self.lr_gamma <= 1.0) {
+            bail!("--lr-step-epochs and --lr-plateau-patience must be at least 1 and --lr-gamma in (0, 1]");
+        }
+        if self.lr_step_epochs.is_some() && self.lr_plateau_patience.is_some() {
+            bail!("choose one learning-rate schedule: --lr-step-epochs or --lr-plateau-patience");
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) || !(0.0..1.0).contains(&self.momentum) {
             bail!("--beta1, --beta2 and --momentum must be in [0, 1)");

@@ -16,5 +16,6 @@ pub mod optim;
 pub mod plot;
 pub mod predict;
 pub mod rng;
+pub mod schedule;
 pub mod summary;
 pub mod train;

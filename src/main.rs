@@ -123,28 +123,35 @@ struct TrainArgs {
     /// Continue the run in this directory from its last checkpoint, with its saved config
     /// (and its thread count, unless --threads says otherwise).
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
-        "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_gamma", "beta1", "beta2",
+        "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_plateau_patience", "lr_gamma", "beta1", "beta2",
         "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
         "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "data", "out",
     ])]
     resume: Option<PathBuf>,
     #[arg(long, default_value = "alexnet-mnist")]
     model: String,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Default: the notebook's 64 for alexnet-mnist, the paper's 128 for the ImageNet models.
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Training samples to process (the notebook's training_iters).
     #[arg(long, default_value_t = 300_000)]
     samples: usize,
     /// Train for whole epochs instead of --samples.
     #[arg(long)]
     epochs: Option<usize>,
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
-    optimizer: OptimizerKind,
-    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
-    lr: f32,
+    /// Default: Adam (the notebook's) for alexnet-mnist, SGD (the paper's) for the others.
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    /// Default: 0.001 with Adam, the paper's 0.01 with SGD.
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f32>,
     /// Multiply the learning rate by --lr-gamma every this many epochs (default: constant).
     #[arg(long)]
     lr_step_epochs: Option<usize>,
+    /// Multiply the learning rate by --lr-gamma when the validation error has not improved for
+    /// this many epochs (the paper's schedule; default for the ImageNet models: 2).
+    #[arg(long)]
+    lr_plateau_patience: Option<usize>,
     #[arg(long, default_value_t = 0.1)]
     lr_gamma: f32,
     #[arg(long, default_value_t = 0.9)]
@@ -257,14 +264,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
             // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
             let seed_model = a.model == "alexnet-mnist";
+            let batch_size = a.batch_size.unwrap_or(if seed_model { 64 } else { 128 });
+            let optimizer = a.optimizer.unwrap_or(if seed_model { OptimizerKind::Adam } else { OptimizerKind::Sgd });
             let cfg = TrainConfig {
                 model: a.model,
-                batch_size: a.batch_size,
+                batch_size,
                 samples: a.samples,
                 epochs: a.epochs,
-                optimizer: a.optimizer,
-                lr: a.lr,
+                optimizer,
+                lr: a.lr.unwrap_or(if optimizer == OptimizerKind::Adam { 0.001 } else { 0.01 }),
                 lr_step_epochs: a.lr_step_epochs,
+                lr_plateau_patience: a.lr_plateau_patience.or((!seed_model && a.lr_step_epochs.is_none()).then_some(2)),
                 lr_gamma: a.lr_gamma,
                 beta1: a.beta1,
                 beta2: a.beta2,
@@ -278,7 +288,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 augment_shift: if a.augment { a.shift } else { 0 },
                 display_step: a.display_step,
                 checkpoint_every: a.checkpoint_every,
-                eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { a.batch_size }),
+                eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { batch_size }),
                 ten_crop: a.ten_crop,
                 strict_images: a.strict_images,
                 data: a.data,

@@ -13,6 +13,7 @@ use crate::eval::EvalResult;
 use crate::model::{Mode, Model, Workspace, first_non_finite, forward, gradients_finite, train_step_gradients};
 use crate::optim::Optimizer;
 use crate::rng::stream_id;
+use crate::schedule::Plateau;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -78,10 +79,11 @@ fn write_plots(run_dir: &Path) {
     }
 }
 
-/// Where a resumed run starts: the checkpoint's step and elapsed seconds.
+/// Where a resumed run starts: the checkpoint's step, elapsed seconds and schedule state.
 struct Start {
     step: usize,
     elapsed: f64,
+    plateau: Plateau,
 }
 
 /// Load the run directory's checkpoint into `model` and `opt`, drop the metrics written after
@@ -100,10 +102,10 @@ fn restore(cfg: &TrainConfig, model: &mut Model, opt: &mut Optimizer) -> Result<
         let number = |key: &str| {
             meta.get(key).and_then(|v| v.parse::<f64>().ok()).with_context(|| format!("{}: no '{key}' metadata", path.display()))
         };
-        Start { step: number("step")? as usize, elapsed: number("elapsed_s")? }
+        Start { step: number("step")? as usize, elapsed: number("elapsed_s")?, plateau: Plateau::from_meta(&meta) }
     } else {
         println!("No checkpoint in {} yet: starting from step 0", cfg.out.display());
-        Start { step: 0, elapsed: 0.0 }
+        Start { step: 0, elapsed: 0.0, plateau: Plateau::default() }
     };
     let metrics_path = cfg.out.join(METRICS_FILE);
     let kept: String = std::fs::read_to_string(&metrics_path)
@@ -155,7 +157,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
         checkpoint::write_atomic(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
         checkpoint::write_atomic(&cfg.out.join(METRICS_FILE), b"")?;
-        Start { step: 0, elapsed: 0.0 }
+        Start { step: 0, elapsed: 0.0, plateau: Plateau::default() }
     };
     let metrics_path = cfg.out.join(METRICS_FILE);
     let metrics_file =
@@ -184,8 +186,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
     let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
     let mut last_test = None;
     let mut saved_step = start.step;
-    let save_state = |model: &Model, opt: &Optimizer, step: usize| {
-        let meta = [("step", step.to_string()), ("elapsed_s", started.elapsed().as_secs_f64().to_string()), ("seed", cfg.seed.to_string())];
+    let mut plateau = start.plateau;
+    let save_state = |model: &Model, opt: &Optimizer, step: usize, plateau: Plateau| {
+        let mut meta =
+            vec![("step", step.to_string()), ("elapsed_s", started.elapsed().as_secs_f64().to_string()), ("seed", cfg.seed.to_string())];
+        meta.extend(plateau.to_meta());
         checkpoint::save_training_state(model, opt, &checkpoint_path, &meta)
     };
     for step in start.step + 1..=total_steps {
@@ -210,7 +215,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
                 cfg.lr
             );
         }
-        let lr = cfg.lr_at(epoch);
+        let lr = cfg.lr_at(epoch) * plateau.scale;
         opt.update(&mut model.params, lr);
         window_samples += cfg.batch_size;
         bar.set_position(step as u64);
@@ -237,14 +242,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
             let test = source.evaluate(&model, &mut eval_ws)?;
             let epochs_done = step as f64 / steps_per_epoch as f64;
             let label = if pos + 1 == steps_per_epoch { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
+            let split = source.eval_split();
+            let top5 = if model.classes() > 5 { format!(" (top-5 {:.2}%)", 100.0 * test.top5_accuracy) } else { String::new() };
             bar.suspend(|| {
                 println!(
-                    "{label} (step {step}): test loss {:.4}, test accuracy {:.2}% ({:.1}s elapsed)",
+                    "{label} (step {step}): {split} loss {:.4}, {split} accuracy {:.2}%{top5} ({:.1}s elapsed)",
                     test.loss,
                     100.0 * test.accuracy,
                     started.elapsed().as_secs_f64()
                 )
             });
+            if let (Some(patience), true) = (cfg.lr_plateau_patience, pos + 1 == steps_per_epoch)
+                && plateau.epoch_end(1.0 - test.accuracy, patience, cfg.lr_gamma)
+            {
+                bar.suspend(|| println!("No improvement for {patience} epochs: learning rate now {}", cfg.lr * plateau.scale));
+            }
             metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "confusion": test.confusion, "elapsed_s": started.elapsed().as_secs_f64()}))?;
             checkpoint::save(&model, &model_path, &[("step", step.to_string()), ("test_accuracy", test.accuracy.to_string())])?;
             last_test = Some(test);
@@ -252,7 +264,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         let signal = stop.load(Ordering::SeqCst);
         let at_epoch_end = pos + 1 == steps_per_epoch;
         if signal != 0 || at_epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
-            save_state(&model, &opt, step)?;
+            save_state(&model, &opt, step, plateau)?;
             saved_step = step;
         }
         window_start += t.elapsed();
@@ -302,6 +314,7 @@ mod tests {
             lr: 1e-3,
             lr_step_epochs: None,
             lr_gamma: 0.1,
+            lr_plateau_patience: None,
             beta1: 0.9,
             beta2: 0.999,
             epsilon: 1e-8,
