@@ -1,9 +1,11 @@
 //! The exported ONNX graph, run by onnxruntime (installed from PyPI into a throwaway
 //! virtualenv), gives our outputs on 1,000 real MNIST test images within 1e-4.
 
+use alexnet::architectures::architecture;
 use alexnet::checkpoint;
+use alexnet::data::mnist::Dataset;
 use alexnet::data::mnist::{self, Split};
-use alexnet::model::{Mode, Workspace, forward};
+use alexnet::model::{Mode, Model, Workspace, forward};
 use std::path::Path;
 use std::process::Command;
 
@@ -69,4 +71,41 @@ fn onnxruntime_matches_our_outputs_on_1000_test_images() {
     eprintln!("onnxruntime vs alexnet: {report}");
     assert!(out.status.success(), "{report} {}", String::from_utf8_lossy(&out.stderr));
     assert!(report.contains("\"same_predictions\": 1000"), "{report}");
+
+    // Every other model, freshly initialised, on random 3-channel images: grouped convs (the
+    // two towers), VALID pooling, the paper's LRN and torchvision's padding all map exactly.
+    for name in ["alexnet", "alexnet-2gpu", "alexnet-owt"] {
+        let mut model = Model::new(&architecture(name, 0.5, Some(10)).unwrap()).unwrap();
+        model.init(3, 0.0);
+        let path = dir.path().join(format!("{name}.safetensors"));
+        checkpoint::save(&model, &path, &[]).unwrap();
+        let onnx = dir.path().join(format!("{name}.onnx"));
+        alexnet(&["export", "--checkpoint", path.to_str().unwrap(), "--onnx", onnx.to_str().unwrap()]);
+        let (n, [h, w, c]) = (2, model.arch.input);
+        let images = Dataset::dummy(n, model.arch.input, 10, 5);
+        let mut ws = Workspace::new(&model, n, false);
+        // Scaled like real inputs (0-255 minus the mean for the paper's models).
+        let x: Vec<f32> = images.images.iter().map(|v| v * 60.0 * model.arch.input_scale).collect();
+        ws.input_mut().copy_from_slice(&x);
+        forward(&model, &mut ws, n, Mode::Eval);
+        // Ours is NHWC, ONNX's NCHW.
+        let nchw: Vec<f32> = (0..n * c * h * w)
+            .map(|i| {
+                let (s, ch, y, xx) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
+                x[((s * h + y) * w + xx) * c + ch]
+            })
+            .collect();
+        write_f32(&inputs, &nchw);
+        write_f32(&logits, ws.logits(n, 10));
+        let dims = [n, c, h, w, 10].map(|d| d.to_string());
+        let out = Command::new(dir.path().join("venv/bin/python"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/onnx_check.py"))
+            .args([&onnx, &inputs, &logits])
+            .args(&dims)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{name}: onnxruntime vs alexnet: {report}");
+        assert!(out.status.success(), "{name}: {report} {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
