@@ -7,7 +7,7 @@
 //! `winograd` instead, which does the same arithmetic in 2.25-4x fewer multiplications.
 
 use super::gemm::{Operand, matmul};
-use super::scratch::{SCRATCH_A, SCRATCH_B, give_back, take_zeroed, with_scratch};
+use super::scratch::{SCRATCH_A, SCRATCH_B, give_back, take, take_zeroed, with_scratch};
 use super::simd::L;
 use super::{Window, sample_ranges};
 use rayon::prelude::*;
@@ -219,8 +219,111 @@ pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], r
     }
 }
 
+/// Run `f(n0, n1)` over `samples` in chunks whose im2col buffer fits `COL_CHUNK_FLOATS`.
+fn for_each_chunk(conv: &Conv, samples: std::ops::Range<usize>, mut f: impl FnMut(usize, usize)) {
+    let chunk = conv.chunk_samples();
+    let mut n0 = samples.start;
+    while n0 < samples.end {
+        let n1 = (n0 + chunk).min(samples.end);
+        f(n0, n1);
+        n0 = n1;
+    }
+}
+
+/// Grouped convolutions are the paper's towers: one task per group over the whole batch, so
+/// with two groups on two threads each tower runs on its own thread, as on the paper's two
+/// GPUs. Each tower computes into its own [pixels, out_c / groups] buffer; `interleave` puts
+/// the towers' channel blocks back side by side (NHWC).
+fn towers_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
+    let mut towers: Vec<Vec<f32>> = (0..conv.groups).map(|_| take(batch * opix * cout_g)).collect();
+    towers.par_iter_mut().enumerate().for_each(|(g, out_g)| {
+        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
+            for_each_chunk(conv, 0..batch, |n0, n1| {
+                conv.im2col(input, n0, n1, g, col);
+                let w = Operand::new(&weight[g * cout_g..], conv.out_c);
+                matmul((n1 - n0) * opix, cout_g, pl, Operand::new(col, pl), w, &mut out_g[n0 * opix * cout_g..], cout_g, false);
+            });
+        });
+    });
+    interleave(&towers, &mut output[..batch * conv.out_len()], conv.out_c);
+    output[..batch * conv.out_len()].par_chunks_mut(conv.out_len()).for_each(|y| bias_relu(y, bias, conv.relu));
+    towers.into_iter().for_each(give_back);
+}
+
+/// `dst` rows of `width` = the towers' rows side by side.
+fn interleave(towers: &[Vec<f32>], dst: &mut [f32], width: usize) {
+    let part = width / towers.len();
+    dst.par_chunks_mut(width * 256).enumerate().for_each(|(i, rows)| {
+        for (r, row) in rows.chunks_exact_mut(width).enumerate() {
+            let at = (i * 256 + r) * part;
+            for (block, t) in row.chunks_exact_mut(part).zip(towers) {
+                block.copy_from_slice(&t[at..at + part]);
+            }
+        }
+    });
+}
+
+/// Backward of `towers_forward`: each tower's weight and input gradients in its own buffers
+/// (the input gradient of tower g only touches its input channels), merged after.
+#[allow(clippy::too_many_arguments)]
+fn towers_backward(
+    conv: &Conv,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    output: &[f32],
+    d_output: &mut [f32],
+    d_input: Option<&mut [f32]>,
+    d_weight: &mut [f32],
+    d_bias: &mut [f32],
+) {
+    let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
+    let dy = &mut d_output[..batch * conv.out_len()];
+    d_bias.fill(0.0);
+    relu_mask_bias_grad(&output[..batch * conv.out_len()], dy, d_bias, conv.relu);
+    let dy = &*dy;
+    let need_dx = d_input.is_some();
+    let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..conv.groups)
+        .into_par_iter()
+        .map(|g| {
+            let mut dw = take_zeroed(pl * cout_g);
+            let mut dx = if need_dx { take_zeroed(batch * conv.in_len()) } else { Vec::new() };
+            with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
+                with_scratch(&SCRATCH_B, conv.chunk_samples() * opix * pl, |dcol| {
+                    for_each_chunk(conv, 0..batch, |n0, n1| {
+                        let rows = (n1 - n0) * opix;
+                        conv.im2col(input, n0, n1, g, col);
+                        let dy_g = Operand::new(&dy[n0 * conv.out_len() + g * cout_g..], conv.out_c);
+                        matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw, cout_g, true);
+                        if need_dx {
+                            let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
+                            matmul(rows, pl, cout_g, dy_g, w_t, dcol, pl, false);
+                            conv.col2im(dcol, n0, n1, g, &mut dx[n0 * conv.in_len()..]);
+                        }
+                    });
+                });
+            });
+            (dw, dx)
+        })
+        .collect();
+    let (dws, dxs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = grads.into_iter().unzip();
+    interleave(&dws, d_weight, conv.out_c);
+    if let Some(d_input) = d_input {
+        let d_input = &mut d_input[..batch * conv.in_len()];
+        d_input.fill(0.0);
+        for dx in &dxs {
+            d_input.par_chunks_mut(1 << 14).zip(dx.par_chunks(1 << 14)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        }
+    }
+    dws.into_iter().chain(dxs).for_each(give_back);
+}
+
 /// Forward over a batch: `output = relu?(conv(input, weight) + bias)`.
 pub fn conv_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    if conv.groups > 1 && !conv.direct() {
+        return towers_forward(conv, batch, input, weight, bias, output);
+    }
     let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
@@ -265,6 +368,9 @@ pub fn conv_backward(
     d_weight: &mut [f32],
     d_bias: &mut [f32],
 ) {
+    if conv.groups > 1 && !conv.direct() {
+        return towers_backward(conv, batch, input, weight, output, d_output, d_input, d_weight, d_bias);
+    }
     let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
     let opix = conv.win.out_pixels();
     let chunk = conv.chunk_samples();
