@@ -45,6 +45,9 @@ pub struct TrainConfig {
     /// Fail on unreadable images instead of skipping them with a warning.
     #[serde(default)]
     pub strict_images: bool,
+    /// Random images instead of `data`, for throughput runs.
+    #[serde(default)]
+    pub dummy: bool,
     pub data: Option<PathBuf>,
     pub out: PathBuf,
 }

@@ -125,7 +125,7 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_plateau_patience", "lr_gamma", "beta1", "beta2",
         "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
-        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "data", "out",
+        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "dummy", "data", "out",
     ])]
     resume: Option<PathBuf>,
     #[arg(long, default_value = "alexnet-mnist")]
@@ -195,6 +195,9 @@ struct TrainArgs {
     /// Fail on unreadable images instead of skipping them with a warning.
     #[arg(long)]
     strict_images: bool,
+    /// Random images with fixed labels instead of data (throughput runs).
+    #[arg(long, conflicts_with = "data")]
+    dummy: bool,
     /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
     /// dataset (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg).
     #[arg(long)]
@@ -291,6 +294,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { batch_size }),
                 ten_crop: a.ten_crop,
                 strict_images: a.strict_images,
+                dummy: a.dummy,
                 data: a.data,
                 out,
             };

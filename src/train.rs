@@ -133,13 +133,12 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
             cfg.out.display()
         );
     }
-    let source = Arc::new(Source::open(
-        cfg.data.as_deref(),
-        &architecture(&cfg.model, cfg.keep_prob, None)?,
-        cfg.augment_shift,
-        cfg.ten_crop,
-        cfg.strict_images,
-    )?);
+    let default_arch = architecture(&cfg.model, cfg.keep_prob, None)?;
+    let source = Arc::new(if cfg.dummy {
+        Source::dummy(&default_arch)?
+    } else {
+        Source::open(cfg.data.as_deref(), &default_arch, cfg.augment_shift, cfg.ten_crop, cfg.strict_images)?
+    });
     let arch = architecture(&cfg.model, cfg.keep_prob, Some(source.classes()))?;
     let mut model = Model::new(&arch)?;
     model.init(cfg.seed, cfg.init_bias);
@@ -330,6 +329,7 @@ mod tests {
             eval_batch: 16,
             ten_crop: false,
             strict_images: false,
+            dummy: false,
             data: Some(data.to_path_buf()),
             out: out.to_path_buf(),
         }
@@ -448,5 +448,22 @@ mod tests {
             let m = checkpoint::load(&model_path, None).unwrap();
             assert_eq!((m.arch.name.as_str(), m.classes()), (model, 3));
         }
+    }
+
+    #[test]
+    fn dummy_data_trains_without_a_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut cfg = config(Path::new("/nonexistent"), &out);
+        (cfg.dummy, cfg.samples, cfg.eval_batch) = (true, 16, 64);
+        let TrainOutcome::Finished { test, .. } = train(&cfg, false, &AtomicUsize::new(0)).unwrap() else { panic!("interrupted") };
+        assert_eq!((test.samples, test.confusion.len()), (256, 10));
+        let source = Source::dummy(&architecture("alexnet", 0.5, Some(7)).unwrap()).unwrap();
+        assert_eq!((source.classes(), source.train_len()), (7, 1_281_167));
+        let (mut a, mut b, mut labels) = (vec![0.0; 2 * 227 * 227 * 3], vec![0.0; 2 * 227 * 227 * 3], Vec::new());
+        source.fill_train(&[3, 9], 1, 0, &mut a, &mut labels).unwrap();
+        assert_eq!(labels, [3, 2]);
+        source.fill_train(&[3, 9], 2, 5, &mut b, &mut labels).unwrap();
+        assert_eq!(a, b, "a dummy image depends only on its index");
     }
 }

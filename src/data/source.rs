@@ -8,7 +8,7 @@ use super::folder::is_image_folder;
 use super::mnist::{self, Dataset, Split};
 use super::pipeline::FolderData;
 use crate::eval::{EvalResult, evaluate, evaluate_views};
-use crate::model::{Architecture, Model, Workspace};
+use crate::model::{Architecture, LayerSpec, Model, Workspace};
 use crate::rng::stream_id;
 use anyhow::{Result, bail};
 use std::path::Path;
@@ -29,6 +29,24 @@ pub enum Source {
         data: FolderData,
         ten_crop: bool,
     },
+    /// Random images, N(0, 1) per pixel (like mean-subtracted inputs), labels cycling through
+    /// the classes, each generated from its index: throughput runs without data (`--dummy`).
+    Dummy {
+        shape: [usize; 3],
+        classes: usize,
+    },
+}
+
+/// A dummy epoch is ImageNet's training set size; its evaluation set is small.
+const DUMMY_TRAIN: usize = 1_281_167;
+const DUMMY_VAL: usize = 256;
+
+/// Dummy sample `index` (training samples first, then validation) into `dst`; returns its label.
+fn dummy_sample(index: usize, classes: usize, dst: &mut [f32]) -> u32 {
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = crate::rng::substream(stream_id(&[0x4455_4d4d]), index as u64);
+    dst.iter_mut().for_each(|v| *v = StandardNormal.sample(&mut rng));
+    (index % classes) as u32
 }
 
 /// One training batch: NHWC input and labels.
@@ -54,10 +72,19 @@ impl Source {
         Ok(Source::Mnist { train, test, shift })
     }
 
+    /// Random data shaped for a model of architecture `arch`, with its own class count.
+    pub fn dummy(arch: &Architecture) -> Result<Source> {
+        match arch.layers.last() {
+            Some(LayerSpec::Linear { out, .. }) => Ok(Source::Dummy { shape: arch.input, classes: *out }),
+            _ => bail!("model {} does not end in a classifier layer", arch.name),
+        }
+    }
+
     pub fn train_len(&self) -> usize {
         match self {
             Source::Mnist { train, .. } => train.len(),
             Source::Folder { data, .. } => data.train.len(),
+            Source::Dummy { .. } => DUMMY_TRAIN,
         }
     }
 
@@ -65,6 +92,7 @@ impl Source {
         match self {
             Source::Mnist { .. } => 10,
             Source::Folder { data, .. } => data.classes.len(),
+            Source::Dummy { classes, .. } => *classes,
         }
     }
 
@@ -73,6 +101,7 @@ impl Source {
         match self {
             Source::Mnist { .. } => "test",
             Source::Folder { .. } => "validation",
+            Source::Dummy { .. } => "random",
         }
     }
 
@@ -84,6 +113,12 @@ impl Source {
                 Ok(())
             }
             Source::Folder { data, .. } => data.fill_train(indices, FolderData::epoch_stream(seed, epoch), input, labels),
+            Source::Dummy { shape, classes } => {
+                let len = shape.iter().product();
+                labels.clear();
+                labels.extend(indices.iter().zip(input.chunks_exact_mut(len)).map(|(&i, dst)| dummy_sample(i as usize, *classes, dst)));
+                Ok(())
+            }
         }
     }
 
@@ -95,6 +130,16 @@ impl Source {
                 let labels: Vec<u32> = data.val.iter().map(|s| s.label).collect();
                 evaluate_views(model, ws, &labels, if *ten_crop { 10 } else { 1 }, |range, view, input| {
                     data.fill_val(range, view, *ten_crop, input)
+                })
+            }
+            Source::Dummy { shape, classes } => {
+                let len: usize = shape.iter().product();
+                let labels: Vec<u32> = (0..DUMMY_VAL).map(|i| ((DUMMY_TRAIN + i) % classes) as u32).collect();
+                evaluate_views(model, ws, &labels, 1, |range, _, input| {
+                    for (i, dst) in range.zip(input.chunks_exact_mut(len)) {
+                        dummy_sample(DUMMY_TRAIN + i, *classes, dst);
+                    }
+                    Ok(())
                 })
             }
         }
