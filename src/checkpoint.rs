@@ -112,6 +112,16 @@ fn slot_prefix(slot: usize) -> String {
     format!("{OPTIMIZER_PREFIX}slot{slot}.")
 }
 
+/// f32 values as the little-endian bytes safetensors and ONNX store.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The inverse of `f32_bytes` (a trailing partial value is ignored).
+pub fn f32s_from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+}
+
 /// Serialise to safetensors bytes, with the architecture and `extra` in the metadata, and the
 /// optimiser's state when given (a training checkpoint).
 pub fn to_bytes(model: &Model, extra: &[(&str, String)], optimizer: Option<&Optimizer>) -> Result<Vec<u8>> {
@@ -126,7 +136,7 @@ pub fn to_bytes(model: &Model, extra: &[(&str, String)], optimizer: Option<&Opti
         meta.insert(OPTIMIZER_STEP_KEY.into(), opt.step.to_string());
         meta.insert(OPTIMIZER_KIND_KEY.into(), serde_json::to_string(&opt.config.kind)?);
     }
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -175,11 +185,10 @@ pub fn save_training_state(model: &Model, optimizer: &Optimizer, path: &Path, ex
 
 /// The architecture stored in a model file's metadata.
 pub fn read_architecture(path: &Path, bytes: &[u8]) -> Result<Architecture> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let json = meta.metadata().as_ref().and_then(|m| m.get(ARCH_KEY)).with_context(|| {
+    let json = metadata(path, bytes)?.remove(ARCH_KEY).with_context(|| {
         format!("{}: no '{ARCH_KEY}' metadata: not written by alexnet (say which architecture with --model)", path.display())
     })?;
-    serde_json::from_str(json).with_context(|| format!("{}: unreadable architecture metadata", path.display()))
+    serde_json::from_str(&json).with_context(|| format!("{}: unreadable architecture metadata", path.display()))
 }
 
 /// One tensor of the file, checked against the expected shape and converted to our layout.
@@ -191,7 +200,7 @@ fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize], layout: &Layout) -
     if t.shape() != shape {
         return Err(format!("{name}: shape {:?} in file, model expects {shape:?}", t.shape()));
     }
-    let torch: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    let torch = f32s_from_bytes(t.data());
     if let Some(i) = torch.iter().position(|x| !x.is_finite()) {
         return Err(format!("{name}: non-finite value at index {i}"));
     }
@@ -229,8 +238,7 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option
     let mut slots = Vec::new();
     let mut step = 0;
     if let Some(opt) = &optimizer {
-        let (_, meta) = SafeTensors::read_metadata(bytes)?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let meta = metadata(path, bytes)?;
         let kind = serde_json::to_string(&opt.config.kind)?;
         match (meta.get(OPTIMIZER_STEP_KEY).and_then(|s| s.parse::<u64>().ok()), meta.get(OPTIMIZER_KIND_KEY)) {
             (Some(s), Some(k)) if *k == kind => step = s,
@@ -347,7 +355,7 @@ mod tests {
         m.init(9, 0.0);
         // What PyTorch's safetensors.torch.save_file writes: tensors, no alexnet metadata.
         let tensors = torch_tensors(&m);
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
         let views: Vec<(String, TensorView)> = tensors
             .iter()
             .zip(&bytes)

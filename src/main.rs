@@ -238,11 +238,10 @@ fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let threads = match cli.threads {
-        Some(0) => bail!("--threads must be at least 1"),
-        Some(n) => Some(n),
-        None => None,
-    };
+    let threads = cli.threads;
+    if threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
     let all_cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Command::Train(TrainArgs { resume: Some(dir), .. }) = &cli.command {
         let mut cfg = train::read_config(dir)?;
@@ -389,7 +388,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
             }
             let train_set = if dummy || !mnist_shaped {
-                mnist::Dataset::dummy(2 * batch_size.max(infer_batch), m.arch.input, m.classes(), 1)
+                mnist::Dataset::dummy(2 * batch_size.max(infer_batch), m.arch.input, m.classes())
             } else {
                 let (dir, strict) = mnist::resolve_dir(data.as_deref());
                 mnist::load(&dir, Split::Train, strict)?

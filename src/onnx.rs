@@ -238,7 +238,7 @@ pub fn to_model(model: &Model) -> ModelProto {
             dims: shape.iter().map(|&d| d as i64).collect(),
             data_type: Some(FLOAT),
             name: Some(name),
-            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            raw_data: Some(crate::checkpoint::f32_bytes(&data)),
         })
         .collect();
     let [h, w, c] = model.arch.input;

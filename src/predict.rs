@@ -19,12 +19,7 @@ pub fn load_digit(path: &Path) -> Result<Vec<f32>> {
 /// Decode a PNG or JPEG held in memory and prepare it as `load_digit` does. Decoding is
 /// limited to 8192x8192 pixels and 512 MiB, so a small hostile file cannot claim huge memory.
 pub fn digit_from_bytes(bytes: &[u8]) -> Result<Vec<f32>> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().context("cannot read image data")?;
-    let mut limits = image::Limits::default();
-    (limits.max_image_width, limits.max_image_height, limits.max_alloc) = (Some(8192), Some(8192), Some(512 << 20));
-    reader.limits(limits);
-    let img = reader.decode().context("not a readable PNG or JPEG (or larger than 8192x8192)")?;
-    mnist_preprocess(&img.to_luma8())
+    mnist_preprocess(&crate::data::decode_image(bytes, 8192, 512 << 20)?.to_luma8())
 }
 
 pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {

@@ -195,6 +195,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
     for step in start.step + 1..=total_steps {
         let epoch = (step - 1) / steps_per_epoch;
         let pos = (step - 1) % steps_per_epoch;
+        let epoch_end = pos + 1 == steps_per_epoch;
         let (batch_input, labels) = batches.recv().context("the batch thread stopped")??;
         ws.input_mut().copy_from_slice(&batch_input);
         let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, stream_id(&[cfg.seed, step as u64]));
@@ -237,10 +238,10 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
             metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epoch, "loss": loss, "accuracy": acc, "lr": lr.to_string().parse::<f64>().unwrap_or(lr as f64), "samples_per_s": rate}))?;
         }
         let t = Instant::now();
-        if pos + 1 == steps_per_epoch || step == total_steps {
+        if epoch_end || step == total_steps {
             let test = source.evaluate(&model, &mut eval_ws)?;
             let epochs_done = step as f64 / steps_per_epoch as f64;
-            let label = if pos + 1 == steps_per_epoch { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
+            let label = if epoch_end { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
             let split = source.eval_split();
             let top5 = if model.classes() > 5 { format!(" (top-5 {:.2}%)", 100.0 * test.top5_accuracy) } else { String::new() };
             bar.suspend(|| {
@@ -251,7 +252,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
                     started.elapsed().as_secs_f64()
                 )
             });
-            if let (Some(patience), true) = (cfg.lr_plateau_patience, pos + 1 == steps_per_epoch)
+            if let (Some(patience), true) = (cfg.lr_plateau_patience, epoch_end)
                 && plateau.epoch_end(1.0 - test.accuracy, patience, cfg.lr_gamma)
             {
                 bar.suspend(|| println!("No improvement for {patience} epochs: learning rate now {}", cfg.lr * plateau.scale));
@@ -261,8 +262,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
             last_test = Some(test);
         }
         let signal = stop.load(Ordering::SeqCst);
-        let at_epoch_end = pos + 1 == steps_per_epoch;
-        if signal != 0 || at_epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
+        if signal != 0 || epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             save_state(&model, &opt, step, plateau)?;
             saved_step = step;
         }

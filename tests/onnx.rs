@@ -82,7 +82,7 @@ fn onnxruntime_matches_our_outputs_on_1000_test_images() {
         let onnx = dir.path().join(format!("{name}.onnx"));
         alexnet(&["export", "--checkpoint", path.to_str().unwrap(), "--onnx", onnx.to_str().unwrap()]);
         let (n, [h, w, c]) = (2, model.arch.input);
-        let images = Dataset::dummy(n, model.arch.input, 10, 5);
+        let images = Dataset::dummy(n, model.arch.input, 10);
         let mut ws = Workspace::new(&model, n, false);
         // Scaled like real inputs (0-255 minus the mean for the paper's models).
         let x: Vec<f32> = images.images.iter().map(|v| v * 60.0 * model.arch.input_scale).collect();

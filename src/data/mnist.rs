@@ -45,17 +45,26 @@ impl Dataset {
     }
     /// `n` random images of `shape` (H, W, C; values N(0, 1), like mean-subtracted pixels)
     /// with labels cycling through `classes`: for throughput measurement (`bench --dummy`).
-    pub fn dummy(n: usize, shape: [usize; 3], classes: usize, seed: u64) -> Dataset {
-        use rand_distr::{Distribution, StandardNormal};
-        let mut rng = crate::rng::substream(seed, 0);
+    pub fn dummy(n: usize, shape: [usize; 3], classes: usize) -> Dataset {
         let [rows, cols, channels] = shape;
-        let images = (0..n * rows * cols * channels).map(|_| StandardNormal.sample(&mut rng)).collect();
-        Dataset { images, labels: (0..n).map(|i| (i % classes) as u32).collect(), rows, cols, channels }
+        let mut images = vec![0.0; n * rows * cols * channels];
+        let labels = images.chunks_exact_mut(rows * cols * channels).enumerate().map(|(i, dst)| dummy_sample(i, classes, dst)).collect();
+        Dataset { images, labels, rows, cols, channels }
     }
 
     pub fn image(&self, i: usize) -> &[f32] {
         &self.images[i * self.image_len()..(i + 1) * self.image_len()]
     }
+}
+
+/// Dummy sample `index`: N(0, 1) pixels drawn from a generator keyed by the index, so any
+/// sample can be made on its own (`train --dummy` makes them batch by batch); label
+/// `index % classes`.
+pub fn dummy_sample(index: usize, classes: usize, dst: &mut [f32]) -> u32 {
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = crate::rng::substream(crate::rng::stream_id(&[0x4455_4d4d]), index as u64);
+    dst.iter_mut().for_each(|v| *v = StandardNormal.sample(&mut rng));
+    (index % classes) as u32
 }
 
 /// The vendored copy: `./data/mnist` if run from the repository, else the crate's own.

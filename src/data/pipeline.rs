@@ -6,6 +6,7 @@
 
 use super::augment::{ColourPca, RgbMoments, add_colour, crop, ten_crop_offsets};
 use super::folder::{ImageFolder, Sample};
+use crate::checkpoint::{f32_bytes, f32s_from_bytes};
 use crate::rng::{stream_id, substream};
 use anyhow::{Context, Result, bail};
 use rand_distr::{Distribution, Normal};
@@ -24,11 +25,7 @@ pub const STATS_FILE: &str = "alexnet-stats-256.safetensors";
 /// Decode `bytes` and prepare it: shorter side rescaled to 256 (aspect kept), centre crop
 /// 256x256, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB.
 pub fn prepare(bytes: &[u8]) -> Result<Vec<f32>> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
-    let mut limits = image::Limits::default();
-    (limits.max_image_width, limits.max_image_height, limits.max_alloc) = (Some(1 << 14), Some(1 << 14), Some(1 << 30));
-    reader.limits(limits);
-    let img = reader.decode()?.to_rgb8();
+    let img = super::decode_image(bytes, 1 << 14, 1 << 30)?.to_rgb8();
     let (w, h) = img.dimensions();
     let scale = PREPARED as f64 / w.min(h) as f64;
     let (nw, nh) = (((w as f64 * scale).round() as u32).max(PREPARED as u32), ((h as f64 * scale).round() as u32).max(PREPARED as u32));
@@ -69,21 +66,14 @@ fn stats_key(samples: &[&Sample]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn read_cache(path: &Path, key: &str) -> Option<Stats> {
     let bytes = std::fs::read(path).ok()?;
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    let meta = meta.metadata().clone()?;
+    let meta = crate::checkpoint::metadata(path, &bytes).ok()?;
     if meta.get("key")? != key {
         return None;
     }
-    let floats = |name: &str| -> Option<Vec<f32>> {
-        Some(st.tensor(name).ok()?.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
-    };
+    let floats = |name: &str| -> Option<Vec<f32>> { Some(f32s_from_bytes(st.tensor(name).ok()?.data())) };
     let (mean, values, vectors) = (floats("mean")?, floats("pca_eigenvalues")?, floats("pca_eigenvectors")?);
     if mean.len() != PREPARED_LEN || values.len() != 3 || vectors.len() != 9 {
         return None;

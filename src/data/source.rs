@@ -5,7 +5,7 @@
 
 use super::batch::{epoch_order, fill_batch};
 use super::folder::is_image_folder;
-use super::mnist::{self, Dataset, Split};
+use super::mnist::{self, Dataset, Split, dummy_sample};
 use super::pipeline::FolderData;
 use crate::eval::{EvalResult, evaluate, evaluate_views};
 use crate::model::{Architecture, LayerSpec, Model, Workspace};
@@ -40,14 +40,6 @@ pub enum Source {
 /// A dummy epoch is ImageNet's training set size; its evaluation set is small.
 const DUMMY_TRAIN: usize = 1_281_167;
 const DUMMY_VAL: usize = 256;
-
-/// Dummy sample `index` (training samples first, then validation) into `dst`; returns its label.
-fn dummy_sample(index: usize, classes: usize, dst: &mut [f32]) -> u32 {
-    use rand_distr::{Distribution, StandardNormal};
-    let mut rng = crate::rng::substream(stream_id(&[0x4455_4d4d]), index as u64);
-    dst.iter_mut().for_each(|v| *v = StandardNormal.sample(&mut rng));
-    (index % classes) as u32
-}
 
 /// One training batch: NHWC input and labels.
 pub type Batch = (Vec<f32>, Vec<u32>);
