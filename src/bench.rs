@@ -62,7 +62,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         }
         fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
         cursor += plan.train_batch;
-        train_step_gradients(model, ws, &labels, cursor as u64);
+        train_step_gradients(model, ws, &labels, Mode::Train { stream: cursor as u64, first_sample: 0 }, &mut ());
         opt.update(&mut model.params, opt_cfg.lr);
     };
     for _ in 0..3 {

@@ -31,7 +31,11 @@ pub struct TrainConfig {
     pub keep_prob: f32,
     pub init_bias: f32,
     pub seed: u64,
+    /// Worker threads per process.
     pub threads: usize,
+    /// Data-parallel processes (MPI ranks), each taking `batch_size / ranks` of every batch.
+    #[serde(default = "one")]
+    pub ranks: usize,
     /// Random translation of up to this many pixels per image per epoch (0 = off).
     pub augment_shift: usize,
     pub display_step: usize,
@@ -52,6 +56,10 @@ pub struct TrainConfig {
     pub out: PathBuf,
 }
 
+fn one() -> usize {
+    1
+}
+
 pub fn default_checkpoint_every() -> usize {
     500
 }
@@ -70,6 +78,9 @@ impl TrainConfig {
         }
         if self.threads == 0 {
             bail!("--threads must be at least 1");
+        }
+        if self.ranks == 0 || !self.batch_size.is_multiple_of(self.ranks) {
+            bail!("--batch-size {} does not split evenly over {} ranks: pick a multiple of {}", self.batch_size, self.ranks, self.ranks);
         }
         if self.display_step == 0 || self.eval_batch == 0 {
             bail!("--display-step and --eval-batch must be at least 1");

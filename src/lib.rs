@@ -2,10 +2,12 @@
 //!
 //! `layers` holds the numeric kernels (forward/backward pairs over preallocated buffers),
 //! `model` the fixed layer stacks, `data` the MNIST pipeline, `optim` Adam and SGD, `train`,
-//! `eval`, `predict` and `bench` the commands, `checkpoint` the PyTorch-compatible files.
+//! `eval`, `predict` and `bench` the commands, `checkpoint` the PyTorch-compatible files,
+//! `cluster` data-parallel training over MPI.
 pub mod architectures;
 pub mod bench;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod eval;

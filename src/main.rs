@@ -1,5 +1,6 @@
 use alexnet::architectures::{MODEL_NAMES, architecture};
 use alexnet::bench::{self, BenchPlan};
+use alexnet::cluster::{self, Cluster};
 use alexnet::config::TrainConfig;
 use alexnet::data::mnist::{self, Split};
 use alexnet::data::source::Source;
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
 
 /// AlexNet (Krizhevsky, Sutskever & Hinton, 2012) and its MNIST adaptation, trained on the CPU.
 #[derive(Parser)]
@@ -205,6 +207,11 @@ struct TrainArgs {
     /// Run directory (default: runs/MODEL-UNIXTIME).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Under `mpirun` (built with `--features mpi`): end the job if another rank does not
+    /// answer within this many seconds (a dead or hung rank). It must exceed rank 0's longest
+    /// solo phase: evaluation plus writing a checkpoint.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    mpi_timeout: f64,
 }
 
 fn main() -> ExitCode {
@@ -243,62 +250,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         bail!("--threads must be at least 1");
     }
     let all_cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
-    if let Command::Train(TrainArgs { resume: Some(dir), .. }) = &cli.command {
-        let mut cfg = train::read_config(dir)?;
-        if threads.is_some_and(|t| t != cfg.threads) {
-            eprintln!(
-                "warning: the run used {} threads; with {} the result will not be bit-identical to an uninterrupted run",
-                cfg.threads,
-                threads.unwrap_or_default()
-            );
-        }
-        cfg.threads = threads.unwrap_or(cfg.threads);
-        start_thread_pool(cfg.threads)?;
-        return finish_training(train::train(&cfg, true, &*stop_on_signals()?)?);
-    }
+    let command = match cli.command {
+        Command::Train(a) => return train_command(a, threads),
+        command => command,
+    };
     let threads = threads.unwrap_or_else(all_cores);
     start_thread_pool(threads)?;
-    match cli.command {
-        Command::Train(a) => {
-            let out = a.out.unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                PathBuf::from(format!("runs/{}-{secs}", a.model))
-            });
-            // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
-            let seed_model = a.model == "alexnet-mnist";
-            let batch_size = a.batch_size.unwrap_or(if seed_model { 64 } else { 128 });
-            let optimizer = a.optimizer.unwrap_or(if seed_model { OptimizerKind::Adam } else { OptimizerKind::Sgd });
-            let cfg = TrainConfig {
-                model: a.model,
-                batch_size,
-                samples: a.samples,
-                epochs: a.epochs,
-                optimizer,
-                lr: a.lr.unwrap_or(if optimizer == OptimizerKind::Adam { 0.001 } else { 0.01 }),
-                lr_step_epochs: a.lr_step_epochs,
-                lr_plateau_patience: a.lr_plateau_patience.or((!seed_model && a.lr_step_epochs.is_none()).then_some(2)),
-                lr_gamma: a.lr_gamma,
-                beta1: a.beta1,
-                beta2: a.beta2,
-                epsilon: a.epsilon,
-                momentum: a.momentum,
-                weight_decay: a.weight_decay,
-                keep_prob: a.keep_prob.unwrap_or(if seed_model { 0.8 } else { 0.5 }),
-                init_bias: a.init_bias,
-                seed: a.seed,
-                threads,
-                augment_shift: if a.augment { a.shift } else { 0 },
-                display_step: a.display_step,
-                checkpoint_every: a.checkpoint_every,
-                eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { batch_size }),
-                ten_crop: a.ten_crop,
-                strict_images: a.strict_images,
-                dummy: a.dummy,
-                data: a.data,
-                out,
-            };
-            return finish_training(train::train(&cfg, false, &*stop_on_signals()?)?);
-        }
+    match command {
+        Command::Train(_) => unreachable!("handled above"),
         Command::Eval { checkpoint: path, model, data, batch_size, ten_crop, confusion } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
@@ -435,10 +394,102 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `alexnet train`, as one process or as one rank of an `mpirun` job. A rank that fails ends the
+/// whole job, so no other rank waits for it.
+fn train_command(a: TrainArgs, threads: Option<usize>) -> Result<ExitCode> {
+    if !(a.mpi_timeout > 0.0 && a.mpi_timeout.is_finite()) {
+        bail!("--mpi-timeout must be a positive number of seconds, got {}", a.mpi_timeout);
+    }
+    let mut cluster = cluster::connect(Duration::from_secs_f64(a.mpi_timeout))?;
+    let result = train_as_rank(a, threads, &mut *cluster);
+    match result {
+        Err(e) if cluster.ranks() > 1 => {
+            eprintln!("error: rank {} of {}: {e:#}", cluster.rank(), cluster.ranks());
+            cluster.abort_all();
+            Ok(ExitCode::FAILURE)
+        }
+        other => other,
+    }
+}
+
+fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster) -> Result<ExitCode> {
+    // Ranks on one machine share its cores.
+    let default_threads = || (std::thread::available_parallelism().map_or(1, |n| n.get()) / cluster::ranks_on_this_machine()).max(1);
+    if let Some(dir) = &a.resume {
+        // The saved config is on rank 0's machine; the other ranks get it from rank 0.
+        let mut text = Vec::new();
+        if cluster.rank() == 0 {
+            text = serde_json::to_vec(&train::read_config(dir)?)?;
+        }
+        cluster.broadcast_bytes(&mut text, "rank 0's saved config")?;
+        let mut cfg: TrainConfig = serde_json::from_slice(&text).context("the saved config from rank 0")?;
+        cfg.out = dir.clone();
+        if cluster.rank() == 0 && threads.is_some_and(|t| t != cfg.threads) {
+            eprintln!(
+                "warning: the run used {} threads; with {} the result will not be bit-identical to an uninterrupted run",
+                cfg.threads,
+                threads.unwrap_or_default()
+            );
+        }
+        if cluster.rank() == 0 && cluster.ranks() != cfg.ranks {
+            eprintln!(
+                "warning: the run used {} ranks, this job has {}: it goes on with the same global batch, but not bit-identically",
+                cfg.ranks,
+                cluster.ranks()
+            );
+        }
+        cfg.threads = threads.unwrap_or(cfg.threads);
+        cfg.ranks = cluster.ranks();
+        start_thread_pool(cfg.threads)?;
+        return finish_training(train::train(&cfg, true, &*stop_on_signals()?, cluster)?);
+    }
+    let threads = threads.unwrap_or_else(default_threads);
+    start_thread_pool(threads)?;
+    let out = a.out.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("runs/{}-{secs}", a.model))
+    });
+    // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
+    let seed_model = a.model == "alexnet-mnist";
+    let batch_size = a.batch_size.unwrap_or(if seed_model { 64 } else { 128 });
+    let optimizer = a.optimizer.unwrap_or(if seed_model { OptimizerKind::Adam } else { OptimizerKind::Sgd });
+    let cfg = TrainConfig {
+        model: a.model,
+        batch_size,
+        samples: a.samples,
+        epochs: a.epochs,
+        optimizer,
+        lr: a.lr.unwrap_or(if optimizer == OptimizerKind::Adam { 0.001 } else { 0.01 }),
+        lr_step_epochs: a.lr_step_epochs,
+        lr_plateau_patience: a.lr_plateau_patience.or((!seed_model && a.lr_step_epochs.is_none()).then_some(2)),
+        lr_gamma: a.lr_gamma,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        epsilon: a.epsilon,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        keep_prob: a.keep_prob.unwrap_or(if seed_model { 0.8 } else { 0.5 }),
+        init_bias: a.init_bias,
+        seed: a.seed,
+        threads,
+        ranks: cluster.ranks(),
+        augment_shift: if a.augment { a.shift } else { 0 },
+        display_step: a.display_step,
+        checkpoint_every: a.checkpoint_every,
+        eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { batch_size }),
+        ten_crop: a.ten_crop,
+        strict_images: a.strict_images,
+        dummy: a.dummy,
+        data: a.data,
+        out,
+    };
+    finish_training(train::train(&cfg, false, &*stop_on_signals()?, cluster)?)
+}
+
 /// A run stopped by a signal exits with the shell's convention for that signal (128 + number).
 fn finish_training(outcome: train::TrainOutcome) -> Result<ExitCode> {
     Ok(match outcome {
-        train::TrainOutcome::Finished { .. } => ExitCode::SUCCESS,
+        train::TrainOutcome::Finished { .. } | train::TrainOutcome::FinishedWorker => ExitCode::SUCCESS,
         train::TrainOutcome::Interrupted { signal, .. } => ExitCode::from(128 + signal as u8),
     })
 }

@@ -297,9 +297,12 @@ impl Workspace {
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
     Eval,
-    /// Training, with the dropout masks drawn from this stream (see `rng::stream_id`).
+    /// Training, with the dropout masks drawn from this stream (see `rng::stream_id`), one
+    /// generator per sample keyed by `first_sample` + its index in the batch: a batch split
+    /// over data-parallel ranks draws the masks one whole batch would.
     Train {
         stream: u64,
+        first_sample: usize,
     },
 }
 
@@ -332,13 +335,14 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
                 lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], &mut scale[..out_len]);
             }
             Layer::Dropout { keep } => match mode {
-                Mode::Train { stream } if *keep < 1.0 => {
+                Mode::Train { stream, first_sample } if *keep < 1.0 => {
                     let Saved::Values(mask) = &mut ws.saved[i] else { unreachable!("dropout saves its mask") };
                     let per_sample = out_len / n.max(1);
                     dropout_forward(
                         *keep,
                         per_sample,
                         stream_id(&[stream, i as u64]),
+                        first_sample,
                         &x[..out_len],
                         &mut y[..out_len],
                         &mut mask[..out_len],
@@ -359,18 +363,40 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
     ws.logits_at = cur;
 }
 
-/// Forward in training mode, loss, and backward: fills every `Param::grad`. Returns the mean
-/// loss and the number of correct predictions in the batch.
-pub fn train_step_gradients(model: &mut Model, ws: &mut Workspace, labels: &[u32], stream: u64) -> (f32, usize) {
+/// Told, during backward, as each parameter's gradient becomes final, so data-parallel
+/// training can send the top layers' gradients while the lower layers still compute.
+pub trait GradientReady {
+    /// `param` (`Model::params[index]`) holds its final gradient for this step.
+    fn ready(&mut self, index: usize, param: &mut Param);
+    /// A layer's backward finished: a chance to drive communication already started.
+    fn layer_done(&mut self) {}
+}
+
+/// Single-process training: nothing to tell.
+impl GradientReady for () {
+    fn ready(&mut self, _: usize, _: &mut Param) {}
+}
+
+/// Forward in training mode (`mode`, which must be `Mode::Train`), loss, and backward: fills
+/// every `Param::grad`, telling `hook` as each is done. Returns the mean loss and the number of
+/// correct predictions in the batch.
+pub fn train_step_gradients(
+    model: &mut Model,
+    ws: &mut Workspace,
+    labels: &[u32],
+    mode: Mode,
+    hook: &mut dyn GradientReady,
+) -> (f32, usize) {
+    assert!(matches!(mode, Mode::Train { .. }), "a training step needs Mode::Train");
     let n = labels.len();
-    forward(model, ws, n, Mode::Train { stream });
+    forward(model, ws, n, mode);
     let classes = model.classes();
     let last = model.layers.len();
     let (loss, correct) = {
         let (acts, grads) = (&ws.acts, &mut ws.grads);
         softmax_cross_entropy(&acts[ws.logits_at][..n * classes], labels, classes, &mut ws.probs, Some(&mut grads[last][..n * classes]))
     };
-    backward(model, ws, n);
+    backward(model, ws, n, hook);
     (loss, correct)
 }
 
@@ -426,7 +452,7 @@ pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<Strin
 }
 
 /// Backward through the stack; expects `ws.grads[last]` to hold d loss / d logits.
-fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
+fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn GradientReady) {
     // Layers skipped in forward (dropout at keep 1) pass the gradient through unchanged: the
     // gradient flows to the buffer the layer read, tracked by `inputs_at`.
     let mut grad_at = model.layers.len();
@@ -452,6 +478,8 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
                     (Saved::Values(v), true) => winograd::conv3x3_backward(conv, n, v, y, dy, dx, &mut w.grad, &mut b.grad),
                     _ => conv_backward(conv, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad),
                 }
+                hook.ready(*param, w);
+                hook.ready(param + 1, b);
             }
             Layer::Pool(p) => {
                 let Saved::Argmax(idx) = &ws.saved[i] else { unreachable!() };
@@ -470,8 +498,11 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize) {
                 let (w, b) = (&mut wp[*param], &mut bp[0]);
                 let dx = if need_dx { Some(&mut dx[..]) } else { None };
                 linear_backward(linear, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad);
+                hook.ready(*param, w);
+                hook.ready(param + 1, b);
             }
         }
+        hook.layer_done();
         if let (Some(t), Some(times)) = (started, ws.layer_seconds.as_mut()) {
             times[i].1 += t.elapsed().as_secs_f64();
         }
@@ -544,7 +575,7 @@ mod tests {
         let labels = [7u32, 1, 4];
         let mut ws = Workspace::new(&model, batch, true);
         ws.input_mut().copy_from_slice(&x);
-        train_step_gradients(&mut model, &mut ws, &labels, 9);
+        train_step_gradients(&mut model, &mut ws, &labels, Mode::Train { stream: 9, first_sample: 0 }, &mut ());
         for seed in 0..3 {
             let dirs: Vec<Vec<f32>> =
                 model.params.iter().enumerate().map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64)).collect();
@@ -560,7 +591,7 @@ mod tests {
                 for (p, d) in m.params.iter_mut().zip(&dirs) {
                     p.value.iter_mut().zip(d).for_each(|(v, d)| *v += sign * eps * d);
                 }
-                loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0 })
             };
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
             assert!(
@@ -577,7 +608,7 @@ mod tests {
             let shifted = |sign: f32| {
                 let mut m = model.clone();
                 m.params[i].value.iter_mut().zip(&d).for_each(|(v, d)| *v += sign * eps * d);
-                loss_of(&m, &x, &labels, Mode::Train { stream: 9 })
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0 })
             };
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
             assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep} {}: {analytic} vs {numeric}", p.name);
@@ -593,7 +624,7 @@ mod tests {
         ws.input_mut().copy_from_slice(&x);
         forward(&model, &mut ws, 2, Mode::Eval);
         let eval = ws.logits(2, 10).to_vec();
-        forward(&model, &mut ws, 2, Mode::Train { stream: 1 });
+        forward(&model, &mut ws, 2, Mode::Train { stream: 1, first_sample: 0 });
         assert_ne!(ws.logits(2, 10), &eval[..]);
         forward(&model, &mut ws, 2, Mode::Eval);
         assert_eq!(ws.logits(2, 10), &eval[..]);

@@ -7,6 +7,7 @@
 
 use crate::architectures::architecture;
 use crate::checkpoint;
+use crate::cluster::{Cluster, fingerprint};
 use crate::config::TrainConfig;
 use crate::data::source::{Source, prefetch};
 use crate::eval::EvalResult;
@@ -37,6 +38,8 @@ pub enum TrainOutcome {
         model_path: PathBuf,
         seconds: f64,
     },
+    /// Finished on a data-parallel rank other than 0 (which alone evaluates and writes).
+    FinishedWorker,
     /// Stopped by a signal (its number) after writing a checkpoint at `step`.
     Interrupted {
         signal: usize,
@@ -44,12 +47,15 @@ pub enum TrainOutcome {
     },
 }
 
-/// Appends one JSON object per line to `metrics.jsonl`.
-struct Metrics(File);
+/// Appends one JSON object per line to `metrics.jsonl` (on rank 0; other ranks write nothing).
+struct Metrics(Option<File>);
 
 impl Metrics {
     fn log(&mut self, value: serde_json::Value) -> Result<()> {
-        writeln!(self.0, "{value}").context("cannot write metrics.jsonl")
+        match &mut self.0 {
+            Some(f) => writeln!(f, "{value}").context("cannot write metrics.jsonl"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -80,6 +86,7 @@ fn write_plots(run_dir: &Path) {
 }
 
 /// Where a resumed run starts: the checkpoint's step, elapsed seconds and schedule state.
+#[derive(Default)]
 struct Start {
     step: usize,
     elapsed: f64,
@@ -105,7 +112,7 @@ fn restore(cfg: &TrainConfig, model: &mut Model, opt: &mut Optimizer) -> Result<
         Start { step: number("step")? as usize, elapsed: number("elapsed_s")?, plateau: Plateau::from_meta(&meta) }
     } else {
         println!("No checkpoint in {} yet: starting from step 0", cfg.out.display());
-        Start { step: 0, elapsed: 0.0, plateau: Plateau::default() }
+        Start::default()
     };
     let metrics_path = cfg.out.join(METRICS_FILE);
     let kept: String = std::fs::read_to_string(&metrics_path)
@@ -120,13 +127,54 @@ fn restore(cfg: &TrainConfig, model: &mut Model, opt: &mut Optimizer) -> Result<
     Ok(start)
 }
 
-/// Train per `cfg`, or with `resume` continue the run in `cfg.out` from its checkpoint.
-/// `stop` is polled after every step: a non-zero value (a signal number) writes a checkpoint
-/// and returns `Interrupted`.
-pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<TrainOutcome> {
+/// Every rank takes rank 0's weights, optimiser state and starting point (fresh or resumed),
+/// so the replicas start identical.
+fn share_start(cluster: &mut dyn Cluster, model: &mut Model, opt: &mut Optimizer, start: &mut Start) -> Result<()> {
+    for p in &mut model.params {
+        cluster.broadcast_f32(&mut p.value, "rank 0's weights")?;
+    }
+    for slot in opt.slot1.iter_mut().chain(&mut opt.slot2) {
+        cluster.broadcast_f32(slot, "rank 0's optimiser state")?;
+    }
+    let p = start.plateau;
+    let mut scalars = [start.step as f64, start.elapsed, opt.step as f64, p.scale as f64, p.best_error as f64, p.stale_epochs as f64];
+    cluster.broadcast_f64(&mut scalars, "rank 0's starting step")?;
+    let [step, elapsed, opt_step, scale, best_error, stale_epochs] = scalars;
+    (start.step, start.elapsed, opt.step) = (step as usize, elapsed, opt_step as u64);
+    start.plateau = Plateau { scale: scale as f32, best_error: best_error as f32, stale_epochs: stale_epochs as usize };
+    Ok(())
+}
+
+/// A signal on any rank stops every rank at the same step (`mpirun` may deliver it to them at
+/// different instants); a rank that saw none reports SIGTERM, what `mpirun` forwards.
+fn agree_on_stop(cluster: &mut dyn Cluster, signal: usize) -> Result<usize> {
+    if cluster.ranks() == 1 {
+        return Ok(signal);
+    }
+    let mut stopping = [(signal != 0) as u8 as f64];
+    cluster.sum_f64(&mut stopping, "the stop check")?;
+    Ok(if stopping[0] == 0.0 {
+        0
+    } else if signal != 0 {
+        signal
+    } else {
+        15
+    })
+}
+
+/// Train per `cfg`, or with `resume` continue the run in `cfg.out` from its checkpoint, as
+/// one rank of `cluster` (`cluster::Single` for one process). `stop` is polled every step: a
+/// non-zero value (a signal number) on any rank writes a checkpoint and returns `Interrupted`.
+pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut dyn Cluster) -> Result<TrainOutcome> {
     cfg.validate()?;
+    let (rank, ranks) = (cluster.rank(), cluster.ranks());
+    if ranks != cfg.ranks {
+        bail!("the config is for {} ranks, this job has {ranks}", cfg.ranks);
+    }
+    // Rank 0 alone prints, evaluates and writes.
+    let lead = rank == 0;
     let checkpoint_path = cfg.out.join(CHECKPOINT_FILE);
-    if !resume && checkpoint_path.exists() {
+    if lead && !resume && checkpoint_path.exists() {
         bail!(
             "{} already holds a training run ({CHECKPOINT_FILE}): continue it with `alexnet train --resume {}`, or pick another --out",
             cfg.out.display(),
@@ -150,43 +198,84 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
     let total_steps = cfg.total_steps(train_len);
     let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
 
-    let start = if resume {
+    let mut start = if !lead {
+        Start::default()
+    } else if resume {
         restore(cfg, &mut model, &mut opt)?
     } else {
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
         checkpoint::write_atomic(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
         checkpoint::write_atomic(&cfg.out.join(METRICS_FILE), b"")?;
-        Start { step: 0, elapsed: 0.0, plateau: Plateau::default() }
+        Start::default()
     };
+    if ranks > 1 {
+        share_start(cluster, &mut model, &mut opt, &mut start)?;
+    }
     let metrics_path = cfg.out.join(METRICS_FILE);
-    let metrics_file =
-        File::options().append(true).open(&metrics_path).with_context(|| format!("cannot open {}", metrics_path.display()))?;
-    let mut metrics = Metrics(metrics_file);
+    let mut metrics = Metrics(if lead {
+        Some(File::options().append(true).open(&metrics_path).with_context(|| format!("cannot open {}", metrics_path.display()))?)
+    } else {
+        None
+    });
     let model_path = cfg.out.join(MODEL_FILE);
+    let say = |bar: &ProgressBar, line: String| {
+        if lead {
+            bar.suspend(|| println!("{line}"));
+        }
+    };
+    let recovery_note = |saved_step: usize| {
+        if saved_step == 0 {
+            format!("No checkpoint had been written yet to {}.", cfg.out.display())
+        } else {
+            format!(
+                "The last checkpoint ({}, step {saved_step}, on rank 0's machine) is valid: continue with `alexnet train --resume {}`.",
+                checkpoint_path.display(),
+                cfg.out.display()
+            )
+        }
+    };
+    cluster.set_recovery_note(recovery_note(start.step));
 
-    println!(
-        "{} {} ({} parameters) on {} images for {total_steps} steps of {} ({} epochs), {} threads -> {}",
-        if start.step > 0 { format!("Resuming at step {} of", start.step) } else { "Training".into() },
-        arch.name,
-        model.param_count(),
-        train_len,
-        cfg.batch_size,
-        format_args!("{:.2}", total_steps as f64 / steps_per_epoch as f64),
-        rayon::current_num_threads(),
-        cfg.out.display()
+    let local_batch = cfg.batch_size / ranks;
+    let shard = rank * local_batch..(rank + 1) * local_batch;
+    let parallel = if ranks > 1 {
+        let bytes: usize = model.params.iter().map(|p| p.value.len() * 4).sum();
+        format!(
+            ", data-parallel over {ranks} MPI ranks ({local_batch} samples each per step; {:.1} MB of gradients all-reduced per step)",
+            bytes as f64 / 1e6
+        )
+    } else {
+        String::new()
+    };
+    let bar = if lead { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
+    say(
+        &bar,
+        format!(
+            "{} {} ({} parameters) on {} images for {total_steps} steps of {} ({} epochs), {} threads{parallel} -> {}",
+            if start.step > 0 { format!("Resuming at step {} of", start.step) } else { "Training".into() },
+            arch.name,
+            model.param_count(),
+            train_len,
+            cfg.batch_size,
+            format_args!("{:.2}", total_steps as f64 / steps_per_epoch as f64),
+            rayon::current_num_threads(),
+            cfg.out.display()
+        ),
     );
-    let mut ws = Workspace::new(&model, cfg.batch_size, true);
-    let mut eval_ws = Workspace::new(&model, cfg.eval_batch, false);
-    let bar = ProgressBar::new(total_steps as u64);
+    let mut ws = Workspace::new(&model, local_batch, true);
+    let mut eval_ws = Workspace::new(&model, if lead { cfg.eval_batch } else { 1 }, false);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
     bar.set_position(start.step as u64);
-    let batches = prefetch(source.clone(), cfg.seed, cfg.batch_size, model.input_len(), start.step + 1, total_steps);
+    let batches = prefetch(source.clone(), cfg.seed, cfg.batch_size, shard.clone(), model.input_len(), start.step + 1, total_steps);
     let started = Instant::now() - std::time::Duration::from_secs_f64(start.elapsed);
-    let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
+    let (mut window_start, mut window_samples, mut window_wait_start) = (Instant::now(), 0usize, 0.0);
     let mut last_test = None;
     let mut saved_step = start.step;
     let mut plateau = start.plateau;
     let save_state = |model: &Model, opt: &Optimizer, step: usize, plateau: Plateau| {
+        if !lead {
+            return Ok(());
+        }
         let mut meta =
             vec![("step", step.to_string()), ("elapsed_s", started.elapsed().as_secs_f64().to_string()), ("seed", cfg.seed.to_string())];
         meta.extend(plateau.to_meta());
@@ -198,12 +287,23 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         let epoch_end = pos + 1 == steps_per_epoch;
         let (batch_input, labels) = batches.recv().context("the batch thread stopped")??;
         ws.input_mut().copy_from_slice(&batch_input);
-        let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, stream_id(&[cfg.seed, step as u64]));
+        let mode = Mode::Train { stream: stream_id(&[cfg.seed, step as u64]), first_sample: shard.start };
+        let (loss, _) = train_step_gradients(&mut model, &mut ws, &labels, mode, &mut *cluster);
+        cluster.finish_gradients(&mut model.params)?;
+        // The whole batch's loss: every rank makes the same divergence decision.
+        let mut loss_sum = [loss as f64 * local_batch as f64];
+        cluster.sum_f64(&mut loss_sum, "the step's loss")?;
+        let loss = (loss_sum[0] / cfg.batch_size as f64) as f32;
         if !loss.is_finite() || !gradients_finite(&model) {
             // The weights are still the last good ones (the update has not run); on disk the
             // last checkpoint is kept as it is.
             bar.finish_and_clear();
-            let place = first_non_finite(&model, &ws, cfg.batch_size).unwrap_or_else(|| "an unlocated value".into());
+            let place = match first_non_finite(&model, &ws, local_batch) {
+                Some(place) if ranks > 1 => format!("{place} (on rank {rank})"),
+                Some(place) => place,
+                None if ranks > 1 => format!("not on rank {rank} (another rank's share of the batch)"),
+                None => "an unlocated value".into(),
+            };
             metrics.log(json!({"step": step, "diverged": place, "loss": loss.to_string()}))?;
             let kept = if saved_step > 0 {
                 format!("the last good checkpoint ({}, step {saved_step}) is kept", checkpoint_path.display())
@@ -221,54 +321,80 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         bar.set_position(step as u64);
         if step % cfg.display_step == 0 || step == total_steps {
             // The notebook reports the minibatch with dropout off (keep_prob 1).
-            forward(&model, &mut ws, cfg.batch_size, Mode::Eval);
-            let mut probs = vec![0.0; cfg.batch_size * model.classes()];
+            forward(&model, &mut ws, local_batch, Mode::Eval);
+            let mut probs = vec![0.0; local_batch * model.classes()];
             let (loss, correct) = crate::layers::softmax::softmax_cross_entropy(
-                ws.logits(cfg.batch_size, model.classes()),
+                ws.logits(local_batch, model.classes()),
                 &labels,
                 model.classes(),
                 &mut probs,
                 None,
             );
-            let acc = correct as f32 / cfg.batch_size as f32;
-            let rate = window_samples as f64 / window_start.elapsed().as_secs_f64();
+            let mut sums = [loss as f64 * local_batch as f64, correct as f64];
+            cluster.sum_f64(&mut sums, "the minibatch accuracy")?;
+            let loss = (sums[0] / cfg.batch_size as f64) as f32;
+            let acc = (sums[1] / cfg.batch_size as f64) as f32;
+            let window_s = window_start.elapsed().as_secs_f64();
+            let rate = window_samples as f64 / window_s;
+            // The share of the window spent waiting for gradients backward did not hide.
+            let wait_s = cluster.gradient_wait_seconds();
+            let comm_wait = (wait_s - window_wait_start) / window_s;
+            window_wait_start = wait_s;
             (window_start, window_samples) = (Instant::now(), 0);
             bar.set_message(format!("loss {loss:.4}  {rate:.0} samples/s"));
-            bar.suspend(|| println!("Iter {}, Minibatch Loss= {loss:.6}, Training Accuracy= {acc:.5}", step * cfg.batch_size));
-            metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epoch, "loss": loss, "accuracy": acc, "lr": lr.to_string().parse::<f64>().unwrap_or(lr as f64), "samples_per_s": rate}))?;
+            say(&bar, format!("Iter {}, Minibatch Loss= {loss:.6}, Training Accuracy= {acc:.5}", step * cfg.batch_size));
+            let mut line = json!({"step": step, "samples": step * cfg.batch_size, "epoch": epoch, "loss": loss, "accuracy": acc, "lr": lr.to_string().parse::<f64>().unwrap_or(lr as f64), "samples_per_s": rate});
+            if ranks > 1 {
+                line["gradient_wait_fraction"] = json!(comm_wait);
+            }
+            metrics.log(line)?;
         }
         let t = Instant::now();
-        if epoch_end || step == total_steps {
+        if lead && (epoch_end || step == total_steps) {
             let test = source.evaluate(&model, &mut eval_ws)?;
             let epochs_done = step as f64 / steps_per_epoch as f64;
             let label = if epoch_end { format!("Epoch {}", epoch + 1) } else { format!("End, {epochs_done:.3} epochs") };
             let split = source.eval_split();
             let top5 = if model.classes() > 5 { format!(" (top-5 {:.2}%)", 100.0 * test.top5_accuracy) } else { String::new() };
-            bar.suspend(|| {
-                println!(
+            say(
+                &bar,
+                format!(
                     "{label} (step {step}): {split} loss {:.4}, {split} accuracy {:.2}%{top5} ({:.1}s elapsed)",
                     test.loss,
                     100.0 * test.accuracy,
                     started.elapsed().as_secs_f64()
-                )
-            });
+                ),
+            );
             if let (Some(patience), true) = (cfg.lr_plateau_patience, epoch_end)
                 && plateau.epoch_end(1.0 - test.accuracy, patience, cfg.lr_gamma)
             {
-                bar.suspend(|| println!("No improvement for {patience} epochs: learning rate now {}", cfg.lr * plateau.scale));
+                say(&bar, format!("No improvement for {patience} epochs: learning rate now {}", cfg.lr * plateau.scale));
             }
             metrics.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "confusion": test.confusion, "elapsed_s": started.elapsed().as_secs_f64()}))?;
             checkpoint::save(&model, &model_path, &[("step", step.to_string()), ("test_accuracy", test.accuracy.to_string())])?;
             last_test = Some(test);
         }
-        let signal = stop.load(Ordering::SeqCst);
+        if ranks > 1 && epoch_end && cfg.lr_plateau_patience.is_some() {
+            // Only rank 0 evaluated: its schedule decision is everyone's.
+            let mut state = [plateau.scale as f64, plateau.best_error as f64, plateau.stale_epochs as f64];
+            cluster.broadcast_f64(&mut state, "rank 0's evaluation")?;
+            plateau = Plateau { scale: state[0] as f32, best_error: state[1] as f32, stale_epochs: state[2] as usize };
+        }
+        let signal = agree_on_stop(cluster, stop.load(Ordering::SeqCst))?;
         if signal != 0 || epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             save_state(&model, &opt, step, plateau)?;
             saved_step = step;
+            cluster.set_recovery_note(recovery_note(step));
+            if !cluster.all_equal(fingerprint(&model.params), "the replicas' weight fingerprints")? {
+                bail!("step {step}: the ranks' weights differ (they must stay identical); the checkpoint is rank 0's");
+            }
         }
         window_start += t.elapsed();
         if signal != 0 && step < total_steps {
             bar.finish_and_clear();
+            if !lead {
+                return Ok(TrainOutcome::Interrupted { signal, step });
+            }
             println!(
                 "Interrupted by {} at step {step} of {total_steps}: checkpoint written to {}. Continue with: alexnet train --resume {}",
                 signal_name(signal),
@@ -280,6 +406,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
         }
     }
     bar.finish_and_clear();
+    if !lead {
+        return Ok(TrainOutcome::FinishedWorker);
+    }
     let test = match last_test {
         Some(t) => t,
         None => {
@@ -300,6 +429,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize) -> Result<Trai
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Single;
     use crate::data::mnist::tests::write_idx;
     use crate::optim::OptimizerKind;
 
@@ -323,6 +453,7 @@ mod tests {
             init_bias: 0.0,
             seed: 5,
             threads: rayon::current_num_threads(),
+            ranks: 1,
             augment_shift: 2,
             display_step: 2,
             checkpoint_every: 500,
@@ -351,7 +482,7 @@ mod tests {
             let out = dir.path().join(name);
             let mut cfg = config(dir.path(), &out);
             cfg.seed = seed;
-            train(&cfg, false, &AtomicUsize::new(0)).unwrap();
+            train(&cfg, false, &AtomicUsize::new(0), &mut Single).unwrap();
             let model = checkpoint::load(&out.join("model.safetensors"), None).unwrap();
             model.params.into_iter().map(|p| p.value).collect::<Vec<_>>()
         };
@@ -373,7 +504,7 @@ mod tests {
         let mut cfg = config(dir.path(), &out);
         // Adam moves every weight by ~lr per step: 1e12 overflows f32 within two steps.
         (cfg.lr, cfg.checkpoint_every, cfg.samples) = (1e12, 1, 80);
-        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0)).err().expect("the run diverges"));
+        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0), &mut Single).err().expect("the run diverges"));
         assert!(err.contains("diverged at step 2") && err.contains("the first non-finite value is the output of"), "{err}");
         assert!(err.contains("step 1) is kept") && err.contains("--lr"), "{err}");
         // The checkpoint on disk is step 1's, finite (the loader rejects non-finite tensors).
@@ -389,14 +520,17 @@ mod tests {
         let dir = tiny_dataset();
         let out = dir.path().join("run");
         let cfg = config(dir.path(), &out);
-        train(&cfg, false, &AtomicUsize::new(0)).unwrap();
-        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0)).err().unwrap());
+        train(&cfg, false, &AtomicUsize::new(0), &mut Single).unwrap();
+        let err = format!("{:#}", train(&cfg, false, &AtomicUsize::new(0), &mut Single).err().unwrap());
         assert!(err.contains("--resume") && err.contains("already holds a training run"), "{err}");
         let err = format!("{:#}", read_config(dir.path()).unwrap_err());
         assert!(err.contains("config.json") && err.contains("run directory"), "{err}");
         // Resuming a finished run re-evaluates its model and changes nothing.
         let before = std::fs::read(out.join(CHECKPOINT_FILE)).unwrap();
-        assert!(matches!(train(&read_config(&out).unwrap(), true, &AtomicUsize::new(0)).unwrap(), TrainOutcome::Finished { .. }));
+        assert!(matches!(
+            train(&read_config(&out).unwrap(), true, &AtomicUsize::new(0), &mut Single).unwrap(),
+            TrainOutcome::Finished { .. }
+        ));
         assert_eq!(before, std::fs::read(out.join(CHECKPOINT_FILE)).unwrap());
     }
 
@@ -406,7 +540,7 @@ mod tests {
         let out = dir.path().join("run");
         let cfg = config(dir.path(), &out);
         // Stop requested before the first step: the run stops after it.
-        let outcome = train(&cfg, false, &AtomicUsize::new(15)).unwrap();
+        let outcome = train(&cfg, false, &AtomicUsize::new(15), &mut Single).unwrap();
         assert!(matches!(outcome, TrainOutcome::Interrupted { signal: 15, step: 1 }));
         let path = out.join(CHECKPOINT_FILE);
         let bytes = std::fs::read(&path).unwrap();
@@ -439,7 +573,7 @@ mod tests {
             (cfg.model, cfg.lr, cfg.keep_prob, cfg.augment_shift) = (model.into(), 1e-4, 0.5, 0);
             // One epoch of 30 steps of 4 (the paper's lr 0.01 is for batches of 128).
             (cfg.batch_size, cfg.epochs, cfg.eval_batch, cfg.ten_crop, cfg.checkpoint_every) = (4, Some(1), 4, ten_crop, 0);
-            let TrainOutcome::Finished { test, model_path, .. } = train(&cfg, false, &AtomicUsize::new(0)).unwrap() else {
+            let TrainOutcome::Finished { test, model_path, .. } = train(&cfg, false, &AtomicUsize::new(0), &mut Single).unwrap() else {
                 panic!("interrupted")
             };
             assert_eq!((test.samples, test.confusion.len()), (12, 3));
@@ -456,7 +590,9 @@ mod tests {
         let out = dir.path().join("run");
         let mut cfg = config(Path::new("/nonexistent"), &out);
         (cfg.dummy, cfg.samples, cfg.eval_batch) = (true, 16, 64);
-        let TrainOutcome::Finished { test, .. } = train(&cfg, false, &AtomicUsize::new(0)).unwrap() else { panic!("interrupted") };
+        let TrainOutcome::Finished { test, .. } = train(&cfg, false, &AtomicUsize::new(0), &mut Single).unwrap() else {
+            panic!("interrupted")
+        };
         assert_eq!((test.samples, test.confusion.len()), (256, 10));
         let source = Source::dummy(&architecture("alexnet", 0.5, Some(7)).unwrap()).unwrap();
         assert_eq!((source.classes(), source.train_len()), (7, 1_281_167));

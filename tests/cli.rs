@@ -34,6 +34,22 @@ fn bad_flag_values_are_rejected_by_name() {
     assert!(!Path::new(out).join("model.safetensors").exists());
 }
 
+/// Started by `mpirun -np 2` (its environment, without the job) but built without MPI: the
+/// user learns how to build it, instead of getting two independent runs.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+        .args(["train", "--out", dir.path().join("run").to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--features mpi"), "{err}");
+    assert!(!dir.path().join("run").exists());
+}
+
 #[test]
 fn missing_or_mismatched_checkpoints_and_unreadable_images_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,28 +1,14 @@
 //! Stopping a real training process at any instant, by signal or by SIGKILL, and resuming it
 //! ends with the same weights, bit for bit, as a run that was never stopped.
 
+mod support;
+
 use alexnet::checkpoint;
-use alexnet::data::mnist::{self, Split};
-use flate2::Compression;
-use flate2::write::GzEncoder;
-use std::io::Write;
+use alexnet::data::mnist::Split;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The first `n` images of a real MNIST split, as gzipped IDX files in `dir`.
-fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
-    let ds = mnist::load(&mnist::default_dir(), split, true).unwrap();
-    let gz = |name: String, header: Vec<u32>, body: Vec<u8>| {
-        let mut e = GzEncoder::new(std::fs::File::create(dir.join(name)).unwrap(), Compression::fast());
-        header.iter().for_each(|v| e.write_all(&v.to_be_bytes()).unwrap());
-        e.write_all(&body).unwrap();
-        e.finish().unwrap();
-    };
-    let pixels = ds.images[..n * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
-    gz(format!("{prefix}-images-idx3-ubyte.gz"), vec![2051, n as u32, 28, 28], pixels);
-    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].iter().map(|&l| l as u8).collect());
-}
+use support::write_subset;
 
 struct Setup {
     _dir: tempfile::TempDir,

@@ -11,6 +11,7 @@ use crate::eval::{EvalResult, evaluate, evaluate_views};
 use crate::model::{Architecture, LayerSpec, Model, Workspace};
 use crate::rng::stream_id;
 use anyhow::{Result, bail};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -139,9 +140,19 @@ impl Source {
 }
 
 /// The training batches of steps `first..=last` (1-based; `batch` samples each, each epoch's
-/// last partial batch dropped), made on a background thread in step order. The thread stops
-/// when the receiver is dropped.
-pub fn prefetch(source: Arc<Source>, seed: u64, batch: usize, input_len: usize, first: usize, last: usize) -> Receiver<Result<Batch>> {
+/// last partial batch dropped), made on a background thread in step order. Of each batch only
+/// the samples at positions `shard` are made: a data-parallel rank's share (all of it for
+/// one process). The thread stops when the receiver is dropped.
+pub fn prefetch(
+    source: Arc<Source>,
+    seed: u64,
+    batch: usize,
+    shard: Range<usize>,
+    input_len: usize,
+    first: usize,
+    last: usize,
+) -> Receiver<Result<Batch>> {
+    assert!(shard.end <= batch && !shard.is_empty(), "shard {shard:?} of a batch of {batch}");
     let (tx, rx) = sync_channel(PREFETCH);
     let steps_per_epoch = source.train_len() / batch;
     std::thread::spawn(move || {
@@ -151,8 +162,9 @@ pub fn prefetch(source: Arc<Source>, seed: u64, batch: usize, input_len: usize, 
             if pos == 0 || order.is_empty() {
                 order = epoch_order(source.train_len(), seed, epoch as u64);
             }
-            let (mut input, mut labels) = (vec![0.0; batch * input_len], Vec::with_capacity(batch));
-            let made = source.fill_train(&order[pos * batch..(pos + 1) * batch], seed, epoch as u64, &mut input, &mut labels);
+            let (mut input, mut labels) = (vec![0.0; shard.len() * input_len], Vec::with_capacity(shard.len()));
+            let indices = &order[pos * batch..(pos + 1) * batch][shard.clone()];
+            let made = source.fill_train(indices, seed, epoch as u64, &mut input, &mut labels);
             if tx.send(made.map(|_| (input, labels))).is_err() {
                 return;
             }

@@ -9,15 +9,24 @@ use crate::rng::substream;
 use rand_xoshiro::rand_core::Rng;
 use rayon::prelude::*;
 
-/// `mask` receives 0 or 1/keep per element; `output = input * mask`.
-pub fn dropout_forward(keep: f32, per_sample: usize, stream: u64, input: &[f32], output: &mut [f32], mask: &mut [f32]) {
+/// `mask` receives 0 or 1/keep per element; `output = input * mask`. Sample `n` of the batch
+/// draws from generator `first_sample + n` of `stream`.
+pub fn dropout_forward(
+    keep: f32,
+    per_sample: usize,
+    stream: u64,
+    first_sample: usize,
+    input: &[f32],
+    output: &mut [f32],
+    mask: &mut [f32],
+) {
     // Four 16-bit uniforms per 64-bit draw, compared with keep * 2^16: exact for keep = 1, and
     // keep resolved to 1/65536, far finer than any meaningful difference.
     let threshold = (keep as f64 * 65536.0).round() as u32;
     let scale = 1.0 / keep;
     output.par_chunks_mut(per_sample).zip(mask.par_chunks_mut(per_sample)).zip(input.par_chunks(per_sample)).enumerate().for_each(
         |(n, ((y, m), x))| {
-            let mut rng = substream(stream, n as u64);
+            let mut rng = substream(stream, (first_sample + n) as u64);
             for ((y, m), x) in y.chunks_mut(4).zip(m.chunks_mut(4)).zip(x.chunks(4)) {
                 let bits = rng.next_u64();
                 for (k, ((y, m), x)) in y.iter_mut().zip(m.iter_mut()).zip(x).enumerate() {
@@ -46,7 +55,7 @@ mod tests {
         let n = 200_000;
         let x = vec![1.0f32; n];
         let (mut y, mut m) = (vec![0.0; n], vec![0.0; n]);
-        dropout_forward(0.8, 1000, 7, &x, &mut y, &mut m);
+        dropout_forward(0.8, 1000, 7, 0, &x, &mut y, &mut m);
         let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
         assert!((kept - 0.8).abs() < 0.005, "kept {kept}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
@@ -55,7 +64,20 @@ mod tests {
         let mut dx = vec![0.0; n];
         dropout_backward(&m, &x, &mut dx);
         assert_eq!(dx, y, "d(x*mask)/dx = mask");
-        dropout_forward(1.0, 1000, 7, &x, &mut y, &mut m);
+        dropout_forward(1.0, 1000, 7, 0, &x, &mut y, &mut m);
         assert!(y.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn a_batch_split_in_two_draws_the_whole_batchs_masks() {
+        let (per_sample, n) = (100, 10);
+        let x: Vec<f32> = (0..per_sample * n).map(|i| i as f32).collect();
+        let (mut y, mut m) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        dropout_forward(0.5, per_sample, 3, 0, &x, &mut y, &mut m);
+        let half = x.len() / 2;
+        let (mut y2, mut m2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        dropout_forward(0.5, per_sample, 3, 0, &x[..half], &mut y2[..half], &mut m2[..half]);
+        dropout_forward(0.5, per_sample, 3, n / 2, &x[half..], &mut y2[half..], &mut m2[half..]);
+        assert_eq!((y, m), (y2, m2));
     }
 }

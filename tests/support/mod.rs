@@ -1,0 +1,21 @@
+//! Helpers shared by the integration tests.
+
+use alexnet::data::mnist::{self, Split};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use std::io::Write;
+use std::path::Path;
+
+/// The first `n` images of a real MNIST split, as gzipped IDX files in `dir`.
+pub fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
+    let ds = mnist::load(&mnist::default_dir(), split, true).unwrap();
+    let gz = |name: String, header: Vec<u32>, body: Vec<u8>| {
+        let mut e = GzEncoder::new(std::fs::File::create(dir.join(name)).unwrap(), Compression::fast());
+        header.iter().for_each(|v| e.write_all(&v.to_be_bytes()).unwrap());
+        e.write_all(&body).unwrap();
+        e.finish().unwrap();
+    };
+    let pixels = ds.images[..n * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
+    gz(format!("{prefix}-images-idx3-ubyte.gz"), vec![2051, n as u32, 28, 28], pixels);
+    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].iter().map(|&l| l as u8).collect());
+}
