@@ -2,9 +2,12 @@
 //!
 //! Gradients travel by non-blocking all-reduce (`MPI_Iallreduce`), each started the moment
 //! backward finishes its tensor: the top (FC) layers' large gradients are on the wire while
-//! the convolutions below still compute, and `layer_done` gives MPI a chance to progress them
-//! between layers. A started gradient's buffer moves out of its `Param` into the request, so
-//! nothing can read or write it while MPI owns it; `finish_gradients` moves the sum back.
+//! the convolutions below still compute. MPI moves a non-blocking collective forward only
+//! inside MPI calls, so a progress thread tests the pending requests every 50 us while there
+//! are any (calls are serialised by one lock: `MPI_THREAD_SERIALIZED`); without it a ring
+//! all-reduce would advance only at layer boundaries. A started gradient's buffer moves out of
+//! its `Param` into the request, so nothing can read or write it while MPI owns it;
+//! `finish_gradients` moves the sum back.
 //!
 //! MPI has no timeouts: a collective whose peer died, hangs or was stopped waits forever.
 //! Every wait here polls with a deadline instead; on expiry this rank says what it was
@@ -19,22 +22,55 @@ use mpi::ffi;
 use mpi::traits::Communicator;
 use rayon::prelude::*;
 use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub struct MpiCluster {
-    /// Finalises MPI when dropped.
-    _universe: mpi::environment::Universe,
     rank: usize,
     ranks: usize,
     timeout: Duration,
     recovery_note: String,
-    /// Gradients being summed, in the order they were started, and their requests (one
-    /// contiguous array, as `MPI_Testall` takes them).
+    /// The gradients' requests; holding this lock is the right to call MPI.
+    mpi: Arc<Mutex<Requests>>,
+    progress: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// Gradients being summed, in the order they were started (as their requests are).
     in_flight: Vec<InFlight>,
-    requests: Vec<ffi::MPI_Request>,
     /// Per parameter, the buffer its next sum is received into (last step's sent gradient).
     spare: Vec<Vec<f32>>,
     gradient_wait: Duration,
+    /// Finalises MPI when dropped: declared last, so it drops after the progress thread ends.
+    _universe: mpi::environment::Universe,
+}
+
+/// Pending requests, one contiguous array as `MPI_Testall` takes them.
+struct Requests(Vec<ffi::MPI_Request>);
+
+// SAFETY: a request is a handle MPI lets any thread use under MPI_THREAD_SERIALIZED, which the
+// mutex around it provides.
+unsafe impl Send for Requests {}
+
+impl Requests {
+    /// Test them all (driving their progress); true when all are complete (they are then
+    /// freed and read as null requests, which test as complete).
+    fn test_all(&mut self) -> bool {
+        let mut done: c_int = 0;
+        // SAFETY: valid or null requests; statuses ignored.
+        unsafe { ffi::MPI_Testall(count(self.0.len()), self.0.as_mut_ptr(), &mut done, ffi::RSMPI_STATUSES_IGNORE) };
+        done != 0
+    }
+}
+
+/// Test the pending requests every 50 us while there are any, until `stop`.
+fn progress_loop(mpi: Arc<Mutex<Requests>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let pending = {
+            let mut requests = mpi.lock().unwrap_or_else(|e| e.into_inner());
+            !requests.0.is_empty() && !requests.test_all()
+        };
+        std::thread::sleep(Duration::from_micros(if pending { 50 } else { 1000 }));
+    }
 }
 
 struct InFlight {
@@ -95,31 +131,48 @@ impl MpiCluster {
     /// Initialise MPI for this process (`mpirun` started it). Only the calling thread makes
     /// MPI calls; the compute threads never do.
     pub fn start(timeout: Duration) -> Result<MpiCluster> {
-        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).context("MPI was already initialised")?;
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized).context("MPI was already initialised")?;
         let world = universe.world();
         let (rank, ranks) = (world.rank() as usize, world.size() as usize);
+        let mpi = Arc::new(Mutex::new(Requests(Vec::new())));
+        // An MPI library without thread support still works, progressing only at layer ends.
+        let progress = (threading >= mpi::Threading::Serialized).then(|| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (m, s) = (mpi.clone(), stop.clone());
+            (stop, std::thread::Builder::new().name("mpi-progress".into()).spawn(move || progress_loop(m, s)).expect("spawn a thread"))
+        });
         Ok(MpiCluster {
-            _universe: universe,
             rank,
             ranks,
             timeout,
             recovery_note: String::new(),
+            mpi,
+            progress,
             in_flight: Vec::new(),
-            requests: Vec::new(),
             spare: Vec::new(),
             gradient_wait: Duration::ZERO,
+            _universe: universe,
         })
     }
 
-    /// Poll `requests` until all complete. Past the deadline the job cannot go on (the
-    /// requests still own their buffers), so this rank reports and aborts every rank.
-    fn wait(&self, requests: &mut [ffi::MPI_Request], what: &str) {
+    fn lock(&self) -> MutexGuard<'_, Requests> {
+        self.mpi.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Poll until `requests` (the gradients' when `None`) are all complete. Past the deadline
+    /// the job cannot go on (the requests still own their buffers), so this rank reports and
+    /// aborts every rank.
+    fn wait(&self, mut requests: Option<&mut Requests>, what: &str) {
         let started = Instant::now();
         loop {
-            let mut done: c_int = 0;
-            // SAFETY: valid requests (or null ones); statuses ignored.
-            unsafe { ffi::MPI_Testall(count(requests.len()), requests.as_mut_ptr(), &mut done, ffi::RSMPI_STATUSES_IGNORE) };
-            if done != 0 {
+            let done = match requests.as_deref_mut() {
+                Some(r) => {
+                    let _mpi = self.lock();
+                    r.test_all()
+                }
+                None => self.lock().test_all(),
+            };
+            if done {
                 return;
             }
             let waited = started.elapsed();
@@ -144,28 +197,43 @@ impl MpiCluster {
     }
 
     fn broadcast<T: Element>(&mut self, data: &mut [T], what: &str) {
-        let mut request = null_request();
-        // SAFETY: `data` is borrowed until the wait below completes the request.
-        unsafe { ffi::MPI_Ibcast(data.as_mut_ptr().cast::<c_void>(), count(data.len()), T::datatype(), 0, world(), &mut request) };
-        self.wait(std::slice::from_mut(&mut request), what);
+        let mut request = Requests(vec![null_request()]);
+        {
+            let _mpi = self.lock();
+            // SAFETY: `data` is borrowed until the wait below completes the request.
+            unsafe { ffi::MPI_Ibcast(data.as_mut_ptr().cast::<c_void>(), count(data.len()), T::datatype(), 0, world(), &mut request.0[0]) };
+        }
+        self.wait(Some(&mut request), what);
     }
 
     fn all_reduce<T: Element>(&mut self, values: &mut [T], op: ffi::MPI_Op, what: &str) {
         let sent = values.to_vec();
-        let mut request = null_request();
-        // SAFETY: `sent` and `values` outlive the request, which the wait completes.
-        unsafe {
-            ffi::MPI_Iallreduce(
-                sent.as_ptr().cast::<c_void>(),
-                values.as_mut_ptr().cast::<c_void>(),
-                count(values.len()),
-                T::datatype(),
-                op,
-                world(),
-                &mut request,
-            )
-        };
-        self.wait(std::slice::from_mut(&mut request), what);
+        let mut request = Requests(vec![null_request()]);
+        {
+            let _mpi = self.lock();
+            // SAFETY: `sent` and `values` outlive the request, which the wait completes.
+            unsafe {
+                ffi::MPI_Iallreduce(
+                    sent.as_ptr().cast::<c_void>(),
+                    values.as_mut_ptr().cast::<c_void>(),
+                    count(values.len()),
+                    T::datatype(),
+                    op,
+                    world(),
+                    &mut request.0[0],
+                )
+            };
+        }
+        self.wait(Some(&mut request), what);
+    }
+}
+
+impl Drop for MpiCluster {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.progress.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -178,6 +246,7 @@ impl GradientReady for MpiCluster {
         let mut sum = std::mem::take(&mut self.spare[index]);
         sum.resize(sent.len(), 0.0);
         let mut request = null_request();
+        let mut mpi = self.lock();
         // SAFETY: both buffers move into `in_flight` and stay there, untouched and not
         // reallocated, until `finish_gradients` has completed the request.
         unsafe {
@@ -191,18 +260,18 @@ impl GradientReady for MpiCluster {
                 &mut request,
             )
         };
+        mpi.0.push(request);
+        drop(mpi);
         self.in_flight.push(InFlight { index, sent, sum });
-        self.requests.push(request);
     }
 
     fn layer_done(&mut self) {
-        if self.requests.is_empty() {
-            return;
+        if self.progress.is_none() {
+            let mut requests = self.lock();
+            if !requests.0.is_empty() {
+                requests.test_all();
+            }
         }
-        let mut done: c_int = 0;
-        // SAFETY: valid requests; a test only drives progress (they are freed when all are done,
-        // after which they read as null and `finish_gradients` finds them complete).
-        unsafe { ffi::MPI_Testall(count(self.requests.len()), self.requests.as_mut_ptr(), &mut done, ffi::RSMPI_STATUSES_IGNORE) };
     }
 }
 
@@ -248,10 +317,10 @@ impl Cluster for MpiCluster {
     }
 
     fn finish_gradients(&mut self, params: &mut [Param]) -> Result<()> {
-        let mut requests = std::mem::take(&mut self.requests);
         let started = Instant::now();
-        self.wait(&mut requests, "the gradient all-reduce");
+        self.wait(None, "the gradient all-reduce");
         self.gradient_wait += started.elapsed();
+        self.lock().0.clear();
         if self.in_flight.len() != params.len() {
             bail!("{} of the model's {} gradients were sent this step", self.in_flight.len(), params.len());
         }
@@ -261,8 +330,6 @@ impl Cluster for MpiCluster {
             params[index].grad = sum;
             self.spare[index] = sent;
         }
-        self.requests = requests;
-        self.requests.clear();
         Ok(())
     }
 
@@ -278,6 +345,7 @@ impl Cluster for MpiCluster {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        let _mpi = self.lock();
         // SAFETY: ends the process (and, through mpirun, every rank).
         unsafe { ffi::MPI_Abort(world(), 1) };
         std::process::abort();
