@@ -25,6 +25,10 @@ pub trait Cluster: GradientReady {
     fn broadcast_f64(&mut self, data: &mut [f64], what: &str) -> Result<()>;
     /// Rank 0's bytes, of rank 0's length, on every rank.
     fn broadcast_bytes(&mut self, data: &mut Vec<u8>, what: &str) -> Result<()>;
+    /// Wait with no deadline until every rank gets here: for phases no timeout can bound,
+    /// such as each rank preparing its data (a first pass over an ImageFolder dataset computes
+    /// its statistics, hours on ImageNet). A rank that dies meanwhile is noticed by `mpirun`.
+    fn rendezvous(&mut self, what: &str) -> Result<()>;
     /// Element-wise sum over the ranks, in place.
     fn sum_f64(&mut self, values: &mut [f64], what: &str) -> Result<()>;
     /// Whether every rank passed the same `value`.
@@ -65,6 +69,9 @@ impl Cluster for Single {
         Ok(())
     }
     fn broadcast_bytes(&mut self, _: &mut Vec<u8>, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn rendezvous(&mut self, _: &str) -> Result<()> {
         Ok(())
     }
     fn sum_f64(&mut self, _: &mut [f64], _: &str) -> Result<()> {

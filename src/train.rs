@@ -209,6 +209,9 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
         Start::default()
     };
     if ranks > 1 {
+        // Opening the data may take any time (computing an ImageFolder's statistics): no
+        // timeout applies until every rank has.
+        cluster.rendezvous("every rank to open its data")?;
         share_start(cluster, &mut model, &mut opt, &mut start)?;
     }
     let metrics_path = cfg.out.join(METRICS_FILE);

@@ -159,10 +159,10 @@ impl MpiCluster {
         self.mpi.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Poll until `requests` (the gradients' when `None`) are all complete. Past the deadline
-    /// the job cannot go on (the requests still own their buffers), so this rank reports and
-    /// aborts every rank.
-    fn wait(&self, mut requests: Option<&mut Requests>, what: &str) {
+    /// Poll until `requests` (the gradients' when `None`) are all complete. Past the timeout
+    /// (unless `patient`) the job cannot go on (the requests still own their buffers), so this
+    /// rank reports and aborts every rank.
+    fn wait(&self, mut requests: Option<&mut Requests>, what: &str, patient: bool) {
         let started = Instant::now();
         loop {
             let done = match requests.as_deref_mut() {
@@ -176,7 +176,7 @@ impl MpiCluster {
                 return;
             }
             let waited = started.elapsed();
-            if waited > self.timeout {
+            if !patient && waited > self.timeout {
                 eprintln!(
                     "error: rank {} of {}: no answer from the other ranks for {} s while waiting for {what}: a rank has died, hangs or is stopped. Ending the job. {}",
                     self.rank,
@@ -188,7 +188,9 @@ impl MpiCluster {
             }
             // Spin briefly (a peer is usually about to answer), then poll without hogging a core
             // that a compute thread or a waiting peer on the same machine could use.
-            if waited > Duration::from_millis(2) {
+            if waited > Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(5));
+            } else if waited > Duration::from_millis(2) {
                 std::thread::sleep(Duration::from_micros(100));
             } else {
                 std::thread::yield_now();
@@ -203,7 +205,7 @@ impl MpiCluster {
             // SAFETY: `data` is borrowed until the wait below completes the request.
             unsafe { ffi::MPI_Ibcast(data.as_mut_ptr().cast::<c_void>(), count(data.len()), T::datatype(), 0, world(), &mut request.0[0]) };
         }
-        self.wait(Some(&mut request), what);
+        self.wait(Some(&mut request), what, false);
     }
 
     fn all_reduce<T: Element>(&mut self, values: &mut [T], op: ffi::MPI_Op, what: &str) {
@@ -224,7 +226,7 @@ impl MpiCluster {
                 )
             };
         }
-        self.wait(Some(&mut request), what);
+        self.wait(Some(&mut request), what, false);
     }
 }
 
@@ -302,6 +304,17 @@ impl Cluster for MpiCluster {
         Ok(())
     }
 
+    fn rendezvous(&mut self, what: &str) -> Result<()> {
+        let mut request = Requests(vec![null_request()]);
+        {
+            let _mpi = self.lock();
+            // SAFETY: a barrier has no buffers; the wait completes it.
+            unsafe { ffi::MPI_Ibarrier(world(), &mut request.0[0]) };
+        }
+        self.wait(Some(&mut request), what, true);
+        Ok(())
+    }
+
     fn sum_f64(&mut self, values: &mut [f64], what: &str) -> Result<()> {
         // SAFETY: a constant the library initialised.
         self.all_reduce(values, unsafe { ffi::RSMPI_SUM }, what);
@@ -318,7 +331,7 @@ impl Cluster for MpiCluster {
 
     fn finish_gradients(&mut self, params: &mut [Param]) -> Result<()> {
         let started = Instant::now();
-        self.wait(None, "the gradient all-reduce");
+        self.wait(None, "the gradient all-reduce", false);
         self.gradient_wait += started.elapsed();
         self.lock().0.clear();
         if self.in_flight.len() != params.len() {
