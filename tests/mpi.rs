@@ -5,31 +5,18 @@
 mod support;
 
 use alexnet::checkpoint;
-use alexnet::data::mnist::Split;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::write_subset;
+use support::Setup;
 
 /// One job at a time: two of them on two cores would make each rank's waits (and so the
 /// timeout test) depend on the other test's load.
 static ONE_JOB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    data: PathBuf,
-}
-
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let data = root.join("data");
-    std::fs::create_dir(&data).unwrap();
-    write_subset(&data, Split::Train, "train", 1024);
-    write_subset(&data, Split::Test, "t10k", 256);
-    Setup { _dir: dir, root, data }
+    support::setup(1024, 256)
 }
 
 /// `alexnet --threads 1 ARGS`, alone or as `ranks` ranks of an `mpirun` job. `tag` marks the

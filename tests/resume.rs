@@ -4,26 +4,13 @@
 mod support;
 
 use alexnet::checkpoint;
-use alexnet::data::mnist::Split;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::write_subset;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    data: PathBuf,
-}
+use support::Setup;
 
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let data = root.join("data");
-    std::fs::create_dir(&data).unwrap();
-    write_subset(&data, Split::Train, "train", 256);
-    write_subset(&data, Split::Test, "t10k", 256);
-    Setup { _dir: dir, root, data }
+    support::setup(256, 256)
 }
 
 /// 3 epochs of 32 steps, a checkpoint every 4 steps.

@@ -84,37 +84,44 @@ trait Element: Copy {
     fn datatype() -> ffi::MPI_Datatype;
 }
 
-impl Element for f32 {
-    fn datatype() -> ffi::MPI_Datatype {
-        // SAFETY: a constant the library initialised.
-        unsafe { ffi::RSMPI_FLOAT }
-    }
+/// `Element` for Rust types and the MPI datatype constants that match them.
+macro_rules! elements {
+    ($($t:ty => $datatype:ident),*) => {$(
+        impl Element for $t {
+            fn datatype() -> ffi::MPI_Datatype {
+                // SAFETY: a constant the library initialised.
+                unsafe { ffi::$datatype }
+            }
+        }
+    )*};
 }
 
-impl Element for f64 {
-    fn datatype() -> ffi::MPI_Datatype {
-        // SAFETY: as above.
-        unsafe { ffi::RSMPI_DOUBLE }
-    }
-}
-
-impl Element for u64 {
-    fn datatype() -> ffi::MPI_Datatype {
-        // SAFETY: as above.
-        unsafe { ffi::RSMPI_UINT64_T }
-    }
-}
-
-impl Element for u8 {
-    fn datatype() -> ffi::MPI_Datatype {
-        // SAFETY: as above.
-        unsafe { ffi::RSMPI_UINT8_T }
-    }
-}
+elements!(f32 => RSMPI_FLOAT, f64 => RSMPI_DOUBLE, u64 => RSMPI_UINT64_T, u8 => RSMPI_UINT8_T);
 
 fn count(len: usize) -> c_int {
     // The largest tensor (the paper model's fc6, 37.7M weights) is far below 2^31.
     c_int::try_from(len).expect("an MPI message of fewer than 2^31 elements")
+}
+
+/// Start summing (or `op`-reducing) `sent` over the ranks into `result`.
+///
+/// # Safety
+/// Both buffers' memory must stay allocated and untouched until the request completes
+/// (moving a `Vec` that owns it is fine).
+unsafe fn start_all_reduce<T: Element>(sent: &[T], result: &mut [T], op: ffi::MPI_Op, request: &mut ffi::MPI_Request) {
+    assert_eq!(sent.len(), result.len());
+    // SAFETY: the caller keeps both buffers for the request's lifetime.
+    unsafe {
+        ffi::MPI_Iallreduce(
+            sent.as_ptr().cast::<c_void>(),
+            result.as_mut_ptr().cast::<c_void>(),
+            count(sent.len()),
+            T::datatype(),
+            op,
+            world(),
+            request,
+        )
+    };
 }
 
 fn world() -> ffi::MPI_Comm {
@@ -198,35 +205,28 @@ impl MpiCluster {
         }
     }
 
-    fn broadcast<T: Element>(&mut self, data: &mut [T], what: &str) {
+    /// Start one collective with `start` (under the MPI lock) and wait for it. The buffers
+    /// `start` hands to MPI must outlive this call, which completes the request.
+    fn one_collective(&self, what: &str, patient: bool, start: impl FnOnce(&mut ffi::MPI_Request)) {
         let mut request = Requests(vec![null_request()]);
         {
             let _mpi = self.lock();
-            // SAFETY: `data` is borrowed until the wait below completes the request.
-            unsafe { ffi::MPI_Ibcast(data.as_mut_ptr().cast::<c_void>(), count(data.len()), T::datatype(), 0, world(), &mut request.0[0]) };
+            start(&mut request.0[0]);
         }
-        self.wait(Some(&mut request), what, false);
+        self.wait(Some(&mut request), what, patient);
+    }
+
+    fn broadcast<T: Element>(&mut self, data: &mut [T], what: &str) {
+        self.one_collective(what, false, |request| {
+            // SAFETY: `data` is borrowed until the request completes.
+            unsafe { ffi::MPI_Ibcast(data.as_mut_ptr().cast::<c_void>(), count(data.len()), T::datatype(), 0, world(), request) };
+        });
     }
 
     fn all_reduce<T: Element>(&mut self, values: &mut [T], op: ffi::MPI_Op, what: &str) {
         let sent = values.to_vec();
-        let mut request = Requests(vec![null_request()]);
-        {
-            let _mpi = self.lock();
-            // SAFETY: `sent` and `values` outlive the request, which the wait completes.
-            unsafe {
-                ffi::MPI_Iallreduce(
-                    sent.as_ptr().cast::<c_void>(),
-                    values.as_mut_ptr().cast::<c_void>(),
-                    count(values.len()),
-                    T::datatype(),
-                    op,
-                    world(),
-                    &mut request.0[0],
-                )
-            };
-        }
-        self.wait(Some(&mut request), what, false);
+        // SAFETY: `sent` and `values` outlive the request.
+        self.one_collective(what, false, |request| unsafe { start_all_reduce(&sent, values, op, request) });
     }
 }
 
@@ -251,17 +251,7 @@ impl GradientReady for MpiCluster {
         let mut mpi = self.lock();
         // SAFETY: both buffers move into `in_flight` and stay there, untouched and not
         // reallocated, until `finish_gradients` has completed the request.
-        unsafe {
-            ffi::MPI_Iallreduce(
-                sent.as_ptr().cast::<c_void>(),
-                sum.as_mut_ptr().cast::<c_void>(),
-                count(sent.len()),
-                f32::datatype(),
-                ffi::RSMPI_SUM,
-                world(),
-                &mut request,
-            )
-        };
+        unsafe { start_all_reduce(&sent, &mut sum, ffi::RSMPI_SUM, &mut request) };
         mpi.0.push(request);
         drop(mpi);
         self.in_flight.push(InFlight { index, sent, sum });
@@ -305,13 +295,10 @@ impl Cluster for MpiCluster {
     }
 
     fn rendezvous(&mut self, what: &str) -> Result<()> {
-        let mut request = Requests(vec![null_request()]);
-        {
-            let _mpi = self.lock();
-            // SAFETY: a barrier has no buffers; the wait completes it.
-            unsafe { ffi::MPI_Ibarrier(world(), &mut request.0[0]) };
-        }
-        self.wait(Some(&mut request), what, true);
+        // SAFETY: a barrier has no buffers.
+        self.one_collective(what, true, |request| unsafe {
+            ffi::MPI_Ibarrier(world(), request);
+        });
         Ok(())
     }
 

@@ -4,10 +4,10 @@ use alexnet::data::mnist::{self, Split};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The first `n` images of a real MNIST split, as gzipped IDX files in `dir`.
-pub fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
+fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
     let ds = mnist::load(&mnist::default_dir(), split, true).unwrap();
     let gz = |name: String, header: Vec<u32>, body: Vec<u8>| {
         let mut e = GzEncoder::new(std::fs::File::create(dir.join(name)).unwrap(), Compression::fast());
@@ -18,4 +18,22 @@ pub fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
     let pixels = ds.images[..n * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
     gz(format!("{prefix}-images-idx3-ubyte.gz"), vec![2051, n as u32, 28, 28], pixels);
     gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].iter().map(|&l| l as u8).collect());
+}
+
+/// A temporary directory with an MNIST subset in `data/` (`train` training and `test` test
+/// images) and room for run directories.
+pub struct Setup {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub data: PathBuf,
+}
+
+pub fn setup(train: usize, test: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let data = root.join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_subset(&data, Split::Train, "train", train);
+    write_subset(&data, Split::Test, "t10k", test);
+    Setup { _dir: dir, root, data }
 }
