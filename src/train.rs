@@ -9,6 +9,7 @@ use crate::architectures::architecture;
 use crate::checkpoint;
 use crate::cluster::{Cluster, fingerprint};
 use crate::config::TrainConfig;
+use crate::data::folder::is_image_folder;
 use crate::data::source::{Source, prefetch};
 use crate::eval::EvalResult;
 use crate::model::{Mode, Model, Workspace, first_non_finite, forward, gradients_finite, train_step_gradients};
@@ -182,11 +183,21 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
         );
     }
     let default_arch = architecture(&cfg.model, cfg.keep_prob, None)?;
+    // A new ImageFolder dataset's statistics (mean image, colour PCA) take a pass over every
+    // training image: rank 0 makes them first, so on shared storage the other ranks read its
+    // cache instead of each making them again.
+    let folder_first = ranks > 1 && !cfg.dummy && cfg.data.as_deref().is_some_and(is_image_folder);
+    if folder_first && !lead {
+        cluster.rendezvous("rank 0 to prepare the dataset's statistics")?;
+    }
     let source = Arc::new(if cfg.dummy {
         Source::dummy(&default_arch)?
     } else {
         Source::open(cfg.data.as_deref(), &default_arch, cfg.augment_shift, cfg.ten_crop, cfg.strict_images)?
     });
+    if folder_first && lead {
+        cluster.rendezvous("rank 0 to prepare the dataset's statistics")?;
+    }
     let arch = architecture(&cfg.model, cfg.keep_prob, Some(source.classes()))?;
     let mut model = Model::new(&arch)?;
     model.init(cfg.seed, cfg.init_bias);
