@@ -1,6 +1,7 @@
 //! Throughput benchmark on real MNIST batches: full training steps (batch assembly, forward,
 //! backward, optimiser) and inference, each the median of several timed runs after warm-up.
 
+use crate::cluster::Single;
 use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::Dataset;
 use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
@@ -62,7 +63,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         }
         fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
         cursor += plan.train_batch;
-        train_step_gradients(model, ws, &labels, Mode::Train { stream: cursor as u64, first_sample: 0 }, &mut ());
+        train_step_gradients(model, ws, &labels, Mode::Train { stream: cursor as u64, first_sample: 0 }, &mut Single);
         opt.update(&mut model.params, opt_cfg.lr);
     };
     for _ in 0..3 {

@@ -48,7 +48,8 @@ pub trait Cluster: GradientReady {
     fn abort_all(&self) {}
 }
 
-/// A run of one process: every collective is the identity.
+/// A run of one process: every collective is the identity, and a finished gradient needs no
+/// sending.
 pub struct Single;
 
 impl GradientReady for Single {

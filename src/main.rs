@@ -249,12 +249,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let all_cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
     let command = match cli.command {
         Command::Train(a) => return train_command(a, threads),
         command => command,
     };
-    let threads = threads.unwrap_or_else(all_cores);
+    let threads = threads.unwrap_or_else(default_threads);
     start_thread_pool(threads)?;
     match command {
         Command::Train(_) => unreachable!("handled above"),
@@ -394,6 +393,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// All cores, shared out among the ranks `mpirun` put on this machine (one without it).
+fn default_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / cluster::ranks_on_this_machine()).max(1)
+}
+
 /// `alexnet train`, as one process or as one rank of an `mpirun` job. A rank that fails ends the
 /// whole job, so no other rank waits for it.
 fn train_command(a: TrainArgs, threads: Option<usize>) -> Result<ExitCode> {
@@ -413,8 +417,6 @@ fn train_command(a: TrainArgs, threads: Option<usize>) -> Result<ExitCode> {
 }
 
 fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster) -> Result<ExitCode> {
-    // Ranks on one machine share its cores.
-    let default_threads = || (std::thread::available_parallelism().map_or(1, |n| n.get()) / cluster::ranks_on_this_machine()).max(1);
     if let Some(dir) = &a.resume {
         // The saved config is on rank 0's machine; the other ranks get it from rank 0.
         let mut text = Vec::new();

@@ -372,11 +372,6 @@ pub trait GradientReady {
     fn layer_done(&mut self) {}
 }
 
-/// Single-process training: nothing to tell.
-impl GradientReady for () {
-    fn ready(&mut self, _: usize, _: &mut Param) {}
-}
-
 /// Forward in training mode (`mode`, which must be `Mode::Train`), loss, and backward: fills
 /// every `Param::grad`, telling `hook` as each is done. Returns the mean loss and the number of
 /// correct predictions in the batch.
@@ -514,6 +509,7 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
 mod tests {
     use super::*;
     use crate::architectures::alexnet_mnist;
+    use crate::cluster::Single;
     use crate::layers::testing::random_vec;
 
     /// A narrow version of the seed model (same layer kinds, shapes and padding cases) so the
@@ -575,7 +571,7 @@ mod tests {
         let labels = [7u32, 1, 4];
         let mut ws = Workspace::new(&model, batch, true);
         ws.input_mut().copy_from_slice(&x);
-        train_step_gradients(&mut model, &mut ws, &labels, Mode::Train { stream: 9, first_sample: 0 }, &mut ());
+        train_step_gradients(&mut model, &mut ws, &labels, Mode::Train { stream: 9, first_sample: 0 }, &mut Single);
         for seed in 0..3 {
             let dirs: Vec<Vec<f32>> =
                 model.params.iter().enumerate().map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64)).collect();

@@ -137,12 +137,18 @@ fn share_start(cluster: &mut dyn Cluster, model: &mut Model, opt: &mut Optimizer
     for slot in opt.slot1.iter_mut().chain(&mut opt.slot2) {
         cluster.broadcast_f32(slot, "rank 0's optimiser state")?;
     }
-    let p = start.plateau;
-    let mut scalars = [start.step as f64, start.elapsed, opt.step as f64, p.scale as f64, p.best_error as f64, p.stale_epochs as f64];
+    let mut scalars = [start.step as f64, start.elapsed, opt.step as f64];
     cluster.broadcast_f64(&mut scalars, "rank 0's starting step")?;
-    let [step, elapsed, opt_step, scale, best_error, stale_epochs] = scalars;
+    let [step, elapsed, opt_step] = scalars;
     (start.step, start.elapsed, opt.step) = (step as usize, elapsed, opt_step as u64);
-    start.plateau = Plateau { scale: scale as f32, best_error: best_error as f32, stale_epochs: stale_epochs as usize };
+    share_plateau(cluster, &mut start.plateau, "rank 0's schedule state")
+}
+
+/// Rank 0's plateau-schedule state on every rank (only rank 0 evaluates, so only it decides).
+fn share_plateau(cluster: &mut dyn Cluster, plateau: &mut Plateau, what: &str) -> Result<()> {
+    let mut state = [plateau.scale as f64, plateau.best_error as f64, plateau.stale_epochs as f64];
+    cluster.broadcast_f64(&mut state, what)?;
+    *plateau = Plateau { scale: state[0] as f32, best_error: state[1] as f32, stale_epochs: state[2] as usize };
     Ok(())
 }
 
@@ -389,10 +395,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
             last_test = Some(test);
         }
         if ranks > 1 && epoch_end && cfg.lr_plateau_patience.is_some() {
-            // Only rank 0 evaluated: its schedule decision is everyone's.
-            let mut state = [plateau.scale as f64, plateau.best_error as f64, plateau.stale_epochs as f64];
-            cluster.broadcast_f64(&mut state, "rank 0's evaluation")?;
-            plateau = Plateau { scale: state[0] as f32, best_error: state[1] as f32, stale_epochs: state[2] as usize };
+            share_plateau(cluster, &mut plateau, "rank 0's evaluation")?;
         }
         let signal = agree_on_stop(cluster, stop.load(Ordering::SeqCst))?;
         if signal != 0 || epoch_end || step == total_steps || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {

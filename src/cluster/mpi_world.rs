@@ -135,8 +135,8 @@ fn null_request() -> ffi::MPI_Request {
 }
 
 impl MpiCluster {
-    /// Initialise MPI for this process (`mpirun` started it). Only the calling thread makes
-    /// MPI calls; the compute threads never do.
+    /// Initialise MPI for this process (`mpirun` started it). MPI is called from this thread
+    /// and the progress thread, one at a time (under `mpi`'s lock); never from compute threads.
     pub fn start(timeout: Duration) -> Result<MpiCluster> {
         let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized).context("MPI was already initialised")?;
         let world = universe.world();
