@@ -6,6 +6,7 @@ use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::Dataset;
 use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::roofline::{self, Roofline};
 use std::time::Instant;
 
 #[derive(Debug, serde::Serialize)]
@@ -25,6 +26,8 @@ pub struct BenchResult {
     pub update_ms: f64,
     /// Per layer: inference forward ms per batch of `infer_batch` (with `layers`).
     pub infer_layer_ms: Vec<f64>,
+    /// The GEMM ceilings of training and inference on this machine (with `roofline`).
+    pub roofline: Vec<Roofline>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -49,9 +52,16 @@ pub struct BenchPlan {
     pub steps_per_run: usize,
     /// Also time each layer (adds a little overhead to the totals).
     pub layers: bool,
+    /// Also measure the GEMM ceilings (`roofline::measure`), first, on a quiet machine.
+    pub roofline: bool,
 }
 
 pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
+    let threads = rayon::current_num_threads();
+    let roofline = match plan.roofline {
+        true => vec![roofline::measure(model, plan.train_batch, true, threads), roofline::measure(model, plan.infer_batch, false, threads)],
+        false => Vec::new(),
+    };
     let order = epoch_order(data.len(), 1, 0);
     let mut ws = Workspace::new(model, plan.train_batch, true);
     let mut opt = Optimizer::new(opt_cfg, &model.params);
@@ -118,7 +128,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     }
     BenchResult {
         model: model.arch.name.clone(),
-        threads: rayon::current_num_threads(),
+        threads,
         train_batch: plan.train_batch,
         train_samples_per_s: median(&mut train_runs.clone()),
         train_runs: std::mem::take(&mut train_runs),
@@ -129,5 +139,6 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         layer_ms,
         update_ms,
         infer_layer_ms,
+        roofline,
     }
 }

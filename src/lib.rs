@@ -2,7 +2,7 @@
 //!
 //! `layers` holds the numeric kernels (forward/backward pairs over preallocated buffers),
 //! `model` the fixed layer stacks, `data` the MNIST pipeline, `optim` Adam and SGD, `train`,
-//! `eval`, `predict` and `bench` the commands, `checkpoint` the PyTorch-compatible files,
+//! `eval`, `predict` and `bench` the commands (`roofline` the GEMM ceiling bench compares with), `checkpoint` the PyTorch-compatible files,
 //! `cluster` data-parallel training over MPI.
 pub mod architectures;
 pub mod bench;
@@ -18,6 +18,7 @@ pub mod optim;
 pub mod plot;
 pub mod predict;
 pub mod rng;
+pub mod roofline;
 pub mod schedule;
 pub mod summary;
 pub mod train;

@@ -117,6 +117,9 @@ enum Command {
         /// Also print the time of each layer's forward and backward pass.
         #[arg(long)]
         layers: bool,
+        /// Also measure the GEMM ceiling: the step's GEMMs as plain im2col, timed on one core.
+        #[arg(long)]
+        roofline: bool,
     },
 }
 
@@ -337,7 +340,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let m = Model::new(&architecture(&model, 1.0, classes)?)?;
             print!("{}", summary::table(&m));
         }
-        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers } => {
+        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline } => {
             let mut m = Model::new(&architecture(&model, if model == "alexnet-mnist" { 0.8 } else { 0.5 }, None)?)?;
             m.init(1, 0.0);
             let mnist_shaped = m.arch.input == [28, 28, 1];
@@ -366,7 +369,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &mut m,
                 cfg,
                 &train_set,
-                &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps, layers },
+                &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps, layers, roofline },
             );
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -379,6 +382,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
                 println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
                 println!("peak memory: {:.0} MiB", r.peak_rss_mib);
+                for (what, rf) in ["training", "inference"].iter().zip(&r.roofline) {
+                    println!(
+                        "GEMM ceiling, {what}: {:.0} samples/s ({:.1} GFLOP of im2col GEMMs per batch of {} take {:.0} ms on one core, {:.0} GFLOP/s, x {} threads)",
+                        rf.ceiling_samples_per_s, rf.gflop, rf.batch, rf.one_core_ms, rf.one_core_gflops, rf.threads
+                    );
+                }
                 if layers {
                     println!("milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch);
                     println!("{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference");

@@ -1,0 +1,108 @@
+//! The GEMM roofline of a model on this machine: how fast one training step (or one inference
+//! batch) could possibly run if every convolution were plain im2col + GEMM and nothing but the
+//! GEMMs took time. It is the yardstick the speed targets are quoted against ("the GEMM ceiling
+//! is ~1,000-1,100 samples/s"), measured here instead of assumed, so a number from one machine
+//! can be carried to another: the ceiling moves with the vector unit (AVX2 vs AVX-512), and so
+//! does every framework's throughput.
+
+use crate::layers::gemm::{Operand, matmul};
+use crate::model::{Layer, Model};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Rows (batch x output pixels) timed per GEMM; larger ones are timed at this size and scaled,
+/// as the engine itself runs them in chunks.
+const MAX_ROWS: usize = 16384;
+
+#[derive(Debug, Serialize)]
+pub struct Roofline {
+    pub batch: usize,
+    pub training: bool,
+    /// Multiply-adds x 2 of all the step's GEMMs.
+    pub gflop: f64,
+    /// Their time on one core (single-threaded `gemm` crate, best of three).
+    pub one_core_ms: f64,
+    pub one_core_gflops: f64,
+    /// `threads` cores each running whole steps at that rate: samples/s.
+    pub ceiling_samples_per_s: f64,
+    pub threads: usize,
+}
+
+/// One GEMM: `m x k` times `k x n`, counted `repeat` times (chunks of a larger one).
+struct Shape {
+    m: usize,
+    n: usize,
+    k: usize,
+    repeat: f64,
+}
+
+/// The GEMMs of one step with every convolution as im2col: the forward product, and when
+/// training the weight gradient and (past the first layer) the input gradient.
+fn im2col_gemms(model: &Model, batch: usize, training: bool) -> Vec<Shape> {
+    let mut shapes = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        let (groups, rows, n, k) = match layer {
+            Layer::Conv { conv, .. } => (conv.groups, batch * conv.win.out_pixels(), conv.out_c / conv.groups, conv.patch_len()),
+            Layer::Linear { linear, .. } => (1, batch, linear.out_len, linear.in_len),
+            _ => continue,
+        };
+        let m = rows.min(MAX_ROWS);
+        let repeat = (groups * rows) as f64 / m as f64;
+        shapes.push(Shape { m, n, k, repeat });
+        if training {
+            shapes.push(Shape { m: k, n, k: m, repeat });
+            if i > 0 {
+                shapes.push(Shape { m, n: k, k: n, repeat });
+            }
+        }
+    }
+    shapes
+}
+
+/// Time the step's GEMMs on the calling thread and scale to `threads` cores.
+pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> Roofline {
+    let shapes = im2col_gemms(model, batch, training);
+    let mut seconds = 0.0;
+    let mut flop = 0.0;
+    for s in &shapes {
+        let a: Vec<f32> = (0..s.m * s.k).map(|i| (i % 17) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..s.k * s.n).map(|i| (i % 13) as f32 * 0.01).collect();
+        let mut c = vec![0.0; s.m * s.n];
+        let mut run = || {
+            let t = Instant::now();
+            matmul(s.m, s.n, s.k, Operand::new(&a, s.k), Operand::new(&b, s.n), &mut c, s.n, false);
+            t.elapsed().as_secs_f64()
+        };
+        run();
+        seconds += (0..3).map(|_| run()).fold(f64::INFINITY, f64::min) * s.repeat;
+        flop += 2.0 * (s.m * s.n * s.k) as f64 * s.repeat;
+    }
+    Roofline {
+        batch,
+        training,
+        gflop: flop / 1e9,
+        one_core_ms: seconds * 1e3,
+        one_core_gflops: flop / seconds / 1e9,
+        ceiling_samples_per_s: (threads * batch) as f64 / seconds,
+        threads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::architectures::architecture;
+
+    #[test]
+    fn counts_the_seed_models_training_flops() {
+        // By hand, per sample: conv1 784*64*9*2 = 0.903M, conv2 196*128*576*2 = 28.901M, conv3
+        // 49*256*1152*2 = 28.901M, fc1 4096*1024*2 = 8.389M, fc2 2.097M, fc3 0.020M: 69.21M
+        // forward (../shared/README.md: 69.2). Training is three times that less conv1's input
+        // gradient, which no one needs (the shared README's 207.6 counts it).
+        let model = Model::new(&architecture("alexnet-mnist", 0.8, None).unwrap()).unwrap();
+        let flop =
+            |training| im2col_gemms(&model, 10, training).iter().map(|s| 2.0 * (s.m * s.n * s.k) as f64 * s.repeat).sum::<f64>() / 10.0;
+        assert!((flop(false) / 1e6 - 69.21).abs() < 0.01, "{}", flop(false));
+        assert!((flop(true) / 1e6 - (3.0 * 69.21 - 0.903)).abs() < 0.02, "{}", flop(true));
+    }
+}
