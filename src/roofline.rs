@@ -26,6 +26,30 @@ pub struct Roofline {
     /// `threads` cores each running whole steps at that rate: samples/s.
     pub ceiling_samples_per_s: f64,
     pub threads: usize,
+    /// One core's vector FMA throughput (`fma_peak_gflops`): how far the GEMMs are from the
+    /// hardware.
+    pub fma_peak_gflops: f64,
+}
+
+/// One core's peak: twelve independent chains of 8-lane fused multiply-adds, enough to cover
+/// the FMA latency on two pipes (AVX2 with `target-cpu=native`; wider vectors where LLVM uses
+/// them), run for ~0.1 s.
+pub fn fma_peak_gflops() -> f64 {
+    const CHAINS: usize = 12;
+    let mut acc = [[0.0f32; 8]; CHAINS];
+    let (b, c) = (std::hint::black_box(0.999_999f32), std::hint::black_box(1e-6f32));
+    let iters = 5_000_000;
+    let t = Instant::now();
+    for _ in 0..iters {
+        for chain in acc.iter_mut() {
+            for x in chain.iter_mut() {
+                *x = x.mul_add(b, c);
+            }
+        }
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    std::hint::black_box(&acc);
+    (iters * CHAINS * 8 * 2) as f64 / seconds / 1e9
 }
 
 /// One GEMM: `m x k` times `k x n`, counted `repeat` times (chunks of a larger one).
@@ -85,6 +109,7 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
         one_core_gflops: flop / seconds / 1e9,
         ceiling_samples_per_s: (threads * batch) as f64 / seconds,
         threads,
+        fma_peak_gflops: fma_peak_gflops(),
     }
 }
 
