@@ -105,3 +105,23 @@ fn summary_prints_the_seed_model_table() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("conv3") && text.contains("256x128x3x3") && text.contains("5624842 parameters"), "{text}");
 }
+
+/// `bench --roofline --json`: the throughputs and the GEMM ceilings are there, the flops are the
+/// seed model's (206.7 MFLOP per training sample, 69.2 per inference sample), and the GEMMs do
+/// not run faster than the core's own FMA peak (which a wrong flop count or timer would show).
+#[test]
+fn bench_reports_throughput_and_the_gemm_ceiling() {
+    let out = alexnet(&["--threads", "1", "bench", "--runs", "1", "--steps", "2", "--infer-batch", "50", "--roofline", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(r["train_samples_per_s"].as_f64().unwrap() > 0.0 && r["infer_samples_per_s"].as_f64().unwrap() > 0.0);
+    let roofline = r["roofline"].as_array().unwrap();
+    assert_eq!(roofline.len(), 2);
+    for (rf, batch, mflop) in [(&roofline[0], 64.0, 206.7), (&roofline[1], 50.0, 69.21)] {
+        let gflop = rf["gflop"].as_f64().unwrap();
+        assert!((gflop - batch * mflop / 1e3).abs() < 0.01 * gflop, "{rf}");
+        let (gemm, peak) = (rf["one_core_gflops"].as_f64().unwrap(), rf["fma_peak_gflops"].as_f64().unwrap());
+        assert!(gemm > 0.0 && gemm < 1.5 * peak, "{rf}");
+        assert!(rf["ceiling_samples_per_s"].as_f64().unwrap() > 0.0);
+    }
+}
