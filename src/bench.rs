@@ -28,6 +28,8 @@ pub struct BenchResult {
     pub infer_layer_ms: Vec<f64>,
     /// The GEMM ceilings of training and inference on this machine (with `roofline`).
     pub roofline: Vec<Roofline>,
+    /// One core's FMA peak in GFLOP/s (with `roofline`).
+    pub fma_peak_gflops: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -58,9 +60,12 @@ pub struct BenchPlan {
 
 pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
     let threads = rayon::current_num_threads();
-    let roofline = match plan.roofline {
-        true => vec![roofline::measure(model, plan.train_batch, true, threads), roofline::measure(model, plan.infer_batch, false, threads)],
-        false => Vec::new(),
+    let (roofline, fma_peak_gflops) = if plan.roofline {
+        let ceilings =
+            vec![roofline::measure(model, plan.train_batch, true, threads), roofline::measure(model, plan.infer_batch, false, threads)];
+        (ceilings, Some(roofline::fma_peak_gflops()))
+    } else {
+        (Vec::new(), None)
     };
     let order = epoch_order(data.len(), 1, 0);
     let mut ws = Workspace::new(model, plan.train_batch, true);
@@ -140,5 +145,6 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         update_ms,
         infer_layer_ms,
         roofline,
+        fma_peak_gflops,
     }
 }

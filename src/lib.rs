@@ -2,8 +2,8 @@
 //!
 //! `layers` holds the numeric kernels (forward/backward pairs over preallocated buffers),
 //! `model` the fixed layer stacks, `data` the MNIST pipeline, `optim` Adam and SGD, `train`,
-//! `eval`, `predict` and `bench` the commands (`roofline` the GEMM ceiling bench compares with), `checkpoint` the PyTorch-compatible files,
-//! `cluster` data-parallel training over MPI.
+//! `eval`, `predict` and `bench` the commands (`roofline`: the GEMM ceiling `bench` compares
+//! with), `checkpoint` the PyTorch-compatible files, `cluster` data-parallel training over MPI.
 pub mod architectures;
 pub mod bench;
 pub mod checkpoint;

@@ -384,9 +384,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("peak memory: {:.0} MiB", r.peak_rss_mib);
                 for (what, rf) in ["training", "inference"].iter().zip(&r.roofline) {
                     println!(
-                        "GEMM ceiling, {what}: {:.0} samples/s ({:.1} GFLOP of im2col GEMMs per batch of {} take {:.0} ms on one core, {:.0} GFLOP/s of its FMA peak {:.0}, x {} threads)",
-                        rf.ceiling_samples_per_s, rf.gflop, rf.batch, rf.one_core_ms, rf.one_core_gflops, rf.fma_peak_gflops, rf.threads
+                        "GEMM ceiling, {what}: {:.0} samples/s ({:.1} GFLOP of im2col GEMMs per batch of {} take {:.0} ms on one core, {:.0} GFLOP/s, x {} threads)",
+                        rf.ceiling_samples_per_s, rf.gflop, rf.batch, rf.one_core_ms, rf.one_core_gflops, rf.threads
                     );
+                }
+                if let Some(peak) = r.fma_peak_gflops {
+                    println!("one core's FMA peak: {peak:.0} GFLOP/s");
                 }
                 if layers {
                     println!("milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch);

@@ -26,12 +26,9 @@ pub struct Roofline {
     /// `threads` cores each running whole steps at that rate: samples/s.
     pub ceiling_samples_per_s: f64,
     pub threads: usize,
-    /// One core's vector FMA throughput (`fma_peak_gflops`): how far the GEMMs are from the
-    /// hardware.
-    pub fma_peak_gflops: f64,
 }
 
-/// One core's peak: twelve independent chains of 8-lane fused multiply-adds, enough to cover
+/// One core's peak, to show how far the GEMMs are from the hardware: twelve independent chains of 8-lane fused multiply-adds, enough to cover
 /// the FMA latency on two pipes (AVX2 with `target-cpu=native`; wider vectors where LLVM uses
 /// them), run for ~0.1 s.
 pub fn fma_peak_gflops() -> f64 {
@@ -109,7 +106,6 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
         one_core_gflops: flop / seconds / 1e9,
         ceiling_samples_per_s: (threads * batch) as f64 / seconds,
         threads,
-        fma_peak_gflops: fma_peak_gflops(),
     }
 }
 

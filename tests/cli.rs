@@ -117,11 +117,12 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
     assert!(r["train_samples_per_s"].as_f64().unwrap() > 0.0 && r["infer_samples_per_s"].as_f64().unwrap() > 0.0);
     let roofline = r["roofline"].as_array().unwrap();
     assert_eq!(roofline.len(), 2);
+    let peak = r["fma_peak_gflops"].as_f64().unwrap();
     for (rf, batch, mflop) in [(&roofline[0], 64.0, 206.7), (&roofline[1], 50.0, 69.21)] {
         let gflop = rf["gflop"].as_f64().unwrap();
         assert!((gflop - batch * mflop / 1e3).abs() < 0.01 * gflop, "{rf}");
-        let (gemm, peak) = (rf["one_core_gflops"].as_f64().unwrap(), rf["fma_peak_gflops"].as_f64().unwrap());
-        assert!(gemm > 0.0 && gemm < 1.5 * peak, "{rf}");
+        let gemm = rf["one_core_gflops"].as_f64().unwrap();
+        assert!(gemm > 0.0 && gemm < 1.5 * peak, "{rf} vs peak {peak}");
         assert!(rf["ceiling_samples_per_s"].as_f64().unwrap() > 0.0);
     }
 }
