@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod data;
+pub mod denormals;
 pub mod eval;
 pub mod layers;
 pub mod model;

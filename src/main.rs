@@ -7,6 +7,7 @@ use alexnet::data::source::Source;
 use alexnet::layers::softmax::softmax;
 use alexnet::model::{Mode, Model, Workspace, forward};
 use alexnet::optim::OptimizerKind;
+use alexnet::denormals::{self, start_thread_pool};
 use alexnet::{checkpoint, predict, summary, train};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -218,6 +219,8 @@ struct TrainArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: threads spawned from here on inherit it (and set it again).
+    denormals::flush_denormals_on_this_thread();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -228,9 +231,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn start_thread_pool(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot start the thread pool")
-}
 
 /// SIGINT and SIGTERM set `stop` to the signal's number, which the training loop polls after
 /// each step; a second one exits at once (with the conventional 128 + signal status).

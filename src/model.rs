@@ -2,7 +2,8 @@
 //! every shape once, owns the parameters, and runs forward and backward over a `Workspace`
 //! whose buffers are all allocated up front for one batch size.
 
-use crate::layers::conv::{Conv, conv_backward, conv_forward};
+use crate::layers::conv::Conv;
+use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::dropout::{dropout_backward, dropout_forward};
 use crate::layers::linear::{Linear, linear_backward, linear_forward};
 use crate::layers::lrn::{LrnParams, lrn_backward, lrn_forward};
@@ -84,7 +85,7 @@ pub enum Init {
 /// A resolved layer: geometry plus the index of its weight in `Model::params` (bias follows).
 #[derive(Clone, Debug)]
 pub enum Layer {
-    Conv { conv: Conv, param: usize, winograd: bool },
+    Conv { conv: Conv, param: usize },
     Pool(MaxPool),
     Lrn { params: LrnParams, channels: usize },
     Dropout { keep: f32 },
@@ -160,7 +161,7 @@ impl Model {
                     let conv = Conv { win, in_c: c, out_c: *out_c, groups: *groups, relu: *relu };
                     let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true)?;
                     param(&format!("{name}.bias"), vec![*out_c], false)?;
-                    layers.push(Layer::Conv { conv, param: p, winograd: winograd::applies(&conv) });
+                    layers.push(Layer::Conv { conv, param: p });
                     shape = [win.h.output, win.w.output, *out_c];
                 }
                 LayerSpec::MaxPool { kernel, stride, padding } => {
@@ -199,6 +200,11 @@ impl Model {
         self.params.iter().map(|p| p.value.len()).sum()
     }
 
+    /// Each convolution's algorithms chosen without measuring (`ConvAlgos::heuristic`).
+    pub fn heuristic_conv_plan(&self) -> ConvPlan {
+        self.layers.iter().map(|l| if let Layer::Conv { conv, .. } = l { Some(ConvAlgos::heuristic(conv)) } else { None }).collect()
+    }
+
     /// Draw the parameters per the architecture's `Init`; `bias` is the constant bias of `He`.
     /// He-normal (std = sqrt(2 / fan_in), right for ReLU) is what makes the notebook's model
     /// train: its N(0, 1) weights made the logits explode (loss ~1e5), these keep the
@@ -225,6 +231,9 @@ impl Model {
     }
 }
 
+/// The algorithms of each layer that is a convolution (`None` for the others), by layer index.
+pub type ConvPlan = Vec<Option<ConvAlgos>>;
+
 /// What a layer keeps from forward for backward, beyond its input and output.
 #[derive(Debug)]
 enum Saved {
@@ -249,11 +258,37 @@ pub struct Workspace {
     inputs_at: Vec<usize>,
     /// Per-layer accumulated (forward, backward) seconds, when profiling (`bench --layers`).
     pub layer_seconds: Option<Vec<(f64, f64)>>,
+    /// The convolutions' algorithms (chosen for this batch size, see `autotune`).
+    pub conv_plan: ConvPlan,
 }
 
 impl Workspace {
-    /// `training` also allocates gradient buffers and what backward needs.
+    /// `training` also allocates gradient buffers and what backward needs. Convolutions run
+    /// with the heuristic algorithms.
     pub fn new(model: &Model, batch: usize, training: bool) -> Workspace {
+        Workspace::with_conv_plan(model, batch, training, model.heuristic_conv_plan())
+    }
+
+    /// As `new`, with each convolution's algorithms given (an algorithm that does not apply
+    /// to its layer falls back to the heuristic choice).
+    pub fn with_conv_plan(model: &Model, batch: usize, training: bool, plan: ConvPlan) -> Workspace {
+        let conv_plan: ConvPlan = model
+            .layers
+            .iter()
+            .zip(plan.into_iter().chain(std::iter::repeat(None)))
+            .map(|(l, chosen)| match l {
+                Layer::Conv { conv, .. } => {
+                    let fallback = ConvAlgos::heuristic(conv);
+                    let pick = |a: Option<ConvAlgo>, f: ConvAlgo| a.filter(|a| a.applies(conv)).unwrap_or(f);
+                    Some(ConvAlgos {
+                        forward: pick(chosen.map(|c| c.forward), fallback.forward),
+                        input_grad: pick(chosen.map(|c| c.input_grad), fallback.input_grad),
+                        weight_grad: pick(chosen.map(|c| c.weight_grad), fallback.weight_grad),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
         let skipped = |i: usize| !training && i > 0 && matches!(model.layers[i - 1], Layer::Dropout { .. });
@@ -264,11 +299,14 @@ impl Workspace {
             .layers
             .iter()
             .zip(&model.shapes[1..])
-            .map(|(l, s)| match l {
+            .enumerate()
+            .map(|(i, (l, s))| match l {
                 Layer::Pool(_) => Saved::Argmax(vec![0; len(s)]),
                 Layer::Lrn { .. } => Saved::Values(vec![0.0; len(s)]),
                 Layer::Dropout { .. } if training => Saved::Values(vec![0.0; len(s)]),
-                Layer::Conv { conv, winograd: true, .. } if training => Saved::Values(vec![0.0; winograd::saved_len(conv, batch)]),
+                Layer::Conv { conv, .. } if training && conv_plan[i].is_some_and(|a| a.keeps_winograd_transforms()) => {
+                    Saved::Values(vec![0.0; winograd::saved_len(conv, batch)])
+                }
                 _ => Saved::None,
             })
             .collect();
@@ -283,6 +321,7 @@ impl Workspace {
             logits_at: 0,
             inputs_at: vec![0; model.layers.len()],
             layer_seconds: None,
+            conv_plan,
         }
     }
 
@@ -321,13 +360,14 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
         let (x, y) = (&before[cur][..], &mut after[0][..]);
         let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
         match layer {
-            Layer::Conv { conv, param, winograd: wg } => {
+            Layer::Conv { conv, param } => {
                 let (w, b) = (&model.params[*param].value, &model.params[param + 1].value);
-                match (&mut ws.saved[i], wg) {
-                    (Saved::Values(v), true) => winograd::conv3x3_forward(conv, n, x, w, b, y, Some(v)),
-                    (_, true) => winograd::conv3x3_forward(conv, n, x, w, b, y, None),
-                    _ => conv_forward(conv, n, x, w, b, y),
-                }
+                let algo = ws.conv_plan[i].expect("a plan for every convolution").forward;
+                let saved = match &mut ws.saved[i] {
+                    Saved::Values(v) => Some(v),
+                    _ => None,
+                };
+                conv_algo::forward(conv, algo, n, x, w, b, y, saved);
             }
             Layer::Pool(p) => {
                 let Saved::Argmax(idx) = &mut ws.saved[i] else { unreachable!("pool saves argmax") };
@@ -468,14 +508,16 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
         let (x, y) = (&ws.acts[input_at][..], &ws.acts[i + 1][..]);
         let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
         match layer {
-            Layer::Conv { conv, param, winograd: wg } => {
+            Layer::Conv { conv, param } => {
                 let (wp, bp) = model.params.split_at_mut(param + 1);
                 let (w, b) = (&mut wp[*param], &mut bp[0]);
                 let dx = if need_dx { Some(&mut dx[..]) } else { None };
-                match (&ws.saved[i], wg) {
-                    (Saved::Values(v), true) => winograd::conv3x3_backward(conv, n, v, y, dy, dx, &mut w.grad, &mut b.grad),
-                    _ => conv_backward(conv, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad),
-                }
+                let algos = ws.conv_plan[i].expect("a plan for every convolution");
+                let saved = match &mut ws.saved[i] {
+                    Saved::Values(v) => Some(&mut v[..]),
+                    _ => None,
+                };
+                conv_algo::backward(conv, algos, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad, saved);
                 hook.ready(*param, w);
                 hook.ready(param + 1, b);
             }

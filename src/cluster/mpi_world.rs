@@ -146,7 +146,7 @@ impl MpiCluster {
         let progress = (threading >= mpi::Threading::Serialized).then(|| {
             let stop = Arc::new(AtomicBool::new(false));
             let (m, s) = (mpi.clone(), stop.clone());
-            (stop, std::thread::Builder::new().name("mpi-progress".into()).spawn(move || progress_loop(m, s)).expect("spawn a thread"))
+            (stop, crate::denormals::spawn("mpi-progress", move || progress_loop(m, s)).expect("spawn a thread"))
         });
         Ok(MpiCluster {
             rank,

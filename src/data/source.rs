@@ -155,7 +155,7 @@ pub fn prefetch(
     assert!(shard.end <= batch && !shard.is_empty(), "shard {shard:?} of a batch of {batch}");
     let (tx, rx) = sync_channel(PREFETCH);
     let steps_per_epoch = source.train_len() / batch;
-    std::thread::spawn(move || {
+    crate::denormals::spawn("prefetch", move || {
         let mut order = Vec::new();
         for step in first..=last {
             let (epoch, pos) = ((step - 1) / steps_per_epoch, (step - 1) % steps_per_epoch);
@@ -169,6 +169,7 @@ pub fn prefetch(
                 return;
             }
         }
-    });
+    })
+    .expect("spawn the prefetch thread");
     rx
 }

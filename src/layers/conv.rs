@@ -7,7 +7,7 @@
 //! `winograd` instead, which does the same arithmetic in 2.25-4x fewer multiplications.
 
 use super::gemm::{Operand, matmul};
-use super::scratch::{SCRATCH_A, SCRATCH_B, give_back, take, take_zeroed, with_scratch};
+use super::scratch::{SCRATCH_A, give_back, take, take_zeroed, with_scratch};
 use super::simd::L;
 use super::{Window, sample_ranges};
 use rayon::prelude::*;
@@ -20,10 +20,6 @@ pub struct Conv {
     pub groups: usize,
     pub relu: bool,
 }
-
-/// Patches shorter than this go through direct loops instead of im2col + GEMM: a GEMM with
-/// k = 9 (the seed model's single-channel conv1) spends its time packing, not multiplying.
-const DIRECT_MAX_PATCH: usize = 32;
 
 /// Aim for im2col chunks of about 2 MB: large enough for efficient GEMMs, small enough to stay
 /// in the 1 MB L2 + shared L3 while the GEMM reads them back.
@@ -47,13 +43,9 @@ impl Conv {
         (COL_CHUNK_FLOATS / (self.win.out_pixels() * self.patch_len()).max(1)).max(1)
     }
 
-    fn direct(&self) -> bool {
-        self.patch_len() < DIRECT_MAX_PATCH
-    }
-
     /// Direct forward of one sample: `y` (pre-bias) = sum over taps of x * w, accumulated in
     /// registers 8 output channels at a time.
-    fn direct_forward(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
+    fn direct_forward_sample(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
         self.win.for_each_window(|o, taps| {
             for g in 0..self.groups {
@@ -67,16 +59,16 @@ impl Conv {
         });
     }
 
-    /// Direct backward of one sample: accumulates into `dw`, and into `dx` if given. The
+    /// Direct backward of one sample: accumulates into `dw` and into `dx`, each if given. The
     /// weight gradient runs tap by tap over all pixels (`pairs`, from `Window::pairs_by_tap`)
     /// with the accumulators in registers, 32 output channels at a time.
-    fn direct_backward(
+    fn direct_backward_sample(
         &self,
         pairs: &[Vec<(usize, usize)>],
         x: &[f32],
         weight: &[f32],
         dy: &[f32],
-        dw: &mut [f32],
+        mut dw: Option<&mut [f32]>,
         mut dx: Option<&mut [f32]>,
     ) {
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
@@ -85,8 +77,10 @@ impl Conv {
                 for ci in 0..cin_g {
                     let c = g * cin_g + ci;
                     let w_row = (tap * cin_g + ci) * oc + g * cout_g;
-                    let terms = || pairs.iter().map(|&(o, i)| (x[i * self.in_c + c], o * oc + g * cout_g));
-                    sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], false);
+                    if let Some(dw) = dw.as_deref_mut() {
+                        let terms = || pairs.iter().map(|&(o, i)| (x[i * self.in_c + c], o * oc + g * cout_g));
+                        sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], false);
+                    }
                     if let Some(dx) = dx.as_deref_mut() {
                         let wr = &weight[w_row..w_row + cout_g];
                         for &(o, i) in pairs {
@@ -264,51 +258,40 @@ fn interleave(towers: &[Vec<f32>], dst: &mut [f32], width: usize) {
     });
 }
 
-/// Backward of `towers_forward`: each tower's weight and input gradients in its own buffers
-/// (the input gradient of tower g only touches its input channels), merged after.
-#[allow(clippy::too_many_arguments)]
-fn towers_backward(
-    conv: &Conv,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    output: &[f32],
-    d_output: &mut [f32],
-    d_input: Option<&mut [f32]>,
-    d_weight: &mut [f32],
-    d_bias: &mut [f32],
-) {
+/// Backward of `towers_forward` from the masked `d_output`: each tower's weight and input
+/// gradients in its own buffers (the input gradient of tower g only touches its input
+/// channels), merged after. Computes whichever of `d_input`, `d_weight` is given.
+fn towers_backward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], dy: &[f32], d_input: Option<&mut [f32]>, d_weight: Option<&mut [f32]>) {
     let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
-    let dy = &mut d_output[..batch * conv.out_len()];
-    d_bias.fill(0.0);
-    relu_mask_bias_grad(&output[..batch * conv.out_len()], dy, d_bias, conv.relu);
-    let dy = &*dy;
-    let need_dx = d_input.is_some();
+    let (need_dx, need_dw) = (d_input.is_some(), d_weight.is_some());
     let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..conv.groups)
         .into_par_iter()
         .map(|g| {
-            let mut dw = take_zeroed(pl * cout_g);
+            let mut dw = if need_dw { take_zeroed(pl * cout_g) } else { Vec::new() };
             let mut dx = if need_dx { take_zeroed(batch * conv.in_len()) } else { Vec::new() };
             with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
-                with_scratch(&SCRATCH_B, conv.chunk_samples() * opix * pl, |dcol| {
-                    for_each_chunk(conv, 0..batch, |n0, n1| {
-                        let rows = (n1 - n0) * opix;
+                for_each_chunk(conv, 0..batch, |n0, n1| {
+                    let rows = (n1 - n0) * opix;
+                    let dy_g = Operand::new(&dy[n0 * conv.out_len() + g * cout_g..], conv.out_c);
+                    if need_dw {
                         conv.im2col(input, n0, n1, g, col);
-                        let dy_g = Operand::new(&dy[n0 * conv.out_len() + g * cout_g..], conv.out_c);
                         matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw, cout_g, true);
-                        if need_dx {
-                            let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
-                            matmul(rows, pl, cout_g, dy_g, w_t, dcol, pl, false);
-                            conv.col2im(dcol, n0, n1, g, &mut dx[n0 * conv.in_len()..]);
-                        }
-                    });
+                    }
+                    if need_dx {
+                        // The patch gradients reuse the im2col buffer: its patches are spent.
+                        let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
+                        matmul(rows, pl, cout_g, dy_g, w_t, col, pl, false);
+                        conv.col2im(col, n0, n1, g, &mut dx[n0 * conv.in_len()..]);
+                    }
                 });
             });
             (dw, dx)
         })
         .collect();
     let (dws, dxs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = grads.into_iter().unzip();
-    interleave(&dws, d_weight, conv.out_c);
+    if let Some(d_weight) = d_weight {
+        interleave(&dws, d_weight, conv.out_c);
+    }
     if let Some(d_input) = d_input {
         let d_input = &mut d_input[..batch * conv.in_len()];
         d_input.fill(0.0);
@@ -319,130 +302,144 @@ fn towers_backward(
     dws.into_iter().chain(dxs).for_each(give_back);
 }
 
-/// Forward over a batch: `output = relu?(conv(input, weight) + bias)`.
-pub fn conv_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
-    if conv.groups > 1 && !conv.direct() {
+/// Forward over a batch by direct loops: `output = relu?(conv(input, weight) + bias)`. Best
+/// where patches are short: a GEMM with k = 9 (the seed model's single-channel conv1) spends
+/// its time packing, not multiplying.
+pub fn direct_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    output[..batch * conv.out_len()].par_chunks_mut(conv.out_len()).zip(input.par_chunks(conv.in_len())).for_each(|(y, x)| {
+        conv.direct_forward_sample(x, weight, y);
+        bias_relu(y, bias, conv.relu);
+    });
+}
+
+/// Forward over a batch as im2col + GEMM (grouped convolutions as towers).
+pub fn im2col_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    if conv.groups > 1 {
         return towers_forward(conv, batch, input, weight, bias, output);
     }
-    let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
-    let opix = conv.win.out_pixels();
-    let chunk = conv.chunk_samples();
+    let (pl, opix) = (conv.patch_len(), conv.win.out_pixels());
     let ranges = sample_ranges(batch);
     let mut outs = split_by_ranges(&mut output[..batch * conv.out_len()], &ranges, conv.out_len());
     ranges.par_iter().zip(outs.par_iter_mut()).for_each(|(range, out)| {
-        if conv.direct() {
-            for (nn, y) in range.clone().zip(out.chunks_exact_mut(conv.out_len())) {
-                conv.direct_forward(&input[nn * conv.in_len()..(nn + 1) * conv.in_len()], weight, y);
-                bias_relu(y, bias, conv.relu);
-            }
-            return;
-        }
-        with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
-            let mut n0 = range.start;
-            while n0 < range.end {
-                let n1 = (n0 + chunk).min(range.end);
-                let rows = (n1 - n0) * opix;
+        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
+            for_each_chunk(conv, range.clone(), |n0, n1| {
                 let y = &mut out[(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
-                for g in 0..conv.groups {
-                    conv.im2col(input, n0, n1, g, col);
-                    let w = Operand::new(&weight[g * cout_g..], conv.out_c);
-                    matmul(rows, cout_g, pl, Operand::new(col, pl), w, &mut y[g * cout_g..], conv.out_c, false);
-                }
+                conv.im2col(input, n0, n1, 0, col);
+                matmul((n1 - n0) * opix, conv.out_c, pl, Operand::new(col, pl), Operand::new(weight, conv.out_c), y, conv.out_c, false);
                 bias_relu(y, bias, conv.relu);
-                n0 = n1;
-            }
+            });
         });
     });
 }
 
-/// Backward over a batch. `d_output` is masked in place by the ReLU; `d_weight` and `d_bias`
-/// are overwritten; `d_input` (skipped for the first layer) is overwritten.
-pub fn conv_backward(
+/// The first step of every convolution's backward: mask `d_output` in place by the fused ReLU
+/// and overwrite `d_bias` with its sum over the batch (per-thread partials summed in a fixed
+/// order, so the result is reproducible for a thread count).
+pub fn relu_bias_backward(conv: &Conv, batch: usize, output: &[f32], d_output: &mut [f32], d_bias: &mut [f32]) {
+    let ranges = sample_ranges(batch);
+    let mut dys = split_by_ranges(&mut d_output[..batch * conv.out_len()], &ranges, conv.out_len());
+    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| take_zeroed(conv.out_c)).collect();
+    ranges.par_iter().zip(dys.par_iter_mut()).zip(partials.par_iter_mut()).for_each(|((range, dy), db)| {
+        relu_mask_bias_grad(&output[range.start * conv.out_len()..range.end * conv.out_len()], dy, db, conv.relu);
+    });
+    sum_partials(partials, d_bias);
+}
+
+/// Input and/or weight gradient (whichever is given; both overwritten) by direct loops, from
+/// the masked `d_output`.
+pub fn direct_backward(
     conv: &Conv,
     batch: usize,
     input: &[f32],
     weight: &[f32],
-    output: &[f32],
-    d_output: &mut [f32],
+    d_output: &[f32],
     d_input: Option<&mut [f32]>,
-    d_weight: &mut [f32],
-    d_bias: &mut [f32],
+    d_weight: Option<&mut [f32]>,
 ) {
-    if conv.groups > 1 && !conv.direct() {
-        return towers_backward(conv, batch, input, weight, output, d_output, d_input, d_weight, d_bias);
+    let pairs = conv.win.pairs_by_tap();
+    per_range_backward(conv, batch, d_input, d_weight, |range, dy, mut dx, mut dw| {
+        for (j, nn) in range.enumerate() {
+            let dxs = dx.as_deref_mut().map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
+            let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
+            conv.direct_backward_sample(&pairs, x, weight, &d_output[dy + j * conv.out_len()..], dw.as_deref_mut(), dxs);
+        }
+    });
+}
+
+/// Input and/or weight gradient (whichever is given; both overwritten) as GEMMs: dW = col^T dY
+/// over im2col patches, and dcol = dY W^T scattered back onto the input pixels (col2im).
+pub fn im2col_backward(
+    conv: &Conv,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    d_output: &[f32],
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+) {
+    if conv.groups > 1 {
+        return towers_backward(conv, batch, input, weight, &d_output[..batch * conv.out_len()], d_input, d_weight);
     }
-    let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
-    let opix = conv.win.out_pixels();
-    let chunk = conv.chunk_samples();
+    let (pl, opix, oc) = (conv.patch_len(), conv.win.out_pixels(), conv.out_c);
+    per_range_backward(conv, batch, d_input, d_weight, |range, dy_at, mut dx, mut dw| {
+        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
+            for_each_chunk(conv, range.clone(), |n0, n1| {
+                let rows = (n1 - n0) * opix;
+                let dy = Operand::new(&d_output[dy_at + (n0 - range.start) * conv.out_len()..], oc);
+                if let Some(dw) = dw.as_deref_mut() {
+                    conv.im2col(input, n0, n1, 0, col);
+                    matmul(pl, oc, rows, Operand::t(col, pl), dy, dw, oc, true);
+                }
+                if let Some(dx) = dx.as_deref_mut() {
+                    // The patch gradients reuse the im2col buffer: its patches are spent.
+                    matmul(rows, pl, oc, dy, Operand::t(weight, oc), col, pl, false);
+                    conv.col2im(col, n0, n1, 0, &mut dx[(n0 - range.start) * conv.in_len()..]);
+                }
+            });
+        });
+    });
+}
+
+/// The shared frame of the per-sample-range backward passes: splits `d_input` by range (zeroed),
+/// gives each range a zeroed weight-gradient partial when `d_weight` is wanted, runs
+/// `f(range, offset of the range in d_output, dx, dw)` in parallel, and sums the partials.
+fn per_range_backward(
+    conv: &Conv,
+    batch: usize,
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+    f: impl Fn(std::ops::Range<usize>, usize, Option<&mut [f32]>, Option<&mut [f32]>) + Sync,
+) {
     let ranges = sample_ranges(batch);
-    let mut d_outs = split_by_ranges(&mut d_output[..batch * conv.out_len()], &ranges, conv.out_len());
     let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
         Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take_zeroed(weight.len()), take_zeroed(conv.out_c))).collect();
-    ranges.par_iter().zip(d_outs.par_iter_mut()).zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
-        |(((range, dy), dx), (dw, db))| {
-            let y = &output[range.start * conv.out_len()..range.end * conv.out_len()];
-            relu_mask_bias_grad(y, dy, db, conv.relu);
-            if let Some(dx) = dx.as_deref_mut() {
-                dx.fill(0.0);
-            }
-            if conv.direct() {
-                let pairs = conv.win.pairs_by_tap();
-                for (j, nn) in range.clone().enumerate() {
-                    let dxs = dx.as_deref_mut().map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
-                    let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
-                    conv.direct_backward(&pairs, x, weight, &dy[j * conv.out_len()..(j + 1) * conv.out_len()], dw, dxs);
-                }
-                return;
-            }
-            with_scratch(&SCRATCH_A, chunk * opix * pl, |col| {
-                with_scratch(&SCRATCH_B, chunk * opix * pl, |dcol| {
-                    let mut n0 = range.start;
-                    while n0 < range.end {
-                        let n1 = (n0 + chunk).min(range.end);
-                        let rows = (n1 - n0) * opix;
-                        let dy_chunk = &dy[(n0 - range.start) * conv.out_len()..];
-                        for g in 0..conv.groups {
-                            conv.im2col(input, n0, n1, g, col);
-                            let dy_g = Operand::new(&dy_chunk[g * cout_g..], conv.out_c);
-                            // dW_g += col^T . dY_g
-                            matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw[g * cout_g..], conv.out_c, true);
-                            if let Some(dx) = dx.as_deref_mut() {
-                                // dcol = dY_g . W_g^T, then scattered back onto the input pixels.
-                                let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
-                                matmul(rows, pl, cout_g, dy_g, w_t, dcol, pl, false);
-                                conv.col2im(dcol, n0, n1, g, &mut dx[(n0 - range.start) * conv.in_len()..]);
-                            }
-                        }
-                        n0 = n1;
-                    }
-                });
-            });
-        },
-    );
-    sum_partials(partials, d_weight, d_bias);
+    let want_dw = d_weight.is_some();
+    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take_zeroed(conv.weight_len()) } else { Vec::new() }).collect();
+    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(|((range, dx), dw)| {
+        if let Some(dx) = dx.as_deref_mut() {
+            dx.fill(0.0);
+        }
+        f(range.clone(), range.start * conv.out_len(), dx.as_deref_mut(), want_dw.then_some(&mut dw[..]));
+    });
+    match d_weight {
+        Some(d_weight) => sum_partials(partials, d_weight),
+        None => partials.into_iter().for_each(give_back),
+    }
 }
 
-/// Reduce per-thread gradient partials in a fixed order (reproducible for a thread count),
+/// Reduce per-thread partials in a fixed order (reproducible for a thread count) into `out`,
 /// then recycle them.
-pub fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, d_weight: &mut [f32], d_bias: &mut [f32]) {
-    d_weight.par_chunks_mut(1 << 14).enumerate().for_each(|(i, a)| {
+pub fn sum_partials(partials: Vec<Vec<f32>>, out: &mut [f32]) {
+    out.par_chunks_mut(1 << 14).enumerate().for_each(|(i, a)| {
         let range = i << 14..(i << 14) + a.len();
-        a.copy_from_slice(&partials[0].0[range.clone()]);
-        for (dw, _) in &partials[1..] {
-            a.iter_mut().zip(&dw[range.clone()]).for_each(|(a, b)| *a += b);
+        a.copy_from_slice(&partials[0][range.clone()]);
+        for p in &partials[1..] {
+            a.iter_mut().zip(&p[range.clone()]).for_each(|(a, b)| *a += b);
         }
     });
-    d_bias.copy_from_slice(&partials[0].1);
-    for (_, db) in &partials[1..] {
-        d_bias.iter_mut().zip(db).for_each(|(a, b)| *a += b);
-    }
-    for (dw, db) in partials {
-        give_back(dw);
-        give_back(db);
-    }
+    partials.into_iter().for_each(give_back);
 }
 
 /// Split a batch buffer into one mutable slice per sample range.
@@ -462,7 +459,8 @@ mod tests {
     use crate::layers::Padding;
     use crate::layers::testing::{check_grad, random_vec};
 
-    /// Direct 7-loop convolution: the independent reference.
+    /// Direct 7-loop convolution: the independent reference. (`conv_algo`'s tests check every
+    /// algorithm, Winograd included, and each pass alone, on every model's layers.)
     fn conv_naive(c: &Conv, batch: usize, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         let (cin_g, cout_g, k) = (c.in_c / c.groups, c.out_c / c.groups, c.win.kernel);
         let mut y = vec![0.0; batch * c.out_len()];
@@ -514,11 +512,13 @@ mod tests {
             let x = random_vec(batch * c.in_len(), 1);
             let w = random_vec(c.weight_len(), 2);
             let b = random_vec(c.out_c, 3);
-            let mut y = vec![0.0; batch * c.out_len()];
-            conv_forward(&c, batch, &x, &w, &b, &mut y);
             let want = conv_naive(&c, batch, &x, &w, &b);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "{a} vs {b} for {c:?}");
+            for run in [direct_forward, im2col_forward] {
+                let mut y = vec![0.0; batch * c.out_len()];
+                run(&c, batch, &x, &w, &b, &mut y);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4, "{a} vs {b} for {c:?}");
+                }
             }
         }
     }
@@ -535,13 +535,17 @@ mod tests {
                 conv_naive(&c, batch, x, w, b).iter().zip(&r).map(|(y, r)| (*y as f64) * (*r as f64)).sum()
             };
             let mut y = vec![0.0; batch * c.out_len()];
-            conv_forward(&c, batch, &x, &w, &b, &mut y);
+            im2col_forward(&c, batch, &x, &w, &b, &mut y);
             let mut dy = r.clone();
-            let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
-            conv_backward(&c, batch, &x, &w, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
-            check_grad("conv dx", &x, &dx, |v| loss(v, &w, &b));
-            check_grad("conv dw", &w, &dw, |v| loss(&x, v, &b));
+            let mut db = vec![0.0; b.len()];
+            relu_bias_backward(&c, batch, &y, &mut dy, &mut db);
             check_grad("conv db", &b, &db, |v| loss(&x, &w, v));
+            for run in [direct_backward, im2col_backward] {
+                let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
+                run(&c, batch, &x, &w, &dy, Some(&mut dx), Some(&mut dw));
+                check_grad("conv dx", &x, &dx, |v| loss(v, &w, &b));
+                check_grad("conv dw", &w, &dw, |v| loss(&x, v, &b));
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 //! vectors that pooling, LRN and im2col touch are contiguous).
 
 pub mod conv;
+pub mod conv_algo;
 pub mod dropout;
 pub mod gemm;
 pub mod linear;

