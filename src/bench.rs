@@ -1,10 +1,13 @@
 //! Throughput benchmark on real MNIST batches: full training steps (batch assembly, forward,
 //! backward, optimiser) and inference, each the median of several timed runs after warm-up.
 
+use crate::autotune::{self, ConvAlgoPolicy, LayerTimes};
 use crate::cluster::Single;
 use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::Dataset;
-use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
+use crate::layers::conv_algo::ConvAlgos;
+use crate::layers::linear::linear_forward;
+use crate::model::{Layer, Mode, Model, Workspace, forward, train_step_gradients};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::roofline::{self, Roofline};
 use std::time::Instant;
@@ -30,6 +33,21 @@ pub struct BenchResult {
     pub roofline: Vec<Roofline>,
     /// One core's FMA peak in GFLOP/s (with `roofline`).
     pub fma_peak_gflops: Option<f64>,
+    /// The vector code paths: the widest FMA the CPU has, and the lanes of the engine's own
+    /// (non-GEMM) kernels as compiled.
+    pub isa: String,
+    pub kernel_lanes: usize,
+    /// Whether the computing threads flush denormals to zero.
+    pub denormals_flushed: bool,
+    /// Time of the first fully connected layer's forward pass on denormal inputs over its time
+    /// on normal inputs: ~1 where flush-to-zero works, up to 4x+ where it does not.
+    pub denormal_slowdown: f64,
+    /// Each convolution's algorithms for training and for inference, and how they were chosen.
+    pub conv_algos_training: std::collections::BTreeMap<String, ConvAlgos>,
+    pub conv_algos_inference: std::collections::BTreeMap<String, ConvAlgos>,
+    pub conv_algo_source: String,
+    /// The measurements behind a choice made now: per layer, ms per pass and algorithm.
+    pub conv_algo_times: Vec<(String, LayerTimes)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -56,9 +74,12 @@ pub struct BenchPlan {
     pub layers: bool,
     /// Also measure the GEMM ceilings (`roofline::measure`), first, on a quiet machine.
     pub roofline: bool,
+    /// How the convolutions' algorithms are chosen, and where measured ones are cached.
+    pub conv_algo: ConvAlgoPolicy,
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
-pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> BenchResult {
+pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> anyhow::Result<BenchResult> {
     let threads = rayon::current_num_threads();
     let (roofline, fma_peak_gflops) = if plan.roofline {
         let ceilings =
@@ -67,8 +88,10 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     } else {
         (Vec::new(), None)
     };
+    let tuned_train = autotune::choose(model, plan.train_batch, true, plan.conv_algo, plan.cache_dir.as_deref())?;
+    let tuned_infer = autotune::choose(model, plan.infer_batch.min(data.len()), false, plan.conv_algo, plan.cache_dir.as_deref())?;
     let order = epoch_order(data.len(), 1, 0);
-    let mut ws = Workspace::new(model, plan.train_batch, true);
+    let mut ws = Workspace::with_conv_plan(model, plan.train_batch, true, tuned_train.plan.clone());
     let mut opt = Optimizer::new(opt_cfg, &model.params);
     let mut labels = Vec::new();
     let mut cursor = 0;
@@ -112,7 +135,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         .collect();
     drop(ws);
 
-    let mut ews = Workspace::new(model, plan.infer_batch, false);
+    let mut ews = Workspace::with_conv_plan(model, plan.infer_batch, false, tuned_infer.plan.clone());
     let il = data.image_len();
     let n = plan.infer_batch.min(data.len());
     ews.input_mut()[..n * il].copy_from_slice(&data.images[..n * il]);
@@ -131,7 +154,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         forward(model, &mut ews, n, Mode::Eval);
         infer_layer_ms = ews.layer_seconds.take().expect("profiling on").iter().map(|(f, _)| 1e3 * f).collect();
     }
-    BenchResult {
+    Ok(BenchResult {
         model: model.arch.name.clone(),
         threads,
         train_batch: plan.train_batch,
@@ -146,5 +169,41 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         infer_layer_ms,
         roofline,
         fma_peak_gflops,
-    }
+        isa: roofline::fma_isa().to_string(),
+        kernel_lanes: crate::layers::simd::L,
+        denormals_flushed: crate::denormals::denormals_flushed(),
+        denormal_slowdown: denormal_slowdown(model),
+        conv_algos_training: autotune::named_plan(model, &tuned_train.plan),
+        conv_algos_inference: autotune::named_plan(model, &tuned_infer.plan),
+        conv_algo_source: tuned_train.source,
+        conv_algo_times: tuned_train.times.into_iter().chain(tuned_infer.times).collect(),
+    })
+}
+
+/// The first fully connected layer's forward pass at batch 64 on inputs of 1e-39 (denormal)
+/// over the same on inputs of 1.0, best of five each: the cost of denormals that flush-to-zero
+/// removes (trained weights and late activations hold such values).
+fn denormal_slowdown(model: &Model) -> f64 {
+    let Some((linear, param)) = model.layers.iter().find_map(|l| match l {
+        Layer::Linear { linear, param, .. } => Some((*linear, *param)),
+        _ => None,
+    }) else {
+        return 1.0;
+    };
+    let (w, b) = (&model.params[param].value, &model.params[param + 1].value);
+    let batch = 64;
+    let mut y = vec![0.0; batch * linear.out_len];
+    let mut time = |value: f32| {
+        let x = vec![std::hint::black_box(value); batch * linear.in_len];
+        (0..6)
+            .map(|_| {
+                let t = Instant::now();
+                linear_forward(&linear, batch, &x, w, b, &mut y);
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let normal = time(1.0);
+    time(1e-39) / normal
 }

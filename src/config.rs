@@ -1,6 +1,7 @@
 //! Every hyperparameter of a training run in one struct, saved as `config.json` in the run
 //! directory.
 
+use crate::autotune::ConvAlgoPolicy;
 use crate::optim::{OptimizerConfig, OptimizerKind};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,12 @@ pub struct TrainConfig {
     pub dummy: bool,
     pub data: Option<PathBuf>,
     pub out: PathBuf,
+    /// How each convolution's algorithms are chosen (`auto`: measured, see `autotune`).
+    #[serde(default)]
+    pub conv_algo: ConvAlgoPolicy,
+    /// Where measured algorithm choices are cached (default: `autotune::default_cache_dir`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn one() -> usize {

@@ -91,8 +91,7 @@ mod tests {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn pool_workers_and_helper_threads_flush_denormals() {
         let pool = thread_pool_builder(2).build().unwrap();
-        let seen: Vec<(bool, f32)> =
-            pool.broadcast(|_| (denormals_flushed(), halved_min_positive())).into_iter().collect();
+        let seen: Vec<(bool, f32)> = pool.broadcast(|_| (denormals_flushed(), halved_min_positive())).into_iter().collect();
         assert_eq!(seen, vec![(true, 0.0); 2]);
         let helper = spawn("test-helper", || (denormals_flushed(), halved_min_positive())).unwrap().join().unwrap();
         assert_eq!(helper, (true, 0.0));

@@ -5,6 +5,7 @@
 //! `eval`, `predict` and `bench` the commands (`roofline`: the GEMM ceiling `bench` compares
 //! with), `checkpoint` the PyTorch-compatible files, `cluster` data-parallel training over MPI.
 pub mod architectures;
+pub mod autotune;
 pub mod bench;
 pub mod checkpoint;
 pub mod cluster;

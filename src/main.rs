@@ -1,13 +1,14 @@
 use alexnet::architectures::{MODEL_NAMES, architecture};
+use alexnet::autotune::ConvAlgoPolicy;
 use alexnet::bench::{self, BenchPlan};
 use alexnet::cluster::{self, Cluster};
 use alexnet::config::TrainConfig;
 use alexnet::data::mnist::{self, Split};
 use alexnet::data::source::Source;
+use alexnet::denormals::{self, start_thread_pool};
 use alexnet::layers::softmax::softmax;
 use alexnet::model::{Mode, Model, Workspace, forward};
 use alexnet::optim::OptimizerKind;
-use alexnet::denormals::{self, start_thread_pool};
 use alexnet::{checkpoint, predict, summary, train};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -121,6 +122,12 @@ enum Command {
         /// Also measure the GEMM ceiling: the step's GEMMs as plain im2col, timed on one core.
         #[arg(long)]
         roofline: bool,
+        /// Time with these weights (a model or checkpoint file) instead of fresh ones: trained
+        /// weights are where denormal floats appear.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        #[command(flatten)]
+        conv: ConvArgs,
     },
 }
 
@@ -131,7 +138,7 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_plateau_patience", "lr_gamma", "beta1", "beta2",
         "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
-        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "dummy", "data", "out",
+        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "dummy", "data", "out", "conv_algo", "cache_dir",
     ])]
     resume: Option<PathBuf>,
     #[arg(long, default_value = "alexnet-mnist")]
@@ -216,6 +223,21 @@ struct TrainArgs {
     /// solo phase: evaluation plus writing a checkpoint.
     #[arg(long, default_value_t = 600.0, value_name = "SECS")]
     mpi_timeout: f64,
+    #[command(flatten)]
+    conv: ConvArgs,
+}
+
+/// How the convolutions' algorithms are chosen (train and bench).
+#[derive(clap::Args)]
+struct ConvArgs {
+    /// Each convolution's algorithm per pass: measured on this machine at the start (auto,
+    /// cached), or one forced wherever it applies.
+    #[arg(long, value_enum, default_value_t = ConvAlgoPolicy::Auto)]
+    conv_algo: ConvAlgoPolicy,
+    /// Where measured choices are cached (default: $ALEXNET_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/alexnet, else ~/.cache/alexnet).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -230,7 +252,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
 
 /// SIGINT and SIGTERM set `stop` to the signal's number, which the training loop polls after
 /// each step; a second one exits at once (with the conventional 128 + signal status).
@@ -340,9 +361,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let m = Model::new(&architecture(&model, 1.0, classes)?)?;
             print!("{}", summary::table(&m));
         }
-        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline } => {
-            let mut m = Model::new(&architecture(&model, if model == "alexnet-mnist" { 0.8 } else { 0.5 }, None)?)?;
-            m.init(1, 0.0);
+        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline, checkpoint: weights, conv } => {
+            let arch = architecture(&model, if model == "alexnet-mnist" { 0.8 } else { 0.5 }, None)?;
+            let mut m = match &weights {
+                Some(path) => {
+                    let mut m = checkpoint::load(path, Some(arch.clone()))?;
+                    // The file's weights in the training architecture (dropout as in training).
+                    m.arch.layers = arch.layers.clone();
+                    m
+                }
+                None => {
+                    let mut m = Model::new(&arch)?;
+                    m.init(1, 0.0);
+                    m
+                }
+            };
             let mnist_shaped = m.arch.input == [28, 28, 1];
             let infer_batch = infer_batch.unwrap_or(if mnist_shaped { 1000 } else { batch_size });
             if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
@@ -369,13 +402,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &mut m,
                 cfg,
                 &train_set,
-                &BenchPlan { train_batch: batch_size, infer_batch, runs, steps_per_run: steps, layers, roofline },
-            );
+                &BenchPlan {
+                    train_batch: batch_size,
+                    infer_batch,
+                    runs,
+                    steps_per_run: steps,
+                    layers,
+                    roofline,
+                    conv_algo: conv.conv_algo,
+                    cache_dir: conv.cache_dir.or_else(alexnet::autotune::default_cache_dir),
+                },
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 let source = if train_set.channels == 1 && !dummy { "MNIST" } else { "random images" };
-                println!("model {}, {} threads, {source}", r.model, r.threads);
+                let weights = weights.map_or("fresh weights".to_string(), |p| format!("weights of {}", p.display()));
+                println!("model {}, {} threads, {source}, {weights}", r.model, r.threads);
+                println!(
+                    "vector code: {} FMA, {}-lane kernels; denormals {} (a layer on denormal inputs takes {:.2}x its time on normal ones)",
+                    r.isa,
+                    r.kernel_lanes,
+                    if r.denormals_flushed { "flushed to zero" } else { "NOT flushed" },
+                    r.denormal_slowdown
+                );
+                println!("convolution algorithms ({}):", r.conv_algo_source);
+                for (what, plan) in [("training", &r.conv_algos_training), ("inference", &r.conv_algos_inference)] {
+                    let m_plan = alexnet::autotune::plan_from_names(&m, plan);
+                    println!("  {what}: {}", alexnet::autotune::describe(&m, &m_plan));
+                }
                 println!(
                     "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)",
                     r.train_samples_per_s, r.train_batch
@@ -393,9 +448,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 if layers {
                     println!("milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch);
-                    println!("{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference");
-                    for ((name, f, b), i) in r.layer_ms.iter().zip(&r.infer_layer_ms) {
-                        println!("{name:<10} {f:>9.2} {b:>9.2} {i:>10.2}");
+                    let ceiling = |training: bool, i: usize| {
+                        let rf = r.roofline.iter().find(|rf| rf.training == training)?;
+                        rf.layer_ms.iter().find(|(l, _)| *l == i).map(|(_, ms)| format!("{ms:.2}"))
+                    };
+                    let with_ceiling = !r.roofline.is_empty();
+                    print!("{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference");
+                    if with_ceiling {
+                        print!(" {:>13} {:>14}", "im2col train", "im2col infer");
+                    }
+                    println!("  algorithms (training; inference)");
+                    for (i, ((name, f, b), inf)) in r.layer_ms.iter().zip(&r.infer_layer_ms).enumerate() {
+                        print!("{name:<10} {f:>9.2} {b:>9.2} {inf:>10.2}");
+                        if with_ceiling {
+                            let dash = || "-".to_string();
+                            print!(" {:>13} {:>14}", ceiling(true, i).unwrap_or_else(dash), ceiling(false, i).unwrap_or_else(dash));
+                        }
+                        match (r.conv_algos_training.get(name), r.conv_algos_inference.get(name)) {
+                            (Some(t), Some(e)) => println!("  {}; fwd {}", t.describe(), e.forward.name()),
+                            _ => println!(),
+                        }
                     }
                     println!("{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms);
                 }
@@ -496,6 +568,8 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
         dummy: a.dummy,
         data: a.data,
         out,
+        conv_algo: a.conv.conv_algo,
+        cache_dir: a.conv.cache_dir,
     };
     finish_training(train::train(&cfg, false, &*stop_on_signals()?, cluster)?)
 }

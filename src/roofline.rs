@@ -26,6 +26,8 @@ pub struct Roofline {
     /// `threads` cores each running whole steps at that rate: samples/s.
     pub ceiling_samples_per_s: f64,
     pub threads: usize,
+    /// Per layer with GEMMs (by layer index): its GEMMs' ms on `threads` cores at this rate.
+    pub layer_ms: Vec<(usize, f64)>,
 }
 
 /// One core's peak, to show how far the GEMMs are from the hardware: twelve independent chains
@@ -108,6 +110,7 @@ fma_probe!(fma_chains_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm2
 
 /// One GEMM: `m x k` times `k x n`, counted `repeat` times (chunks of a larger one).
 struct Shape {
+    layer: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -126,11 +129,11 @@ fn im2col_gemms(model: &Model, batch: usize, training: bool) -> Vec<Shape> {
         };
         let m = rows.min(MAX_ROWS);
         let repeat = (groups * rows) as f64 / m as f64;
-        shapes.push(Shape { m, n, k, repeat });
+        shapes.push(Shape { layer: i, m, n, k, repeat });
         if training {
-            shapes.push(Shape { m: k, n, k: m, repeat });
+            shapes.push(Shape { layer: i, m: k, n, k: m, repeat });
             if i > 0 {
-                shapes.push(Shape { m, n: k, k: n, repeat });
+                shapes.push(Shape { layer: i, m, n: k, k: n, repeat });
             }
         }
     }
@@ -142,6 +145,7 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
     let shapes = im2col_gemms(model, batch, training);
     let mut seconds = 0.0;
     let mut flop = 0.0;
+    let mut layer_ms: Vec<(usize, f64)> = Vec::new();
     for s in &shapes {
         let a: Vec<f32> = (0..s.m * s.k).map(|i| (i % 17) as f32 * 0.01).collect();
         let b: Vec<f32> = (0..s.k * s.n).map(|i| (i % 13) as f32 * 0.01).collect();
@@ -152,8 +156,13 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
             t.elapsed().as_secs_f64()
         };
         run();
-        seconds += (0..3).map(|_| run()).fold(f64::INFINITY, f64::min) * s.repeat;
+        let t = (0..3).map(|_| run()).fold(f64::INFINITY, f64::min) * s.repeat;
+        seconds += t;
         flop += 2.0 * (s.m * s.n * s.k) as f64 * s.repeat;
+        match layer_ms.last_mut() {
+            Some((l, ms)) if *l == s.layer => *ms += t * 1e3 / threads as f64,
+            _ => layer_ms.push((s.layer, t * 1e3 / threads as f64)),
+        }
     }
     Roofline {
         batch,
@@ -163,6 +172,7 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
         one_core_gflops: flop / seconds / 1e9,
         ceiling_samples_per_s: (threads * batch) as f64 / seconds,
         threads,
+        layer_ms,
     }
 }
 

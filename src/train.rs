@@ -6,6 +6,7 @@
 //! the weights and the optimiser's slots are all the state there is.
 
 use crate::architectures::architecture;
+use crate::autotune::{self, RunPlans, plan_from_names};
 use crate::checkpoint;
 use crate::cluster::{Cluster, fingerprint};
 use crate::config::TrainConfig;
@@ -172,6 +173,36 @@ fn agree_on_stop(cluster: &mut dyn Cluster, signal: usize) -> Result<usize> {
 /// Train per `cfg`, or with `resume` continue the run in `cfg.out` from its checkpoint, as
 /// one rank of `cluster` (`cluster::Single` for one process). `stop` is polled every step: a
 /// non-zero value (a signal number) on any rank writes a checkpoint and returns `Interrupted`.
+/// The run's convolution algorithms and where they came from: a resumed run reads the ones it
+/// started with; a new run has rank 0 choose them (`autotune::choose`), save them in the run
+/// directory and share them, so every rank runs the same arithmetic.
+fn conv_plans(cfg: &TrainConfig, resume: bool, model: &Model, local_batch: usize, cluster: &mut dyn Cluster) -> Result<(RunPlans, String)> {
+    let mut bytes = Vec::new();
+    let mut source = String::from("rank 0's");
+    if cluster.rank() == 0 {
+        let plans = if resume && cfg.out.join(autotune::RUN_FILE).exists() {
+            source = format!("as saved in {}", cfg.out.join(autotune::RUN_FILE).display());
+            RunPlans::read(&cfg.out)?
+        } else {
+            let cache = cfg.cache_dir.clone().or_else(autotune::default_cache_dir);
+            let training = autotune::choose(model, local_batch, true, cfg.conv_algo, cache.as_deref())?;
+            let evaluation = autotune::choose(model, cfg.eval_batch, false, cfg.conv_algo, cache.as_deref())?;
+            source = training.source.clone();
+            let plans = RunPlans {
+                training_batch: local_batch,
+                training: autotune::named_plan(model, &training.plan),
+                evaluation_batch: cfg.eval_batch,
+                evaluation: autotune::named_plan(model, &evaluation.plan),
+            };
+            plans.write(&cfg.out)?;
+            plans
+        };
+        bytes = serde_json::to_vec(&plans)?;
+    }
+    cluster.broadcast_bytes(&mut bytes, "rank 0's convolution algorithms")?;
+    Ok((serde_json::from_slice(&bytes).context("rank 0's convolution algorithms")?, source))
+}
+
 pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut dyn Cluster) -> Result<TrainOutcome> {
     cfg.validate()?;
     let (rank, ranks) = (cluster.rank(), cluster.ranks());
@@ -282,8 +313,15 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
             cfg.out.display()
         ),
     );
-    let mut ws = Workspace::new(&model, local_batch, true);
-    let mut eval_ws = Workspace::new(&model, if lead { cfg.eval_batch } else { 1 }, false);
+    let (plans, plans_source) = conv_plans(cfg, resume, &model, local_batch, cluster)?;
+    let train_plan = plan_from_names(&model, &plans.training);
+    say(&bar, format!("Convolution algorithms for training ({plans_source}): {}", autotune::describe(&model, &train_plan)));
+    let mut ws = Workspace::with_conv_plan(&model, local_batch, true, train_plan);
+    let mut eval_ws = if lead {
+        Workspace::with_conv_plan(&model, cfg.eval_batch, false, plan_from_names(&model, &plans.evaluation))
+    } else {
+        Workspace::new(&model, 1, false)
+    };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
     bar.set_position(start.step as u64);
     let batches = prefetch(source.clone(), cfg.seed, cfg.batch_size, shard.clone(), model.input_len(), start.step + 1, total_steps);
@@ -446,6 +484,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autotune::ConvAlgoPolicy;
     use crate::cluster::Single;
     use crate::data::mnist::tests::write_idx;
     use crate::optim::OptimizerKind;
@@ -480,6 +519,9 @@ mod tests {
             dummy: false,
             data: Some(data.to_path_buf()),
             out: out.to_path_buf(),
+            conv_algo: ConvAlgoPolicy::Auto,
+            // Measured choices are cached beside the test's runs, not in the user's cache.
+            cache_dir: out.parent().map(|d| d.join("conv-cache")),
         }
     }
 

@@ -70,6 +70,8 @@ fn resume_and_plot_need_a_run_directory_and_resume_takes_no_training_flags() {
     let d = dir.path().to_str().unwrap();
     fails_with(&["train", "--resume", d], &["config.json", "run directory"]);
     fails_with(&["train", "--resume", d, "--lr", "0.1"], &["--resume", "--lr"]);
+    // The algorithms are the run's (saved in it), so they cannot be changed on resume either.
+    fails_with(&["train", "--resume", d, "--conv-algo", "im2col"], &["--resume", "--conv-algo"]);
     fails_with(&["plot", d], &["metrics.jsonl"]);
     // A checkpoint whose architecture asks for absurd sizes is refused before allocating.
     let arch = r#"{"name":"huge","input":[100000,100000,3],"layers":[{"Linear":{"name":"fc1","out":100000,"relu":false}}]}"#;
@@ -111,7 +113,10 @@ fn summary_prints_the_seed_model_table() {
 /// not run faster than the core's own FMA peak (which a wrong flop count or timer would show).
 #[test]
 fn bench_reports_throughput_and_the_gemm_ceiling() {
-    let out = alexnet(&["--threads", "1", "bench", "--runs", "1", "--steps", "2", "--infer-batch", "50", "--roofline", "--json"]);
+    let cache = tempfile::tempdir().unwrap();
+    let cache = cache.path().to_str().unwrap();
+    let args = ["--threads", "1", "bench", "--runs", "1", "--steps", "2", "--infer-batch", "50", "--json", "--cache-dir", cache];
+    let out = alexnet(&[&args[..], &["--roofline"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert!(r["train_samples_per_s"].as_f64().unwrap() > 0.0 && r["infer_samples_per_s"].as_f64().unwrap() > 0.0);
@@ -124,5 +129,29 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
         let gemm = rf["one_core_gflops"].as_f64().unwrap();
         assert!(gemm > 0.0 && gemm < 1.5 * peak, "{rf} vs peak {peak}");
         assert!(rf["ceiling_samples_per_s"].as_f64().unwrap() > 0.0);
+        // Per layer: the six layers with GEMMs (three convolutions, three fully connected).
+        assert_eq!(rf["layer_ms"].as_array().unwrap().len(), 6, "{rf}");
+    }
+    // The ISA path, the flush-to-zero state and the measured algorithms are reported...
+    assert!(["avx512", "avx2+fma", "scalar"].contains(&r["isa"].as_str().unwrap()), "{}", r["isa"]);
+    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        assert_eq!(r["denormals_flushed"], true);
+    }
+    assert!(r["denormal_slowdown"].as_f64().unwrap() > 0.0);
+    for plan in ["conv_algos_training", "conv_algos_inference"] {
+        let names: Vec<&String> = r[plan].as_object().unwrap().keys().collect();
+        assert_eq!(names, ["conv1", "conv2", "conv3"], "{plan}");
+    }
+    assert!(r["conv_algo_source"].as_str().unwrap().starts_with("measured"), "{}", r["conv_algo_source"]);
+    assert_eq!(r["conv_algo_times"].as_array().unwrap().len(), 6, "three layers, training and inference");
+    // ...and the second run reads the choice from the cache instead of timing again.
+    let again: serde_json::Value = serde_json::from_slice(&alexnet(&args).stdout).unwrap();
+    assert!(again["conv_algo_source"].as_str().unwrap().starts_with("cached in"), "{}", again["conv_algo_source"]);
+    assert_eq!(again["conv_algos_training"], r["conv_algos_training"]);
+    // A forced algorithm applies wherever it can (Winograd is not for conv1's single channel).
+    let forced: serde_json::Value = serde_json::from_slice(&alexnet(&[&args[..], &["--conv-algo", "im2col"]].concat()).stdout).unwrap();
+    for layer in ["conv1", "conv2", "conv3"] {
+        assert_eq!(forced["conv_algos_training"][layer]["forward"], "im2col");
+        assert_eq!(forced["conv_algos_inference"][layer]["weight_grad"], "im2col");
     }
 }

@@ -261,7 +261,15 @@ fn interleave(towers: &[Vec<f32>], dst: &mut [f32], width: usize) {
 /// Backward of `towers_forward` from the masked `d_output`: each tower's weight and input
 /// gradients in its own buffers (the input gradient of tower g only touches its input
 /// channels), merged after. Computes whichever of `d_input`, `d_weight` is given.
-fn towers_backward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], dy: &[f32], d_input: Option<&mut [f32]>, d_weight: Option<&mut [f32]>) {
+fn towers_backward(
+    conv: &Conv,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+) {
     let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
     let (need_dx, need_dw) = (d_input.is_some(), d_weight.is_some());
     let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..conv.groups)

@@ -126,20 +126,36 @@ pub fn backward(
         }
     }
     let saved = saved.as_deref();
-    let run = |algo: ConvAlgo, dx: Option<&mut [f32]>, dw: Option<&mut [f32]>| match algo {
-        ConvAlgo::Direct => direct_backward(conv, batch, input, weight, dy, dx, dw),
-        ConvAlgo::Im2col => im2col_backward(conv, batch, input, weight, dy, dx, dw),
-        ConvAlgo::Winograd => {
-            winograd::conv3x3_backward(conv, batch, saved.expect("Winograd keeps its transforms"), dy, dx, dw)
-        }
-    };
     // One call when both gradients share an algorithm: they share its intermediates.
     if need_dx && algos.input_grad == algos.weight_grad {
-        run(algos.weight_grad, d_input, Some(d_weight));
+        gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, d_input, Some(d_weight));
     } else {
-        run(algos.weight_grad, None, Some(d_weight));
+        gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, None, Some(d_weight));
         if let Some(dx) = d_input {
-            run(algos.input_grad, Some(dx), None);
+            gradients(conv, algos.input_grad, batch, input, weight, dy, saved, Some(dx), None);
+        }
+    }
+}
+
+/// The input and/or weight gradient (whichever is given; overwritten) by one algorithm, from
+/// the ReLU-masked `d_output`; Winograd reads its transforms from `saved`.
+#[allow(clippy::too_many_arguments)]
+pub fn gradients(
+    conv: &Conv,
+    algo: ConvAlgo,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    d_output: &[f32],
+    saved: Option<&[f32]>,
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+) {
+    match algo {
+        ConvAlgo::Direct => direct_backward(conv, batch, input, weight, d_output, d_input, d_weight),
+        ConvAlgo::Im2col => im2col_backward(conv, batch, input, weight, d_output, d_input, d_weight),
+        ConvAlgo::Winograd => {
+            winograd::conv3x3_backward(conv, batch, saved.expect("Winograd keeps its transforms"), d_output, d_input, d_weight)
         }
     }
 }
@@ -200,7 +216,9 @@ mod tests {
             for ox in 0..c.win.w.output {
                 for ky in 0..k {
                     for kx in 0..k {
-                        if Window::tap(&c.win.h, c.win.stride, oy, ky) == Some(iy) && Window::tap(&c.win.w, c.win.stride, ox, kx) == Some(ix) {
+                        if Window::tap(&c.win.h, c.win.stride, oy, ky) == Some(iy)
+                            && Window::tap(&c.win.w, c.win.stride, ox, kx) == Some(ix)
+                        {
                             for co in g * cout_g..(g + 1) * cout_g {
                                 s += w[((ky * k + kx) * cin_g + ci) * c.out_c + co] as f64
                                     * dy[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co] as f64;
@@ -270,7 +288,19 @@ mod tests {
                 let (mut dx, mut dw, mut db) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()], vec![f32::NAN; c.out_c]);
                 let mut d_out = r.clone();
                 let mut saved2 = saved.clone();
-                backward(c, algos, batch, &x, &w, &y_ref, &mut d_out, Some(&mut dx), &mut dw, &mut db, (saved_len > 0).then_some(&mut saved2));
+                backward(
+                    c,
+                    algos,
+                    batch,
+                    &x,
+                    &w,
+                    &y_ref,
+                    &mut d_out,
+                    Some(&mut dx),
+                    &mut dw,
+                    &mut db,
+                    (saved_len > 0).then_some(&mut saved2),
+                );
                 for (&(tap, ci, co), &want) in taps.iter().zip(&want_dw) {
                     let got = dw[(tap * (c.in_c / c.groups) + ci) * c.out_c + co];
                     assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, 1.0 + want.abs());

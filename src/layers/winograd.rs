@@ -308,14 +308,7 @@ pub fn prepare_backward(conv: &Conv, n: usize, input: &[f32], weight: &[f32], sa
 
 /// Input and/or weight gradient (whichever is given; both overwritten) from what
 /// `conv3x3_forward` (or `prepare_backward`) saved and the ReLU-masked `d_output`.
-pub fn conv3x3_backward(
-    conv: &Conv,
-    n: usize,
-    saved: &[f32],
-    d_output: &[f32],
-    d_input: Option<&mut [f32]>,
-    d_weight: Option<&mut [f32]>,
-) {
+pub fn conv3x3_backward(conv: &Conv, n: usize, saved: &[f32], d_output: &[f32], d_input: Option<&mut [f32]>, d_weight: Option<&mut [f32]>) {
     let (cin, cout) = (conv.in_c, conv.out_c);
     let tps = tiles_per_sample(conv);
     let (u, v_all) = saved.split_at(u_len(conv));
@@ -328,102 +321,91 @@ pub fn conv3x3_backward(
     };
     let want_dw = d_weight.is_some();
     let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take(u_len(conv)) } else { Vec::new() }).collect();
-    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(
-        |((range, dx), du)| {
-            let dy = &d_output[range.start * conv.out_len()..range.end * conv.out_len()];
-            if let Some(dx) = dx.as_deref_mut() {
-                dx.fill(0.0);
-            }
-            // The first chunk writes dU, later ones accumulate: the partial needs no zeroing.
-            for (nth, chunk) in sub_chunks(conv, range.clone()).enumerate() {
-                let t_count = chunk.len() * tps;
-                let voff = XI * chunk.start * tps * cin;
-                let v = &v_all[voff..voff + XI * t_count * cin];
-                with_scratch(&SCRATCH_B, XI * t_count * cout, |dm| {
-                    // dM = A dY A^T per tile (zero beyond the image).
+    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(|((range, dx), du)| {
+        let dy = &d_output[range.start * conv.out_len()..range.end * conv.out_len()];
+        if let Some(dx) = dx.as_deref_mut() {
+            dx.fill(0.0);
+        }
+        // The first chunk writes dU, later ones accumulate: the partial needs no zeroing.
+        for (nth, chunk) in sub_chunks(conv, range.clone()).enumerate() {
+            let t_count = chunk.len() * tps;
+            let voff = XI * chunk.start * tps * cin;
+            let v = &v_all[voff..voff + XI * t_count * cin];
+            with_scratch(&SCRATCH_B, XI * t_count * cout, |dm| {
+                // dM = A dY A^T per tile (zero beyond the image).
+                let mut t = 0;
+                for nn in chunk.clone() {
+                    let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
+                    for ty in 0..th {
+                        for tx in 0..tw {
+                            let dmt = &mut dm[t * XI * cout..(t + 1) * XI * cout];
+                            for co in (0..cout).step_by(L) {
+                                let mut yt = [[V8::default(); 4]; 4];
+                                for (i, row) in yt.iter_mut().enumerate().take(h - 4 * ty) {
+                                    for (j, val) in row.iter_mut().enumerate().take(w - 4 * tx) {
+                                        *val = load(gy, ((4 * ty + i) * w + 4 * tx + j) * cout + co);
+                                    }
+                                }
+                                for (xi, val) in two_d(&yt, a).iter().flatten().enumerate() {
+                                    store(dmt, xi * cout + co, *val);
+                                }
+                            }
+                            t += 1;
+                        }
+                    }
+                }
+                // dU[xi] += V[xi]^T dM[xi]
+                for xi in (0..XI).filter(|_| want_dw) {
+                    matmul(cin, cout, t_count, slab(v, cin, xi, true), slab(dm, cout, xi, false), &mut du[xi * cout..], XI * cout, nth > 0);
+                }
+                let Some(dx) = dx.as_deref_mut() else { return };
+                with_scratch(&SCRATCH_C, XI * t_count * cin, |dv| {
+                    // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the 6x6 input tiles.
+                    for xi in 0..XI {
+                        matmul(
+                            t_count,
+                            cin,
+                            cout,
+                            slab(dm, cout, xi, false),
+                            slab(u, cout, xi, true),
+                            &mut dv[xi * cin..],
+                            XI * cin,
+                            false,
+                        );
+                    }
                     let mut t = 0;
                     for nn in chunk.clone() {
-                        let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
+                        let gx = &mut dx[(nn - range.start) * conv.in_len()..(nn - range.start + 1) * conv.in_len()];
                         for ty in 0..th {
                             for tx in 0..tw {
-                                let dmt = &mut dm[t * XI * cout..(t + 1) * XI * cout];
-                                for co in (0..cout).step_by(L) {
-                                    let mut yt = [[V8::default(); 4]; 4];
-                                    for (i, row) in yt.iter_mut().enumerate().take(h - 4 * ty) {
-                                        for (j, val) in row.iter_mut().enumerate().take(w - 4 * tx) {
-                                            *val = load(gy, ((4 * ty + i) * w + 4 * tx + j) * cout + co);
-                                        }
+                                let dvt = &dv[t * XI * cin..(t + 1) * XI * cin];
+                                for ch in (0..cin).step_by(L) {
+                                    let mut d = [[V8::default(); 6]; 6];
+                                    for (xi, val) in d.iter_mut().flatten().enumerate() {
+                                        *val = load(dvt, xi * cin + ch);
                                     }
-                                    for (xi, val) in two_d(&yt, a).iter().flatten().enumerate() {
-                                        store(dmt, xi * cout + co, *val);
+                                    for (i, row) in two_d(&d, b).iter().enumerate() {
+                                        let iy = (4 * ty + i).wrapping_sub(1);
+                                        if iy >= h {
+                                            continue;
+                                        }
+                                        for (j, val) in row.iter().enumerate() {
+                                            let ix = (4 * tx + j).wrapping_sub(1);
+                                            if ix < w {
+                                                let o = (iy * w + ix) * cin + ch;
+                                                store(gx, o, load(gx, o) + *val);
+                                            }
+                                        }
                                     }
                                 }
                                 t += 1;
                             }
                         }
                     }
-                    // dU[xi] += V[xi]^T dM[xi]
-                    for xi in (0..XI).filter(|_| want_dw) {
-                        matmul(
-                            cin,
-                            cout,
-                            t_count,
-                            slab(v, cin, xi, true),
-                            slab(dm, cout, xi, false),
-                            &mut du[xi * cout..],
-                            XI * cout,
-                            nth > 0,
-                        );
-                    }
-                    let Some(dx) = dx.as_deref_mut() else { return };
-                    with_scratch(&SCRATCH_C, XI * t_count * cin, |dv| {
-                        // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the 6x6 input tiles.
-                        for xi in 0..XI {
-                            matmul(
-                                t_count,
-                                cin,
-                                cout,
-                                slab(dm, cout, xi, false),
-                                slab(u, cout, xi, true),
-                                &mut dv[xi * cin..],
-                                XI * cin,
-                                false,
-                            );
-                        }
-                        let mut t = 0;
-                        for nn in chunk.clone() {
-                            let gx = &mut dx[(nn - range.start) * conv.in_len()..(nn - range.start + 1) * conv.in_len()];
-                            for ty in 0..th {
-                                for tx in 0..tw {
-                                    let dvt = &dv[t * XI * cin..(t + 1) * XI * cin];
-                                    for ch in (0..cin).step_by(L) {
-                                        let mut d = [[V8::default(); 6]; 6];
-                                        for (xi, val) in d.iter_mut().flatten().enumerate() {
-                                            *val = load(dvt, xi * cin + ch);
-                                        }
-                                        for (i, row) in two_d(&d, b).iter().enumerate() {
-                                            let iy = (4 * ty + i).wrapping_sub(1);
-                                            if iy >= h {
-                                                continue;
-                                            }
-                                            for (j, val) in row.iter().enumerate() {
-                                                let ix = (4 * tx + j).wrapping_sub(1);
-                                                if ix < w {
-                                                    let o = (iy * w + ix) * cin + ch;
-                                                    store(gx, o, load(gx, o) + *val);
-                                                }
-                                            }
-                                        }
-                                    }
-                                    t += 1;
-                                }
-                            }
-                        }
-                    });
                 });
-            }
-        },
-    );
+            });
+        }
+    });
     let Some(d_weight) = d_weight else { return partials.into_iter().for_each(give_back) };
     // Sum the per-thread dU, then dW = G^T dU G back into HWIO.
     let mut du = take(u_len(conv));

@@ -1,0 +1,394 @@
+//! Each convolution's algorithms chosen by measurement on the machine at hand, like cuDNN's
+//! benchmark mode: every algorithm that applies is timed on the layer's forward pass, input
+//! gradient and weight gradient at the run's batch size, and the fastest combination is used.
+//! The choice is cached per machine (CPU model, vector width, threads, layer shape, batch) in
+//! the user's cache directory, so later runs skip the timing, and a run saves the plan it used
+//! so `--resume` continues with the same algorithms (bit-identical).
+
+use crate::checkpoint::write_atomic;
+use crate::layers::conv::{Conv, relu_bias_backward};
+use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
+use crate::layers::simd::L;
+use crate::layers::winograd;
+use crate::model::{ConvPlan, Layer, Model};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `--conv-algo`: measure (`auto`), or force one algorithm on every layer it applies to (the
+/// others keep the heuristic choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgoPolicy {
+    #[default]
+    Auto,
+    Direct,
+    Im2col,
+    Winograd,
+}
+
+/// Milliseconds per pass of each algorithm on one layer (absent: does not apply, or skipped as
+/// far slower on a sub-batch probe).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LayerTimes {
+    pub forward: BTreeMap<ConvAlgo, f64>,
+    pub input_grad: BTreeMap<ConvAlgo, f64>,
+    pub weight_grad: BTreeMap<ConvAlgo, f64>,
+    /// Winograd's transforms when forward was another algorithm: U (input gradient) and V
+    /// (weight gradient).
+    pub winograd_u: f64,
+    pub winograd_v: f64,
+}
+
+/// A plan and where it came from.
+#[derive(Clone, Debug)]
+pub struct Tuned {
+    pub plan: ConvPlan,
+    /// "measured", "cached in PATH", "forced", ...
+    pub source: String,
+    /// Per convolution layer measured now: its name and times.
+    pub times: Vec<(String, LayerTimes)>,
+}
+
+/// The plan for `model` at `batch` (`training`: forward and both gradients; else forward only).
+pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolicy, cache_dir: Option<&Path>) -> Result<Tuned> {
+    let forced = match policy {
+        ConvAlgoPolicy::Auto => None,
+        ConvAlgoPolicy::Direct => Some(ConvAlgo::Direct),
+        ConvAlgoPolicy::Im2col => Some(ConvAlgo::Im2col),
+        ConvAlgoPolicy::Winograd => Some(ConvAlgo::Winograd),
+    };
+    if let Some(algo) = forced {
+        let plan = model.layers.iter().map(|l| matches!(l, Layer::Conv { .. }).then_some(ConvAlgos::all(algo))).collect();
+        return Ok(Tuned { plan, source: format!("--conv-algo {}", algo.name()), times: Vec::new() });
+    }
+    let cache_file = cache_dir.map(|d| d.join(CACHE_FILE));
+    let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
+    let names = crate::summary::layer_names(model);
+    let (mut plan, mut times, mut new_entries) = (Vec::new(), Vec::new(), BTreeMap::new());
+    for (i, layer) in model.layers.iter().enumerate() {
+        let Layer::Conv { conv, .. } = layer else {
+            plan.push(None);
+            continue;
+        };
+        let key = cache_key(conv, batch, training, i > 0);
+        let algos = match cache.get(&key) {
+            Some(a) => *a,
+            None => {
+                let t = measure(conv, batch, training, i > 0);
+                let a = fastest(&t, training, i > 0);
+                times.push((names[i].clone(), t));
+                new_entries.insert(key, a);
+                a
+            }
+        };
+        plan.push(Some(algos));
+    }
+    let mut source = match &cache_file {
+        Some(f) if times.is_empty() => format!("cached in {}", f.display()),
+        _ => "measured".to_string(),
+    };
+    if let (Some(file), false) = (&cache_file, new_entries.is_empty()) {
+        match merge_into_cache(file, &new_entries) {
+            Ok(on_disk) => {
+                // First writer wins: where another process cached the same key meanwhile, this
+                // one adopts its choice, so every run on the machine agrees from then on.
+                for (i, layer) in model.layers.iter().enumerate() {
+                    if let Layer::Conv { conv, .. } = layer {
+                        plan[i] = on_disk.get(&cache_key(conv, batch, training, i > 0)).copied().or(plan[i]);
+                    }
+                }
+                source = format!("measured, cached in {}", file.display());
+            }
+            Err(e) => eprintln!("warning: cannot cache the convolution algorithms: {e:#}"),
+        }
+    }
+    Ok(Tuned { plan, source, times })
+}
+
+/// The user's cache directory for alexnet: `$ALEXNET_CACHE_DIR`, else `$XDG_CACHE_HOME/alexnet`,
+/// else `~/.cache/alexnet`; `None` where none can be named.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("ALEXNET_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("alexnet")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("alexnet")))
+}
+
+const CACHE_FILE: &str = "conv-algos.json";
+
+#[derive(Default, Serialize, Deserialize)]
+struct CacheFile {
+    /// What the keys mean, for a reader of the file.
+    about: String,
+    entries: BTreeMap<String, ConvAlgos>,
+}
+
+fn read_cache(path: &Path) -> BTreeMap<String, ConvAlgos> {
+    let Ok(bytes) = std::fs::read(path) else { return BTreeMap::new() };
+    match serde_json::from_slice::<CacheFile>(&bytes) {
+        Ok(c) => c.entries,
+        Err(e) => {
+            eprintln!("warning: ignoring the unreadable algorithm cache {}: {e}", path.display());
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Add `entries` to the cache file where their keys are new, under an exclusive lock (processes
+/// measuring at once do not lose or change each other's entries); returns the merged entries.
+fn merge_into_cache(path: &Path, entries: &BTreeMap<String, ConvAlgos>) -> Result<BTreeMap<String, ConvAlgos>> {
+    let dir = path.parent().context("cache path has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lock_path = path.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let mut on_disk = read_cache(path);
+    let before = on_disk.len();
+    for (key, algos) in entries {
+        on_disk.entry(key.clone()).or_insert(*algos);
+    }
+    if on_disk.len() > before {
+        let file = CacheFile {
+            about: "alexnet: the fastest convolution algorithms measured on this machine, by CPU, vector width, threads, \
+                    pass kind, batch and layer shape; delete to measure again"
+                .into(),
+            entries: on_disk.clone(),
+        };
+        write_atomic(path, serde_json::to_string_pretty(&file)?.as_bytes())?;
+    }
+    Ok(on_disk)
+}
+
+/// The CPU's model name (from /proc/cpuinfo where there is one).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn cache_key(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> String {
+    let w = &conv.win;
+    format!(
+        "{} | {} lanes | {} threads | {} | batch {batch} | {}x{}x{} -> {}, k{} s{} pad{} groups{}{}",
+        cpu_model(),
+        L,
+        rayon::current_num_threads(),
+        match (training, input_grad) {
+            (false, _) => "inference",
+            (true, true) => "training",
+            (true, false) => "training, no input gradient",
+        },
+        w.h.input,
+        w.w.input,
+        conv.in_c,
+        conv.out_c,
+        w.kernel,
+        w.stride,
+        w.h.pad_before,
+        conv.groups,
+        if conv.relu { " relu" } else { "" }
+    )
+}
+
+/// Best of a few runs of `f`, in ms. One run first, untimed, to warm caches and scratch buffers.
+fn time_ms(mut f: impl FnMut()) -> f64 {
+    f();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Time every algorithm that applies on every pass the run needs. Algorithms are tried in order
+/// of their usual speed; one whose sub-batch probe (one sample per thread) predicts more than
+/// 3x the best full-batch time so far is skipped rather than run at full size (direct loops
+/// on a 227x227 layer would take seconds).
+fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> LayerTimes {
+    let fill = |len: usize, seed: u32| -> Vec<f32> {
+        (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
+    };
+    let x = fill(batch * conv.in_len(), 1);
+    let w: Vec<f32> = fill(conv.weight_len(), 2).iter().map(|v| v * 0.1).collect();
+    let b = vec![0.0; conv.out_c];
+    let mut y = vec![0.0; batch * conv.out_len()];
+    let winograd = winograd::applies(conv);
+    let mut saved = vec![0.0; if winograd { winograd::saved_len(conv, batch) } else { 0 }];
+    let mut dy = fill(batch * conv.out_len(), 3);
+    let (mut dx, mut dw, mut db) = (vec![0.0; batch * conv.in_len()], vec![0.0; conv.weight_len()], vec![0.0; conv.out_c]);
+    let probe = rayon::current_num_threads().min(batch);
+    let mut t = LayerTimes::default();
+    let order = [ConvAlgo::Winograd, ConvAlgo::Im2col, ConvAlgo::Direct];
+    // Forward (keeping Winograd's transforms, as training does).
+    for algo in order.into_iter().filter(|a| a.applies(conv)) {
+        let run = |n: usize, y: &mut [f32], saved: &mut Vec<f32>| {
+            conv_algo::forward(conv, algo, n, &x, &w, &b, y, (training && winograd).then_some(saved))
+        };
+        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| time_ms(|| run(n, &mut y, &mut saved))) {
+            t.forward.insert(algo, ms);
+        }
+    }
+    if !training {
+        return t;
+    }
+    // The transforms the Winograd gradients read, for the gradient timings below.
+    if winograd {
+        conv_algo::forward(conv, ConvAlgo::Winograd, batch, &x, &w, &b, &mut y, Some(&mut saved));
+        relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
+        let mut scratch = saved.clone();
+        t.winograd_u = time_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));
+        t.winograd_v = time_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, false, true));
+    }
+    let saved = (winograd).then_some(&saved[..]);
+    for algo in order.into_iter().filter(|a| a.applies(conv)) {
+        if input_grad {
+            let ms = worth_timing(&t.input_grad, probe, batch, |n| {
+                time_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
+            });
+            if let Some(ms) = ms {
+                t.input_grad.insert(algo, ms);
+            }
+        }
+        let ms = worth_timing(&t.weight_grad, probe, batch, |n| {
+            time_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
+        });
+        if let Some(ms) = ms {
+            t.weight_grad.insert(algo, ms);
+        }
+    }
+    t
+}
+
+/// `time(n)` at the full batch, unless a probe on `probe` samples, scaled, is over 3x the best
+/// of `so_far`.
+fn worth_timing(so_far: &BTreeMap<ConvAlgo, f64>, probe: usize, batch: usize, mut time: impl FnMut(usize) -> f64) -> Option<f64> {
+    let best = so_far.values().copied().fold(f64::INFINITY, f64::min);
+    if best.is_finite() && probe < batch && time(probe) * (batch as f64 / probe as f64) > 3.0 * best {
+        return None;
+    }
+    Some(time(batch))
+}
+
+/// The combination with the least total time. A Winograd gradient after a forward pass of
+/// another algorithm pays for the transforms it reads.
+fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
+    let min_of = |m: &BTreeMap<ConvAlgo, f64>| m.iter().min_by(|a, b| a.1.total_cmp(b.1)).map(|(a, _)| *a);
+    let forward_only = min_of(&t.forward).unwrap_or(ConvAlgo::Im2col);
+    if !training {
+        return ConvAlgos::all(forward_only);
+    }
+    let mut best = (f64::INFINITY, ConvAlgos::all(forward_only));
+    let dx_options: Vec<(ConvAlgo, f64)> = if input_grad { t.input_grad.iter().map(|(a, ms)| (*a, *ms)).collect() } else { vec![] };
+    for (&f, &tf) in &t.forward {
+        for (&wg, &tw) in &t.weight_grad {
+            let dx_choices: Vec<(ConvAlgo, f64)> = if input_grad { dx_options.clone() } else { vec![(wg, 0.0)] };
+            for (dxa, td) in dx_choices {
+                let mut total = tf + tw + td;
+                if f != ConvAlgo::Winograd {
+                    total += if wg == ConvAlgo::Winograd { t.winograd_v } else { 0.0 };
+                    total += if input_grad && dxa == ConvAlgo::Winograd { t.winograd_u } else { 0.0 };
+                }
+                if total < best.0 {
+                    best = (total, ConvAlgos { forward: f, input_grad: dxa, weight_grad: wg });
+                }
+            }
+        }
+    }
+    best.1
+}
+
+/// The plan as a run directory saves it: layer name -> algorithms.
+pub fn named_plan(model: &Model, plan: &ConvPlan) -> BTreeMap<String, ConvAlgos> {
+    crate::summary::layer_names(model).into_iter().zip(plan).filter_map(|(n, a)| a.map(|a| (n, a))).collect()
+}
+
+/// Back from `named_plan` (layers it does not name keep the heuristic choice).
+pub fn plan_from_names(model: &Model, named: &BTreeMap<String, ConvAlgos>) -> ConvPlan {
+    let names = crate::summary::layer_names(model);
+    model.layers.iter().zip(names).map(|(l, n)| matches!(l, Layer::Conv { .. }).then(|| named.get(&n).copied()).flatten()).collect()
+}
+
+/// The file in a run directory that records the algorithms the run uses.
+pub const RUN_FILE: &str = "conv_algos.json";
+
+/// The plans of a run: training at the (per-rank) batch, evaluation at the evaluation batch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunPlans {
+    pub training_batch: usize,
+    pub training: BTreeMap<String, ConvAlgos>,
+    pub evaluation_batch: usize,
+    pub evaluation: BTreeMap<String, ConvAlgos>,
+}
+
+impl RunPlans {
+    pub fn read(run_dir: &Path) -> Result<RunPlans> {
+        let path = run_dir.join(RUN_FILE);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a convolution plan", path.display()))
+    }
+
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        write_atomic(&run_dir.join(RUN_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
+
+/// One line, in layer order: "conv1 fwd direct, dx im2col, dw direct; conv2 ...".
+pub fn describe(model: &Model, plan: &ConvPlan) -> String {
+    let names = crate::summary::layer_names(model);
+    names.iter().zip(plan).filter_map(|(n, a)| a.map(|a| format!("{n} {}", a.describe()))).collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::architectures::architecture;
+
+    #[test]
+    fn the_fastest_combination_counts_winograds_transforms() {
+        let ms = |pairs: &[(ConvAlgo, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+        let (d, i, w) = (ConvAlgo::Direct, ConvAlgo::Im2col, ConvAlgo::Winograd);
+        let t = LayerTimes {
+            forward: ms(&[(i, 5.0), (w, 6.0)]),
+            input_grad: ms(&[(i, 10.0), (w, 4.0), (d, 30.0)]),
+            weight_grad: ms(&[(i, 8.0), (w, 7.5)]),
+            winograd_u: 0.1,
+            winograd_v: 2.0,
+        };
+        // im2col forward + Winograd dx (U costs 0.1) + im2col dw: 5 + 4.1 + 8 = 17.1 beats
+        // Winograd throughout (6 + 4 + 7.5 = 17.5) and im2col + Winograd dw (5 + 4.1 + 9.5).
+        assert_eq!(fastest(&t, true, true), ConvAlgos { forward: i, input_grad: w, weight_grad: i });
+        assert_eq!(fastest(&t, false, true), ConvAlgos::all(i));
+        // Without an input gradient (the first layer) dx follows dw.
+        assert_eq!(fastest(&t, true, false), ConvAlgos { forward: i, input_grad: i, weight_grad: i });
+    }
+
+    #[test]
+    fn a_measured_plan_is_cached_and_read_back_and_forcing_skips_the_timing() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = Model::new(&architecture("alexnet-mnist", 0.8, None).unwrap()).unwrap();
+        let first = choose(&model, 4, true, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap();
+        assert_eq!(first.times.len(), 3, "three convolutions measured");
+        assert!(first.source.starts_with("measured, cached in"), "{}", first.source);
+        for (_, t) in &first.times {
+            assert!(t.forward.len() >= 2 && t.weight_grad.len() >= 2, "{t:?}");
+        }
+        let again = choose(&model, 4, true, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap();
+        assert!(again.times.is_empty() && again.source.starts_with("cached in"), "{}", again.source);
+        assert_eq!(again.plan, first.plan);
+        let bytes = std::fs::read(dir.path().join(CACHE_FILE)).unwrap();
+        choose(&model, 4, true, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(CACHE_FILE)).unwrap(), bytes, "reading the cache leaves it as it was");
+        // Another batch size is another entry.
+        assert_eq!(choose(&model, 2, false, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap().times.len(), 3);
+        let forced = choose(&model, 4, true, ConvAlgoPolicy::Im2col, None).unwrap();
+        assert!(forced.times.is_empty());
+        assert!(forced.plan.iter().flatten().all(|a| *a == ConvAlgos::all(ConvAlgo::Im2col)));
+        assert_eq!(plan_from_names(&model, &named_plan(&model, &first.plan)), first.plan);
+    }
+}
