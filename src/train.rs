@@ -199,6 +199,11 @@ fn conv_plans(cfg: &TrainConfig, resume: bool, model: &Model, local_batch: usize
         };
         bytes = serde_json::to_vec(&plans)?;
     }
+    if cluster.ranks() > 1 {
+        // Measuring can take longer than --mpi-timeout (large layers, big evaluation batches):
+        // the ranks meet without a deadline first, as after opening the data.
+        cluster.rendezvous("rank 0 to choose the convolution algorithms")?;
+    }
     cluster.broadcast_bytes(&mut bytes, "rank 0's convolution algorithms")?;
     Ok((serde_json::from_slice(&bytes).context("rank 0's convolution algorithms")?, source))
 }
