@@ -112,6 +112,22 @@ pub fn matmul_par_cols(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: 
     });
 }
 
+/// `matmul` split over row blocks of the output across the rayon pool (blocks of whole
+/// 16-row panels): for a tall `a` whose rows each thread streams once, like a fully connected
+/// layer's weights in `y^T = W x^T`.
+pub fn matmul_par_rows(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let threads = rayon::current_num_threads();
+    let block = m.div_ceil(threads).div_ceil(16) * 16;
+    if threads == 1 || block >= m || a.transposed || n == 0 {
+        return matmul(m, n, k, a, b, c, ldc, accumulate);
+    }
+    c[..(m - 1) * ldc + n].par_chunks_mut(block * ldc).enumerate().for_each(|(i, c_block)| {
+        let rows = block.min(m - i * block);
+        let a_block = Operand { data: &a.data[i * block * a.ld..], ..a };
+        matmul(rows, n, k, a_block, b, c_block, ldc, accumulate);
+    });
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint column blocks to pool threads.
@@ -153,9 +169,12 @@ mod tests {
             matmul(m, n, k, opa, opb, &mut c, n, false);
             let mut c2 = vec![1.0; m * n];
             matmul_par_cols(m, n, k, opa, opb, &mut c2, n, true);
+            let mut c3 = vec![2.0; m * n];
+            matmul_par_rows(m, n, k, opa, opb, &mut c3, n, true);
             for i in 0..m * n {
                 assert!((c[i] - want[i]).abs() < 1e-5);
                 assert!((c2[i] - 1.0 - want[i]).abs() < 1e-5);
+                assert!((c3[i] - 2.0 - want[i]).abs() < 1e-5);
             }
         }
     }

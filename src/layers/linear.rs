@@ -4,7 +4,9 @@
 //! (`matmul_par_cols`): each thread streams its own share of the weights once.
 
 use super::conv::relu_mask_bias_grad;
-use super::gemm::{Operand, matmul_par_cols};
+use super::gemm::{Operand, matmul_par_cols, matmul_par_rows};
+use super::scratch::{give_back, take};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Linear {
@@ -13,10 +15,25 @@ pub struct Linear {
     pub relu: bool,
 }
 
+/// `y = relu?(x W^T + b)`. The GEMM repacks whichever operand it reads transposed on every
+/// call, so for a batch much smaller than the layer's outputs the forward runs as `y^T = W x^T`
+/// (W read row by row as stored, only the small x repacked; each thread takes a block of W's
+/// rows, and `y^T` is transposed into `y` after): measured on one Zen 4 core for fc6 at batch
+/// 16, 17 ms against 123 ms, and the seed model's fc1 at batch 64 3.5 ms against 8.7 on two.
+/// At batch 1000 (fc1, 1024 outputs) the plain form was faster (47 ms against 58).
 pub fn linear_forward(l: &Linear, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     let y = &mut output[..batch * l.out_len];
-    matmul_par_cols(batch, l.out_len, l.in_len, Operand::new(input, l.in_len), Operand::t(weight, l.in_len), y, l.out_len, false);
-    super::conv::bias_relu(y, bias, l.relu);
+    if 4 * batch > l.out_len {
+        matmul_par_cols(batch, l.out_len, l.in_len, Operand::new(input, l.in_len), Operand::t(weight, l.in_len), y, l.out_len, false);
+        return super::conv::bias_relu(y, bias, l.relu);
+    }
+    let mut yt = take(l.out_len * batch);
+    matmul_par_rows(l.out_len, batch, l.in_len, Operand::new(weight, l.in_len), Operand::t(input, l.in_len), &mut yt, batch, false);
+    y.par_chunks_mut(l.out_len).enumerate().for_each(|(n, row)| {
+        row.iter_mut().zip(yt.iter().skip(n).step_by(batch)).for_each(|(y, v)| *y = *v);
+        super::conv::bias_relu(row, bias, l.relu);
+    });
+    give_back(yt);
 }
 
 /// `d_output` is masked in place by the ReLU; gradients are overwritten.
