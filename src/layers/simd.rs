@@ -1,64 +1,85 @@
-//! Eight f32 lanes as a plain array type whose element-wise operators LLVM turns into single
-//! AVX instructions: portable code for the kernels that are not GEMMs (Winograd transforms,
+//! `N` f32 lanes as a plain array type whose element-wise operators LLVM turns into single
+//! vector instructions: portable code for the kernels that are not GEMMs (Winograd transforms,
 //! pooling, direct convolution), which then vectorise regardless of how their loops are shaped.
+//! Written once, generic over the width; the engine uses the target's full width `L`, and the
+//! tests run the kernels at both 8 and 16 lanes on any machine.
 
-pub const L: usize = 8;
+/// The vector width the kernels use: 16 lanes where the build targets AVX-512 (one zmm
+/// register), 8 otherwise (one AVX2 ymm register, or two NEON registers).
+pub const L: usize = if cfg!(target_feature = "avx512f") { 16 } else { 8 };
 
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct V8(pub [f32; L]);
+/// The narrowest width any kernel runs at: layers whose channel counts are multiples of 8 but
+/// not of `L` run at this one.
+pub const MIN_L: usize = 8;
 
-impl std::ops::Add for V8 {
-    type Output = V8;
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lanes<const N: usize>(pub [f32; N]);
+
+impl<const N: usize> Default for Lanes<N> {
     #[inline(always)]
-    fn add(mut self, o: V8) -> V8 {
-        for l in 0..L {
+    fn default() -> Self {
+        Lanes([0.0; N])
+    }
+}
+
+impl<const N: usize> std::ops::Add for Lanes<N> {
+    type Output = Lanes<N>;
+    #[inline(always)]
+    fn add(mut self, o: Lanes<N>) -> Lanes<N> {
+        for l in 0..N {
             self.0[l] += o.0[l];
         }
         self
     }
 }
-impl std::ops::Sub for V8 {
-    type Output = V8;
+impl<const N: usize> std::ops::Sub for Lanes<N> {
+    type Output = Lanes<N>;
     #[inline(always)]
-    fn sub(mut self, o: V8) -> V8 {
-        for l in 0..L {
+    fn sub(mut self, o: Lanes<N>) -> Lanes<N> {
+        for l in 0..N {
             self.0[l] -= o.0[l];
         }
         self
     }
 }
-impl std::ops::Mul<V8> for f32 {
-    type Output = V8;
+impl<const N: usize> std::ops::Mul<Lanes<N>> for f32 {
+    type Output = Lanes<N>;
     #[inline(always)]
-    fn mul(self, mut o: V8) -> V8 {
-        for l in 0..L {
+    fn mul(self, mut o: Lanes<N>) -> Lanes<N> {
+        for l in 0..N {
             o.0[l] *= self;
         }
         o
     }
 }
 
-impl V8 {
+impl<const N: usize> Lanes<N> {
     #[inline(always)]
-    pub fn splat(v: f32) -> V8 {
-        V8([v; L])
+    pub fn splat(v: f32) -> Lanes<N> {
+        Lanes([v; N])
     }
     /// `self + a * b` lane-wise.
     #[inline(always)]
-    pub fn mul_add(mut self, a: f32, b: V8) -> V8 {
-        for l in 0..L {
+    pub fn mul_add(mut self, a: f32, b: Lanes<N>) -> Lanes<N> {
+        for l in 0..N {
             self.0[l] += a * b.0[l];
         }
+        self
+    }
+    /// Lane-wise `max(self, 0)`.
+    #[inline(always)]
+    pub fn relu(mut self) -> Lanes<N> {
+        self.0.iter_mut().for_each(|x| *x = x.max(0.0));
         self
     }
 }
 
 #[inline(always)]
-pub fn load(s: &[f32], at: usize) -> V8 {
-    V8(s[at..at + L].try_into().expect("8 lanes"))
+pub fn load<const N: usize>(s: &[f32], at: usize) -> Lanes<N> {
+    Lanes(s[at..at + N].try_into().expect("N lanes"))
 }
 
 #[inline(always)]
-pub fn store(s: &mut [f32], at: usize, v: V8) {
-    s[at..at + L].copy_from_slice(&v.0);
+pub fn store<const N: usize>(s: &mut [f32], at: usize, v: Lanes<N>) {
+    s[at..at + N].copy_from_slice(&v.0);
 }
