@@ -301,8 +301,8 @@ impl Workspace {
             .zip(&model.shapes[1..])
             .enumerate()
             .map(|(i, (l, s))| match l {
-                Layer::Pool(_) => Saved::Argmax(vec![0; len(s)]),
-                Layer::Lrn { .. } => Saved::Values(vec![0.0; len(s)]),
+                Layer::Pool(_) if training => Saved::Argmax(vec![0; len(s)]),
+                Layer::Lrn { .. } if training => Saved::Values(vec![0.0; len(s)]),
                 Layer::Dropout { .. } if training => Saved::Values(vec![0.0; len(s)]),
                 Layer::Conv { conv, .. } if training && conv_plan[i].is_some_and(|a| a.keeps_winograd_transforms()) => {
                     Saved::Values(vec![0.0; winograd::saved_len(conv, batch)])
@@ -369,13 +369,20 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
                 };
                 conv_algo::forward(conv, algo, n, x, w, b, y, saved);
             }
+            // An evaluation workspace keeps nothing for backward.
             Layer::Pool(p) => {
-                let Saved::Argmax(idx) = &mut ws.saved[i] else { unreachable!("pool saves argmax") };
-                max_pool_forward(p, n, x, y, idx);
+                let argmax = match &mut ws.saved[i] {
+                    Saved::Argmax(idx) => Some(&mut idx[..]),
+                    _ => None,
+                };
+                max_pool_forward(p, n, x, y, argmax);
             }
             Layer::Lrn { params, channels } => {
-                let Saved::Values(scale) = &mut ws.saved[i] else { unreachable!("lrn saves scale") };
-                lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], &mut scale[..out_len]);
+                let scale = match &mut ws.saved[i] {
+                    Saved::Values(scale) => Some(&mut scale[..out_len]),
+                    _ => None,
+                };
+                lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], scale);
             }
             Layer::Dropout { keep } => match mode {
                 Mode::Train { stream, first_sample } if *keep < 1.0 => {

@@ -63,11 +63,12 @@ fn window_scale(p: &LrnParams, x: &[f32], sq: &mut [f32], scale: &mut [f32]) {
 
 /// `len` values of `channels`-long pixel vectors. `scale` keeps the denominators' bases for
 /// the backward pass.
-pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [f32], scale: &mut [f32]) {
+/// Inference passes no `scale`: each task's bases then stay in a small buffer in cache.
+pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [f32], scale: Option<&mut [f32]>) {
     let pixels_per_task = 64;
     let chunk = channels * pixels_per_task;
-    with_inv_pow!(p.beta, inv_pow => {
-        output.par_chunks_mut(chunk).zip(scale.par_chunks_mut(chunk)).zip(input.par_chunks(chunk)).for_each(|((y, s), x)| {
+    let pixels = |y: &mut [f32], s: &mut [f32], x: &[f32]| {
+        with_inv_pow!(p.beta, inv_pow => {
             let mut sq = vec![0.0; channels + 2 * p.depth_radius];
             for ((y, s), x) in y.chunks_exact_mut(channels).zip(s.chunks_exact_mut(channels)).zip(x.chunks_exact(channels)) {
                 window_scale(p, x, &mut sq, s);
@@ -76,7 +77,18 @@ pub fn lrn_forward(p: &LrnParams, channels: usize, input: &[f32], output: &mut [
                 }
             }
         })
-    });
+    };
+    match scale {
+        Some(scale) => output
+            .par_chunks_mut(chunk)
+            .zip(scale.par_chunks_mut(chunk))
+            .zip(input.par_chunks(chunk))
+            .for_each(|((y, s), x)| pixels(y, s, x)),
+        None => output
+            .par_chunks_mut(chunk)
+            .zip(input.par_chunks(chunk))
+            .for_each_init(|| vec![0.0; chunk], |s, (y, x)| pixels(y, &mut s[..y.len()], x)),
+    }
 }
 
 /// `d_input[i] = d_out[i] * scale[i]^-beta
@@ -124,7 +136,7 @@ mod tests {
         let p = LrnParams { depth_radius: 1, bias: 1.0, alpha: 0.5, beta: 0.75 };
         let x = [1.0, 2.0, 3.0];
         let (mut y, mut s) = ([0.0; 3], [0.0; 3]);
-        lrn_forward(&p, 3, &x, &mut y, &mut s);
+        lrn_forward(&p, 3, &x, &mut y, Some(&mut s));
         assert_eq!(s, [3.5, 8.0, 7.5]);
         let want = [1.0 / 3.5f32.powf(0.75), 2.0 / 8.0f32.powf(0.75), 3.0 / 7.5f32.powf(0.75)];
         // 3.5^-0.75 = 0.39079, 8^-0.75 = 0.21022 (x2 = 0.42045), 7.5^-0.75 = 0.22065 (x3 = 0.66195)
@@ -145,7 +157,7 @@ mod tests {
             let r = random_vec(x.len(), 22);
             let fwd = |x: &[f32]| {
                 let (mut y, mut s) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-                lrn_forward(&p, c, x, &mut y, &mut s);
+                lrn_forward(&p, c, x, &mut y, Some(&mut s));
                 (y, s)
             };
             let (y, s) = fwd(&x);
