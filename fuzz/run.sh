@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz each target for a bounded time (default 60 s each): the IDX reader, the model-file
-# loader and predict's image decoding. Needs cargo-fuzz (`cargo install cargo-fuzz`); runs on
+# loader, predict's image decoding and the ImageFolder pipeline's decode-crop-resize. Needs cargo-fuzz (`cargo install cargo-fuzz`); runs on
 # the stable toolchain without a sanitizer (the code under test is safe Rust, so what we look
 # for is panics, overflows (debug assertions are on), hangs and runaway allocations).
 # usage: fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(idx checkpoint image)
+[ ${#targets[@]} -eq 0 ] && targets=(idx checkpoint image folder_image)
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true

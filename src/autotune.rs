@@ -14,7 +14,7 @@ use crate::model::{ConvPlan, Layer, Model};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// `--conv-algo`: measure (`auto`), or force one algorithm on every layer it applies to (the
@@ -106,15 +106,6 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
         }
     }
     Ok(Tuned { plan, source, times })
-}
-
-/// The user's cache directory for alexnet: `$ALEXNET_CACHE_DIR`, else `$XDG_CACHE_HOME/alexnet`,
-/// else `~/.cache/alexnet`; `None` where none can be named.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("ALEXNET_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("alexnet")))
-        .or_else(|| var("HOME").map(|d| d.join(".cache").join("alexnet")))
 }
 
 const CACHE_FILE: &str = "conv-algos.json";

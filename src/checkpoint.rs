@@ -260,6 +260,16 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option
     extra.sort();
     problems.extend(extra.iter().map(|n| format!("unexpected tensor {n}")));
     if !problems.is_empty() {
+        // A file of another architecture mismatches everywhere: name the architecture instead.
+        if let Some(declared) = read_architecture(path, bytes).ok().filter(|a| a.name != model.arch.name) {
+            bail!("{} holds model {} (its metadata), not {}", path.display(), declared.name, model.arch.name);
+        }
+        const SHOWN: usize = 8;
+        let more = problems.len().saturating_sub(SHOWN);
+        problems.truncate(SHOWN);
+        if more > 0 {
+            problems.push(format!("... and {more} more"));
+        }
         bail!("{}: does not match model {}:\n  {}", path.display(), model.arch.name, problems.join("\n  "));
     }
     for (p, v) in model.params.iter_mut().zip(values) {
@@ -292,7 +302,12 @@ pub fn load(path: &Path, arch: Option<Architecture>) -> Result<Model> {
 /// `load` on the file's bytes (`path` names it in errors).
 pub fn load_bytes(path: &Path, bytes: &[u8], arch: Option<Architecture>) -> Result<Model> {
     let arch = match arch {
-        Some(a) => a,
+        Some(a) => {
+            if let Some(declared) = read_architecture(path, bytes).ok().filter(|d| d.name != a.name) {
+                bail!("{} holds model {} (its metadata), not {}: leave out --model", path.display(), declared.name, a.name);
+            }
+            a
+        }
         None => read_architecture(path, bytes)?,
     };
     let params = Model::parameter_count(&arch).with_context(|| format!("{}: invalid architecture", path.display()))?;

@@ -58,7 +58,8 @@ pub struct TrainConfig {
     /// How each convolution's algorithms are chosen (`auto`: measured, see `autotune`).
     #[serde(default)]
     pub conv_algo: ConvAlgoPolicy,
-    /// Where measured algorithm choices are cached (default: `autotune::default_cache_dir`).
+    /// Where measured algorithm choices and dataset statistics are cached (default:
+    /// `cache_dir::default_cache_dir`).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
 }
@@ -92,8 +93,11 @@ impl TrainConfig {
         if self.display_step == 0 || self.eval_batch == 0 {
             bail!("--display-step and --eval-batch must be at least 1");
         }
-        if self.epochs == Some(0) || (self.epochs.is_none() && self.samples < self.batch_size) {
-            bail!("nothing to train: --samples {} is less than one batch of {} (or --epochs 0)", self.samples, self.batch_size);
+        if self.epochs == Some(0) {
+            bail!("--epochs must be at least 1");
+        }
+        if self.epochs.is_none() && self.samples < self.batch_size {
+            bail!("nothing to train: --samples {} is less than one batch of {}", self.samples, self.batch_size);
         }
         if self.lr_step_epochs == Some(0) || self.lr_plateau_patience == Some(0) || !(self.lr_gamma > 0.0 && self.lr_gamma <= 1.0) {
             bail!("--lr-step-epochs and --lr-plateau-patience must be at least 1 and --lr-gamma in (0, 1]");

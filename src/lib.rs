@@ -7,6 +7,7 @@
 pub mod architectures;
 pub mod autotune;
 pub mod bench;
+pub mod cache_dir;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod plot;
 pub mod predict;
 pub mod rng;
 pub mod roofline;
+pub mod run_lock;
 pub mod schedule;
 pub mod summary;
 pub mod train;

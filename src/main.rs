@@ -4,7 +4,7 @@ use alexnet::bench::{self, BenchPlan};
 use alexnet::cluster::{self, Cluster};
 use alexnet::config::TrainConfig;
 use alexnet::data::mnist::{self, Split};
-use alexnet::data::source::Source;
+use alexnet::data::source::{OpenOptions, Source};
 use alexnet::denormals::{self, start_thread_pool};
 use alexnet::layers::softmax::softmax;
 use alexnet::model::{Mode, Model, Workspace, forward};
@@ -78,6 +78,9 @@ enum Command {
         model: Option<String>,
         #[arg(long, value_name = "OUT.onnx")]
         onnx: PathBuf,
+        /// Replace OUT.onnx if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Draw a run's loss and accuracy curves and its test confusion matrix as PNGs.
     Plot {
@@ -150,7 +153,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 300_000)]
     samples: usize,
     /// Train for whole epochs instead of --samples.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "samples")]
     epochs: Option<usize>,
     /// Default: Adam (the notebook's) for alexnet-mnist, SGD (the paper's) for the others.
     #[arg(long, value_enum)]
@@ -253,6 +256,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// `path` made absolute (not resolving links), so a run's config.json names the same files from
+/// any working directory (`--resume` from elsewhere).
+fn absolute(path: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&path).with_context(|| format!("cannot make {} an absolute path", path.display()))
+}
+
+/// The most `--threads` per core this machine has.
+const MAX_THREADS_PER_CORE: usize = 8;
+
 /// SIGINT and SIGTERM set `stop` to the signal's number, which the training loop polls after
 /// each step; a second one exits at once (with the conventional 128 + signal status).
 fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
@@ -273,6 +285,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if threads == Some(0) {
         bail!("--threads must be at least 1");
     }
+    // Far more threads than cores only costs memory and switching, and absurd counts fail
+    // deep inside the thread library: refuse them here, by name.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(t) = threads.filter(|&t| t > MAX_THREADS_PER_CORE * cores) {
+        bail!(
+            "--threads {t} is more than {MAX_THREADS_PER_CORE} per core on this machine's {cores} cores: use at most {}",
+            MAX_THREADS_PER_CORE * cores
+        );
+    }
     let command = match cli.command {
         Command::Train(a) => return train_command(a, threads),
         command => command,
@@ -286,7 +307,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("--batch-size must be at least 1");
             }
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
-            let source = Source::open(data.as_deref(), &model.arch, 0, ten_crop, false)?;
+            let cache = alexnet::cache_dir::default_cache_dir();
+            let options = OpenOptions { ten_crop, cache_dir: cache.as_deref(), ..Default::default() };
+            let source = Source::open(data.as_deref(), &model.arch, &options)?;
             if source.classes() != model.classes() {
                 bail!("{} has {} classes, the model {}", data.unwrap_or_default().display(), source.classes(), model.classes());
             }
@@ -313,6 +336,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Predict { checkpoint: path, model, json, top, images } => {
+            if top == 0 {
+                bail!("--top must be at least 1");
+            }
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
             check_input(&model, 28, 28)?;
             let classes = model.classes();
@@ -339,7 +365,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs})
                     );
                 } else {
-                    let best: Vec<String> = ranked.iter().take(top.max(1)).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
+                    let best: Vec<String> = ranked.iter().take(top).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
                     println!("{}: {}", img.display(), best.join(", "));
                 }
             }
@@ -347,7 +373,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("{failed} of {} images could not be read", images.len());
             }
         }
-        Command::Export { checkpoint: path, model, onnx } => {
+        Command::Export { checkpoint: path, model, onnx, force } => {
+            if onnx.exists() {
+                if std::fs::canonicalize(&onnx).ok() == std::fs::canonicalize(&path).ok() {
+                    bail!("{} is the model being exported: writing the ONNX file there would destroy it", onnx.display());
+                }
+                if !force {
+                    bail!("{} already exists: pass --force to replace it", onnx.display());
+                }
+            }
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
@@ -410,7 +444,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     layers,
                     roofline,
                     conv_algo: conv.conv_algo,
-                    cache_dir: conv.cache_dir.or_else(alexnet::autotune::default_cache_dir),
+                    cache_dir: conv.cache_dir.or_else(alexnet::cache_dir::default_cache_dir),
                 },
             )?;
             if json {
@@ -531,10 +565,10 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
     }
     let threads = threads.unwrap_or_else(default_threads);
     start_thread_pool(threads)?;
-    let out = a.out.unwrap_or_else(|| {
+    let out = absolute(a.out.unwrap_or_else(|| {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         PathBuf::from(format!("runs/{}-{secs}", a.model))
-    });
+    }))?;
     // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
     let seed_model = a.model == "alexnet-mnist";
     let batch_size = a.batch_size.unwrap_or(if seed_model { 64 } else { 128 });
@@ -566,10 +600,10 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
         ten_crop: a.ten_crop,
         strict_images: a.strict_images,
         dummy: a.dummy,
-        data: a.data,
+        data: a.data.map(absolute).transpose()?,
         out,
         conv_algo: a.conv.conv_algo,
-        cache_dir: a.conv.cache_dir,
+        cache_dir: a.conv.cache_dir.map(absolute).transpose()?,
     };
     finish_training(train::train(&cfg, false, &*stop_on_signals()?, cluster)?)
 }

@@ -32,10 +32,6 @@ pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {
         let v = img.get_pixel(x, y)[0];
         Luma([if invert { 255 - v } else { v }])
     });
-    if (w, h) == (28, 28) {
-        // Already in MNIST's frame: use as is rather than resample.
-        return Ok(ink.pixels().map(|p| p[0] as f32 / 255.0).collect());
-    }
     let thr = (INK * 255.0) as u8;
     let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
     for (x, y, p) in ink.enumerate_pixels() {
@@ -43,8 +39,13 @@ pub fn mnist_preprocess(img: &GrayImage) -> Result<Vec<f32>> {
             (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
         }
     }
+    // Checked at every size, 28x28 included: a blank image has no digit to classify.
     if x0 == u32::MAX {
         bail!("no digit found: the image is blank");
+    }
+    if (w, h) == (28, 28) {
+        // Already in MNIST's frame: use as is rather than resample.
+        return Ok(ink.pixels().map(|p| p[0] as f32 / 255.0).collect());
     }
     let crop = image::imageops::crop_imm(&ink, x0, y0, x1 - x0 + 1, y1 - y0 + 1).to_image();
     let (cw, ch) = crop.dimensions();

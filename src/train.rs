@@ -11,11 +11,12 @@ use crate::checkpoint;
 use crate::cluster::{Cluster, fingerprint};
 use crate::config::TrainConfig;
 use crate::data::folder::is_image_folder;
-use crate::data::source::{Source, prefetch};
+use crate::data::source::{OpenOptions, Source, prefetch};
 use crate::eval::EvalResult;
 use crate::model::{Mode, Model, Workspace, first_non_finite, forward, gradients_finite, train_step_gradients};
 use crate::optim::Optimizer;
 use crate::rng::stream_id;
+use crate::run_lock::lock_run_dir;
 use crate::schedule::Plateau;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -184,7 +185,7 @@ fn conv_plans(cfg: &TrainConfig, resume: bool, model: &Model, local_batch: usize
             source = format!("as saved in {}", cfg.out.join(autotune::RUN_FILE).display());
             RunPlans::read(&cfg.out)?
         } else {
-            let cache = cfg.cache_dir.clone().or_else(autotune::default_cache_dir);
+            let cache = cfg.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir);
             let training = autotune::choose(model, local_batch, true, cfg.conv_algo, cache.as_deref())?;
             let evaluation = autotune::choose(model, cfg.eval_batch, false, cfg.conv_algo, cache.as_deref())?;
             source = training.source.clone();
@@ -235,7 +236,17 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
     let source = Arc::new(if cfg.dummy {
         Source::dummy(&default_arch)?
     } else {
-        Source::open(cfg.data.as_deref(), &default_arch, cfg.augment_shift, cfg.ten_crop, cfg.strict_images)?
+        {
+            let cache = cfg.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir);
+            let options = OpenOptions {
+                shift: cfg.augment_shift,
+                ten_crop: cfg.ten_crop,
+                strict_images: cfg.strict_images,
+                for_training: true,
+                cache_dir: cache.as_deref(),
+            };
+            Source::open(cfg.data.as_deref(), &default_arch, &options)?
+        }
     });
     if folder_first && lead {
         cluster.rendezvous("rank 0 to prepare the dataset's statistics")?;
@@ -251,12 +262,16 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
     let total_steps = cfg.total_steps(train_len);
     let mut opt = Optimizer::new(cfg.optimizer_config(), &model.params);
 
+    // Rank 0 holds the run directory's lock until the run ends, however it ends.
+    let mut _run_lock = None;
     let mut start = if !lead {
         Start::default()
     } else if resume {
+        _run_lock = Some(lock_run_dir(&cfg.out)?);
         restore(cfg, &mut model, &mut opt)?
     } else {
         std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create run directory {}", cfg.out.display()))?;
+        _run_lock = Some(lock_run_dir(&cfg.out)?);
         checkpoint::write_atomic(&cfg.out.join(CONFIG_FILE), serde_json::to_string_pretty(cfg)?.as_bytes())?;
         checkpoint::write_atomic(&cfg.out.join(METRICS_FILE), b"")?;
         Start::default()

@@ -1,22 +1,11 @@
 //! The binary as a user meets it: bad input gets a clear error and a non-zero exit, and never
 //! costs a good model file.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn alexnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_alexnet")).args(args).output().expect("runs the binary")
-}
-
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let out = alexnet(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr {err:?} lacks {n:?}");
-    }
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-}
+use std::process::Command;
+use support::{alexnet, fails_with};
 
 #[test]
 fn bad_flag_values_are_rejected_by_name() {

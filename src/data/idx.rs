@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdxError {
-    #[error("{path}: cannot read: {source}")]
+    // The OS reason is the source, printed once after this by `{:#}`.
+    #[error("{path}: cannot read")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {what}")]
     Format { path: PathBuf, what: String },

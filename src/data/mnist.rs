@@ -91,8 +91,13 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    if !dir.is_dir() {
-        bail!("data directory {} does not exist (set --data DIR or ${DATA_ENV})", dir.display());
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("data directory {} is not a directory (set --data DIR or ${DATA_ENV})", dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("data directory {} does not exist (set --data DIR or ${DATA_ENV})", dir.display())
+        }
+        Err(e) => bail!("data directory {} cannot be read: {e} (set --data DIR or ${DATA_ENV})", dir.display()),
     }
     bail!("{}: missing {stem}.gz (or {stem}): expected the four MNIST IDX files", dir.display())
 }

@@ -15,5 +15,10 @@ pub fn decode_image(bytes: &[u8], max_side: u32, max_alloc: u64) -> anyhow::Resu
     let mut limits = image::Limits::default();
     (limits.max_image_width, limits.max_image_height, limits.max_alloc) = (Some(max_side), Some(max_side), Some(max_alloc));
     reader.limits(limits);
-    reader.decode().with_context(|| format!("not a readable PNG or JPEG (or larger than {max_side}x{max_side})"))
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => {
+            anyhow::anyhow!("larger than {max_side}x{max_side} pixels or {} MiB of decoding memory", max_alloc >> 20)
+        }
+        e => anyhow::Error::new(e).context("not a readable PNG or JPEG"),
+    })
 }

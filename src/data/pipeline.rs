@@ -19,25 +19,20 @@ use std::path::{Path, PathBuf};
 /// Side of the prepared (rescaled, centre-cropped) images.
 pub const PREPARED: usize = 256;
 const PREPARED_LEN: usize = PREPARED * PREPARED * 3;
-/// The statistics cache, next to the data.
-pub const STATS_FILE: &str = "alexnet-stats-256.safetensors";
+/// The statistics caches' folder in the cache directory; each file is named by its key.
+pub const STATS_DIR: &str = "dataset-stats";
 
 /// Decode `bytes` and prepare it: shorter side rescaled to 256 (aspect kept), centre crop
-/// 256x256, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB.
+/// 256x256, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB. The
+/// centre square is cut before resizing, so only the crop is ever resized: resizing first let a
+/// 129-byte 16384x1 PNG ask for a 4194304x256 image (35 s, 3.4 GB).
 pub fn prepare(bytes: &[u8]) -> Result<Vec<f32>> {
     let img = super::decode_image(bytes, 1 << 14, 1 << 30)?.to_rgb8();
     let (w, h) = img.dimensions();
-    let scale = PREPARED as f64 / w.min(h) as f64;
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(PREPARED as u32), ((h as f64 * scale).round() as u32).max(PREPARED as u32));
-    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-    let (left, top) = ((nw as usize - PREPARED) / 2, (nh as usize - PREPARED) / 2);
-    let mut out = Vec::with_capacity(PREPARED_LEN);
-    for y in top..top + PREPARED {
-        for x in left..left + PREPARED {
-            out.extend(resized.get_pixel(x as u32, y as u32).0.map(f32::from));
-        }
-    }
-    Ok(out)
+    let side = w.min(h);
+    let square = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+    let resized = image::imageops::resize(&square, PREPARED as u32, PREPARED as u32, image::imageops::FilterType::Triangle);
+    Ok(resized.pixels().flat_map(|p| p.0.map(f32::from)).collect())
 }
 
 fn prepare_file(path: &Path) -> Result<Vec<f32>> {
@@ -53,15 +48,17 @@ pub struct Stats {
     pub unreadable: Vec<PathBuf>,
 }
 
-/// What the statistics depend on: every image path, size and modification time.
-fn stats_key(samples: &[&Sample]) -> String {
+/// What the statistics depend on: every image's path within the dataset, size and modification
+/// time: the dataset's content, not how its root is spelled (relative, absolute, a mount point).
+fn stats_key(root: &Path, samples: &[&Sample]) -> String {
     let mut h = Sha256::new();
     // Bump when the statistics' definition changes, so old caches are recomputed.
-    h.update("alexnet-stats v2: mean 0-255, colour PCA of [0, 1] pixels\n");
+    h.update("alexnet-stats v3: centre square resized, mean 0-255, colour PCA of [0, 1] pixels\n");
     for s in samples {
         let meta = std::fs::metadata(&s.path).ok();
         let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-        h.update(format!("{}\t{:?}\t{:?}\n", s.path.display(), meta.map(|m| m.len()), mtime));
+        let within = s.path.strip_prefix(root).unwrap_or(&s.path);
+        h.update(format!("{}\t{:?}\t{:?}\n", within.display(), meta.map(|m| m.len()), mtime));
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -86,14 +83,16 @@ fn read_cache(path: &Path, key: &str) -> Option<Stats> {
 }
 
 /// The statistics of `folder`'s training images, computed once (one decoding pass with a
-/// progress bar) and cached in the dataset's root; recomputed when any image changes. The
-/// validation images are decoded in the same pass, so unreadable files on either side are
-/// known before training starts.
-pub fn stats(folder: &ImageFolder) -> Result<Stats> {
+/// progress bar) and cached in `cache_dir` under the dataset's content key (never in the
+/// dataset, which may be read-only); recomputed when any image changes. Unreadable images are
+/// cached by their path within the dataset. The validation images are decoded in the same
+/// pass, so unreadable files on either side are known before training starts.
+pub fn stats(folder: &ImageFolder, cache_dir: Option<&Path>) -> Result<Stats> {
     let all: Vec<&Sample> = folder.train.iter().chain(&folder.val).collect();
-    let key = stats_key(&all);
-    let cache = folder.root.join(STATS_FILE);
-    if let Some(s) = read_cache(&cache, &key) {
+    let key = stats_key(&folder.root, &all);
+    let cache = cache_dir.map(|d| d.join(STATS_DIR).join(format!("{key}.safetensors")));
+    if let Some(mut s) = cache.as_deref().and_then(|c| read_cache(c, &key)) {
+        s.unreadable = s.unreadable.iter().map(|p| folder.root.join(p)).collect();
         return Ok(s);
     }
     let bar = indicatif::ProgressBar::new(all.len() as u64);
@@ -145,8 +144,19 @@ pub fn stats(folder: &ImageFolder) -> Result<Stats> {
         ("pca_eigenvalues", TensorView::new(Dtype::F32, vec![3], &values_b)?),
         ("pca_eigenvectors", TensorView::new(Dtype::F32, vec![3, 3], &vectors_b)?),
     ];
-    let meta = [("key".to_string(), key), ("unreadable".to_string(), serde_json::to_string(&unreadable)?)].into_iter().collect();
-    crate::checkpoint::write_atomic(&cache, &safetensors::serialize(views, Some(meta))?)?;
+    if let Some(cache) = cache {
+        let within: Vec<&Path> = unreadable.iter().map(|p| p.strip_prefix(&folder.root).unwrap_or(p)).collect();
+        let meta = [("key".to_string(), key), ("unreadable".to_string(), serde_json::to_string(&within)?)].into_iter().collect();
+        // A cache that cannot be written (read-only home, full disk) costs only the next run's time.
+        let written = cache
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::checkpoint::write_atomic(&cache, &safetensors::serialize(views, Some(meta))?));
+        if let Err(e) = written {
+            eprintln!("warning: cannot cache the dataset statistics in {}: {e:#}", cache.display());
+        }
+    }
     Ok(Stats { mean, pca, unreadable })
 }
 
@@ -165,12 +175,12 @@ pub struct FolderData {
 impl FolderData {
     /// Scan, compute (or load) the statistics, and drop unreadable images with a warning, or
     /// fail naming them if `strict`.
-    pub fn open(root: &Path, crop: usize, scale: f32, strict: bool) -> Result<FolderData> {
+    pub fn open(root: &Path, crop: usize, scale: f32, strict: bool, cache_dir: Option<&Path>) -> Result<FolderData> {
         if crop > PREPARED {
             bail!("the model's {crop}x{crop} input is larger than the {PREPARED}x{PREPARED} prepared images");
         }
         let folder = super::folder::scan(root)?;
-        let stats = stats(&folder)?;
+        let stats = stats(&folder, cache_dir)?;
         if strict && !stats.unreadable.is_empty() {
             let list: Vec<String> = stats.unreadable.iter().map(|p| p.display().to_string()).collect();
             bail!("{} unreadable images (drop --strict-images to skip them):\n  {}", list.len(), list.join("\n  "));
@@ -261,22 +271,42 @@ mod tests {
         assert_eq!(px[(255 * 256 + 255) * 3], 255.0);
 
         let dir = tempfile::tempdir().unwrap();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = Some(cache_dir.path());
         write_colour_folder(dir.path(), 2, 3, 1);
         std::fs::write(dir.path().join("train/class1/broken.jpg"), b"\xff\xd8\xffnot a jpeg").unwrap();
-        let err = format!("{:#}", FolderData::open(dir.path(), 227, 1.0, true).err().unwrap());
+        let listing = |d: &Path| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect::<std::collections::BTreeSet<_>>();
+        let before = listing(dir.path());
+        let err = format!("{:#}", FolderData::open(dir.path(), 227, 1.0, true, cache).err().unwrap());
         assert!(err.contains("broken.jpg") && err.contains("--strict-images"), "{err}");
-        let data = FolderData::open(dir.path(), 227, 1.0, false).unwrap();
+        let data = FolderData::open(dir.path(), 227, 1.0, false, cache).unwrap();
         assert_eq!((data.train.len(), data.val.len()), (6, 2));
-        assert!(dir.path().join(STATS_FILE).is_file());
+        // The statistics are cached in the cache directory, and nothing is written into the
+        // dataset (which may be read-only).
+        assert_eq!(listing(&cache_dir.path().join(STATS_DIR)).len(), 1);
+        assert_eq!(listing(dir.path()), before);
         // Class 0 is red, class 1 green: the mean image is their average, the top principal
         // component the red-green axis.
         let mean_red = data.stats.mean.chunks(3).map(|p| p[0]).sum::<f32>() / (256.0 * 256.0);
         assert!((100.0..160.0).contains(&mean_red), "{mean_red}");
         let top = data.stats.pca.eigenvectors[0];
         assert!(top[0].abs() > 0.6 && top[1].abs() > 0.6 && top[0] * top[1] < 0.0, "{top:?}");
-        // The cache is used while nothing changes: same statistics.
-        let again = FolderData::open(dir.path(), 227, 1.0, false).unwrap();
+        // The cache is used while nothing changes: same statistics, the same unreadable file;
+        // and it is keyed by content, so another spelling of the root finds it too.
+        let again = FolderData::open(dir.path(), 227, 1.0, false, cache).unwrap();
         assert_eq!(again.stats.mean, data.stats.mean);
+        assert_eq!(again.stats.unreadable, data.stats.unreadable);
+        let other_spelling = dir.path().join("train").join("..");
+        let spelled = FolderData::open(&other_spelling, 227, 1.0, false, cache).unwrap();
+        assert_eq!(spelled.stats.mean, data.stats.mean);
+        assert_eq!(listing(&cache_dir.path().join(STATS_DIR)).len(), 1, "no second cache entry");
+        // A very long, thin image is only resized as far as the crop needs (once 35 s, 3.4 GB).
+        let thin = image::RgbImage::from_pixel(16384, 1, image::Rgb([9, 9, 9]));
+        let mut png = Vec::new();
+        thin.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(prepare(&png).unwrap().len(), PREPARED_LEN);
+        assert!(started.elapsed().as_secs_f64() < 5.0, "{:?}", started.elapsed());
 
         let (mut input, mut labels) = (vec![0.0; 2 * 227 * 227 * 3], Vec::new());
         data.fill_train(&[0, 5], 7, &mut input, &mut labels).unwrap();

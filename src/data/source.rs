@@ -38,6 +38,22 @@ pub enum Source {
     },
 }
 
+/// How `Source::open` prepares the data.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions<'a> {
+    /// MNIST: random translation of up to this many pixels (0 = off).
+    pub shift: usize,
+    /// ImageFolder: evaluate on ten crops.
+    pub ten_crop: bool,
+    /// ImageFolder: fail on unreadable images instead of skipping them.
+    pub strict_images: bool,
+    /// Without it, MNIST's training files are neither needed nor read (`eval` on a directory
+    /// of test files).
+    pub for_training: bool,
+    /// Where an ImageFolder's statistics are cached (none: computed every time).
+    pub cache_dir: Option<&'a Path>,
+}
+
 /// A dummy epoch is ImageNet's training set size; its evaluation set is small.
 const DUMMY_TRAIN: usize = 1_281_167;
 const DUMMY_VAL: usize = 256;
@@ -48,19 +64,38 @@ pub type Batch = (Vec<f32>, Vec<u32>);
 impl Source {
     /// ImageFolder data if `dir` has `train/` and `val/`, else MNIST IDX files (the vendored
     /// copy by default), for a model of architecture `arch`.
-    pub fn open(dir: Option<&Path>, arch: &Architecture, shift: usize, ten_crop: bool, strict_images: bool) -> Result<Source> {
+    pub fn open(dir: Option<&Path>, arch: &Architecture, options: &OpenOptions) -> Result<Source> {
+        let OpenOptions { shift, ten_crop, strict_images, for_training, cache_dir } = *options;
         let input = arch.input;
         if let Some(d) = dir.filter(|d| is_image_folder(d)) {
             let [h, w, c] = input;
             if h != w || c != 3 {
                 bail!("{} holds RGB images; the model takes {h}x{w}x{c} inputs", d.display());
             }
-            return Ok(Source::Folder { data: FolderData::open(d, h, arch.input_scale, strict_images)?, ten_crop });
+            return Ok(Source::Folder { data: FolderData::open(d, h, arch.input_scale, strict_images, cache_dir)?, ten_crop });
         }
         let (dir, strict) = mnist::resolve_dir(dir);
-        let (train, test) = (mnist::load(&dir, Split::Train, strict)?, mnist::load(&dir, Split::Test, strict)?);
-        if [train.rows, train.cols, train.channels] != input {
-            bail!("the model takes {input:?} inputs but {} holds {}x{} grayscale MNIST images", dir.display(), train.rows, train.cols);
+        let test = mnist::load(&dir, Split::Test, strict)?;
+        let train = if for_training {
+            mnist::load(&dir, Split::Train, strict)?
+        } else {
+            Dataset { images: Vec::new(), labels: Vec::new(), rows: test.rows, cols: test.cols, channels: test.channels }
+        };
+        // Both splits, before any training: a test set of another size would otherwise only
+        // fail at the first evaluation, after the run's work.
+        for (split, d) in [("train", &train), ("t10k", &test)] {
+            if [d.rows, d.cols, d.channels] != input {
+                bail!(
+                    "{}: {split}-images holds {}x{}x{} images, but the model takes {}x{}x{}",
+                    dir.display(),
+                    d.rows,
+                    d.cols,
+                    d.channels,
+                    input[0],
+                    input[1],
+                    input[2]
+                );
+            }
         }
         Ok(Source::Mnist { train, test, shift })
     }

@@ -1,4 +1,6 @@
 //! Helpers shared by the integration tests.
+// Each test crate uses its own subset of these.
+#![allow(dead_code)]
 
 use alexnet::data::mnist::{self, Split};
 use flate2::Compression;
@@ -36,4 +38,29 @@ pub fn setup(train: usize, test: usize) -> Setup {
     write_subset(&data, Split::Train, "train", train);
     write_subset(&data, Split::Test, "t10k", test);
     Setup { _dir: dir, root, data }
+}
+
+/// Run the binary with `args` (in `cwd` if given).
+pub fn alexnet_in(cwd: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_alexnet"));
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c.args(args).output().expect("runs the binary")
+}
+
+pub fn alexnet(args: &[&str]) -> std::process::Output {
+    alexnet_in(None, args)
+}
+
+/// `args` must fail with every one of `needles` in stderr, and without a panic; returns stderr.
+pub fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let out = alexnet(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} should fail");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr {err:?} lacks {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    err
 }
