@@ -79,7 +79,16 @@ fn a_run_directory_is_locked_while_a_run_uses_it() {
     let s = support::setup(64, 16);
     let out = s.root.join("run");
     let args = [&["train", "--samples", "1000000", "--data", text(&s.data), "--out", text(&out)][..], &QUICK].concat();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_alexnet")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let first = Command::new(env!("CARGO_BIN_EXE_alexnet")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Killed however the test ends, so a failed assertion leaves no run behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+    let first = KillOnDrop(first);
     let started = Instant::now();
     while !out.join("metrics.jsonl").exists() {
         assert!(started.elapsed() < Duration::from_secs(120), "the first run did not start");
@@ -87,11 +96,9 @@ fn a_run_directory_is_locked_while_a_run_uses_it() {
     }
     let resume = ["train", "--resume", text(&out)];
     for second in [&args[..], &resume[..]] {
-        let err = fails_with(second, &["in use by another training run", &format!("pid {}", first.id())]);
+        let err = fails_with(second, &["in use by another training run", &format!("pid {}", first.0.id())]);
         assert_eq!(error_lines(&err), 1, "{err}");
     }
-    first.kill().unwrap();
-    first.wait().unwrap();
 }
 
 #[test]
@@ -179,4 +186,53 @@ fn resuming_as_another_model_names_both_architectures() {
     std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
     let err = fails_with(&["train", "--resume", text(&run)], &["holds model alexnet-mnist", "not alexnet"]);
     assert_eq!(error_lines(&err), 1, "{err}");
+}
+
+/// An ImageFolder dataset that may be read-only: its statistics go to the cache directory,
+/// keyed by content (another spelling of its path finds them), nothing is written into it, and
+/// a 16384x1 image among its files costs no more than any other (it once took 35 s and 3.4 GB).
+#[test]
+#[cfg_attr(debug_assertions, ignore = "release only: trains an ImageNet-sized model")]
+fn an_image_folder_is_only_read_and_its_statistics_are_cached_by_content() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("folder");
+    for (split, n) in [("train", 2), ("val", 1)] {
+        for (c, colour) in [[200u8, 30, 30], [30, 200, 30]].iter().enumerate() {
+            let dir = data.join(split).join(format!("class{c}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                image::RgbImage::from_pixel(40 + 9 * i, 30, image::Rgb(*colour)).save(dir.join(format!("img{i}.png"))).unwrap();
+            }
+        }
+    }
+    image::RgbImage::from_pixel(16384, 1, image::Rgb([9, 9, 9])).save(data.join("train/class0/thin.png")).unwrap();
+    let listing = || {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut dirs = vec![data.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() { dirs.push(p) } else { files.push(p) }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = listing();
+    let cache = root.path().join("cache");
+    let train = |data_arg: &str, out: &str| {
+        let args = ["train", "--model", "alexnet-owt", "--data", data_arg, "--samples", "2", "--batch-size", "2", "--eval-batch", "2"];
+        let args = [&args[..], &["--conv-algo", "im2col", "--cache-dir", text(&cache), "--out", out]].concat();
+        let started = Instant::now();
+        let done = alexnet_in(Some(root.path()), &args);
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        started.elapsed()
+    };
+    let took = train(text(&data), "run1");
+    assert!(took < Duration::from_secs(120), "{took:?}");
+    assert_eq!(listing(), before, "nothing written into the dataset");
+    let cached = || std::fs::read_dir(cache.join("dataset-stats")).unwrap().count();
+    assert_eq!(cached(), 1);
+    train("./folder/train/..", "run2");
+    assert_eq!(cached(), 1, "another spelling of the path reads the same cache entry");
 }

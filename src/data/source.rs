@@ -75,12 +75,10 @@ impl Source {
             return Ok(Source::Folder { data: FolderData::open(d, h, arch.input_scale, strict_images, cache_dir)?, ten_crop });
         }
         let (dir, strict) = mnist::resolve_dir(dir);
+        let train = if for_training { Some(mnist::load(&dir, Split::Train, strict)?) } else { None };
         let test = mnist::load(&dir, Split::Test, strict)?;
-        let train = if for_training {
-            mnist::load(&dir, Split::Train, strict)?
-        } else {
-            Dataset { images: Vec::new(), labels: Vec::new(), rows: test.rows, cols: test.cols, channels: test.channels }
-        };
+        let train =
+            train.unwrap_or(Dataset { images: Vec::new(), labels: Vec::new(), rows: test.rows, cols: test.cols, channels: test.channels });
         // Both splits, before any training: a test set of another size would otherwise only
         // fail at the first evaluation, after the run's work.
         for (split, d) in [("train", &train), ("t10k", &test)] {
