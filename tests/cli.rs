@@ -4,7 +4,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use support::{alexnet, fails_with};
 
 #[test]
@@ -29,7 +28,7 @@ fn bad_flag_values_are_rejected_by_name() {
 #[test]
 fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_alexnet"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_alexnet"))
         .args(["train", "--out", dir.path().join("run").to_str().unwrap()])
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .output()
