@@ -11,11 +11,11 @@ use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
 use crate::layers::winograd;
 use crate::model::{ConvPlan, Layer, Model};
+use crate::roofline::best_of_three_ms;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 /// `--conv-algo`: measure (`auto`), or force one algorithm on every layer it applies to (the
 /// others keep the heuristic choice).
@@ -67,20 +67,29 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
     let cache_file = cache_dir.map(|d| d.join(CACHE_FILE));
     let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
     let names = crate::summary::layer_names(model);
+    let machine = format!("{} | {L} lanes | {} threads", cpu_model(), rayon::current_num_threads());
+    let keys: Vec<Option<String>> = model
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match l {
+            Layer::Conv { conv, .. } => Some(cache_key(&machine, conv, batch, training, i > 0)),
+            _ => None,
+        })
+        .collect();
     let (mut plan, mut times, mut new_entries) = (Vec::new(), Vec::new(), BTreeMap::new());
-    for (i, layer) in model.layers.iter().enumerate() {
-        let Layer::Conv { conv, .. } = layer else {
+    for (i, (layer, key)) in model.layers.iter().zip(&keys).enumerate() {
+        let (Layer::Conv { conv, .. }, Some(key)) = (layer, key) else {
             plan.push(None);
             continue;
         };
-        let key = cache_key(conv, batch, training, i > 0);
-        let algos = match cache.get(&key) {
+        let algos = match cache.get(key) {
             Some(a) => *a,
             None => {
                 let t = measure(conv, batch, training, i > 0);
                 let a = fastest(&t, training, i > 0);
                 times.push((names[i].clone(), t));
-                new_entries.insert(key, a);
+                new_entries.insert(key.clone(), a);
                 a
             }
         };
@@ -95,9 +104,9 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
             Ok(on_disk) => {
                 // First writer wins: where another process cached the same key meanwhile, this
                 // one adopts its choice, so every run on the machine agrees from then on.
-                for (i, layer) in model.layers.iter().enumerate() {
-                    if let Layer::Conv { conv, .. } = layer {
-                        plan[i] = on_disk.get(&cache_key(conv, batch, training, i > 0)).copied().or(plan[i]);
+                for (algos, key) in plan.iter_mut().zip(&keys) {
+                    if let Some(key) = key {
+                        *algos = on_disk.get(key).copied().or(*algos);
                     }
                 }
                 source = format!("measured, cached in {}", file.display());
@@ -161,13 +170,11 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-fn cache_key(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> String {
+/// `machine` (CPU model, vector width, threads), then the pass kind, batch and layer shape.
+fn cache_key(machine: &str, conv: &Conv, batch: usize, training: bool, input_grad: bool) -> String {
     let w = &conv.win;
     format!(
-        "{} | {} lanes | {} threads | {} | batch {batch} | {}x{}x{} -> {}, k{} s{} pad{} groups{}{}",
-        cpu_model(),
-        L,
-        rayon::current_num_threads(),
+        "{machine} | {} | batch {batch} | {}x{}x{} -> {}, k{} s{} pad{} groups{}{}",
         match (training, input_grad) {
             (false, _) => "inference",
             (true, true) => "training",
@@ -183,18 +190,6 @@ fn cache_key(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Str
         conv.groups,
         if conv.relu { " relu" } else { "" }
     )
-}
-
-/// Best of a few runs of `f`, in ms. One run first, untimed, to warm caches and scratch buffers.
-fn time_ms(mut f: impl FnMut()) -> f64 {
-    f();
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 /// Time every algorithm that applies on every pass the run needs. Algorithms are tried in order
@@ -221,7 +216,7 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
         let run = |n: usize, y: &mut [f32], saved: &mut Vec<f32>| {
             conv_algo::forward(conv, algo, n, &x, &w, &b, y, (training && winograd).then_some(saved))
         };
-        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| time_ms(|| run(n, &mut y, &mut saved))) {
+        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| best_of_three_ms(|| run(n, &mut y, &mut saved))) {
             t.forward.insert(algo, ms);
         }
     }
@@ -233,21 +228,21 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
         conv_algo::forward(conv, ConvAlgo::Winograd, batch, &x, &w, &b, &mut y, Some(&mut saved));
         relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
         let mut scratch = saved.clone();
-        t.winograd_u = time_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));
-        t.winograd_v = time_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, false, true));
+        t.winograd_u = best_of_three_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));
+        t.winograd_v = best_of_three_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, false, true));
     }
     let saved = (winograd).then_some(&saved[..]);
     for algo in order.into_iter().filter(|a| a.applies(conv)) {
         if input_grad {
             let ms = worth_timing(&t.input_grad, probe, batch, |n| {
-                time_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
+                best_of_three_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
             });
             if let Some(ms) = ms {
                 t.input_grad.insert(algo, ms);
             }
         }
         let ms = worth_timing(&t.weight_grad, probe, batch, |n| {
-            time_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
+            best_of_three_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
         });
         if let Some(ms) = ms {
             t.weight_grad.insert(algo, ms);

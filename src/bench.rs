@@ -181,7 +181,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
 }
 
 /// The first fully connected layer's forward pass at batch 64 on inputs of 1e-39 (denormal)
-/// over the same on inputs of 1.0, best of five each: the cost of denormals that flush-to-zero
+/// over the same on inputs of 1.0, best of three each: the cost of denormals that flush-to-zero
 /// removes (trained weights and late activations hold such values).
 fn denormal_slowdown(model: &Model) -> f64 {
     let Some((linear, param)) = model.layers.iter().find_map(|l| match l {
@@ -195,14 +195,7 @@ fn denormal_slowdown(model: &Model) -> f64 {
     let mut y = vec![0.0; batch * linear.out_len];
     let mut time = |value: f32| {
         let x = vec![std::hint::black_box(value); batch * linear.in_len];
-        (0..6)
-            .map(|_| {
-                let t = Instant::now();
-                linear_forward(&linear, batch, &x, w, b, &mut y);
-                t.elapsed().as_secs_f64()
-            })
-            .skip(1)
-            .fold(f64::INFINITY, f64::min)
+        roofline::best_of_three_ms(|| linear_forward(&linear, batch, &x, w, b, &mut y))
     };
     let normal = time(1.0);
     time(1e-39) / normal

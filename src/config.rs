@@ -73,6 +73,11 @@ pub fn default_checkpoint_every() -> usize {
 }
 
 impl TrainConfig {
+    /// Where this run caches what it measures or computes: `cache_dir`, else the user's.
+    pub fn resolved_cache_dir(&self) -> Option<PathBuf> {
+        self.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir)
+    }
+
     /// Reject values that would crash or silently misbehave, naming the flag.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {

@@ -108,6 +108,20 @@ fma_probe!(fma_chains_avx512, "avx512f", 16, _mm512_set1_ps, _mm512_fmadd_ps, _m
 #[cfg(target_arch = "x86_64")]
 fma_probe!(fma_chains_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 
+/// Best of three timed runs of `f`, in ms, after one untimed run that warms caches and
+/// scratch buffers: how every kernel timing here is taken (GEMMs, convolution algorithms, the
+/// denormal check).
+pub fn best_of_three_ms(mut f: impl FnMut()) -> f64 {
+    f();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// One GEMM: `m x k` times `k x n`, counted `repeat` times (chunks of a larger one).
 struct Shape {
     layer: usize,
@@ -150,13 +164,8 @@ pub fn measure(model: &Model, batch: usize, training: bool, threads: usize) -> R
         let a: Vec<f32> = (0..s.m * s.k).map(|i| (i % 17) as f32 * 0.01).collect();
         let b: Vec<f32> = (0..s.k * s.n).map(|i| (i % 13) as f32 * 0.01).collect();
         let mut c = vec![0.0; s.m * s.n];
-        let mut run = || {
-            let t = Instant::now();
-            matmul(s.m, s.n, s.k, Operand::new(&a, s.k), Operand::new(&b, s.n), &mut c, s.n, false);
-            t.elapsed().as_secs_f64()
-        };
-        run();
-        let t = (0..3).map(|_| run()).fold(f64::INFINITY, f64::min) * s.repeat;
+        let t =
+            best_of_three_ms(|| matmul(s.m, s.n, s.k, Operand::new(&a, s.k), Operand::new(&b, s.n), &mut c, s.n, false)) / 1e3 * s.repeat;
         seconds += t;
         flop += 2.0 * (s.m * s.n * s.k) as f64 * s.repeat;
         match layer_ms.last_mut() {

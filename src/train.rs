@@ -185,7 +185,7 @@ fn conv_plans(cfg: &TrainConfig, resume: bool, model: &Model, local_batch: usize
             source = format!("as saved in {}", cfg.out.join(autotune::RUN_FILE).display());
             RunPlans::read(&cfg.out)?
         } else {
-            let cache = cfg.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir);
+            let cache = cfg.resolved_cache_dir();
             let training = autotune::choose(model, local_batch, true, cfg.conv_algo, cache.as_deref())?;
             let evaluation = autotune::choose(model, cfg.eval_batch, false, cfg.conv_algo, cache.as_deref())?;
             source = training.source.clone();
@@ -237,7 +237,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, stop: &AtomicUsize, cluster: &mut 
         Source::dummy(&default_arch)?
     } else {
         {
-            let cache = cfg.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir);
+            let cache = cfg.resolved_cache_dir();
             let options = OpenOptions {
                 shift: cfg.augment_shift,
                 ten_crop: cfg.ten_crop,
