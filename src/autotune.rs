@@ -42,6 +42,9 @@ pub struct LayerTimes {
     pub winograd_v: f64,
 }
 
+/// Bumped when an algorithm's kernels change speed, so cached choices are measured again.
+const KERNELS: u32 = 2;
+
 /// A plan and where it came from.
 #[derive(Clone, Debug)]
 pub struct Tuned {
@@ -67,7 +70,7 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
     let cache_file = cache_dir.map(|d| d.join(CACHE_FILE));
     let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
     let names = crate::summary::layer_names(model);
-    let machine = format!("{} | {L} lanes | {} threads", cpu_model(), rayon::current_num_threads());
+    let machine = format!("{} | {L} lanes | {} threads | kernels v{KERNELS}", cpu_model(), rayon::current_num_threads());
     let keys: Vec<Option<String>> = model
         .layers
         .iter()
