@@ -45,7 +45,7 @@ impl Conv {
 
     /// Direct forward of one sample: `y` (pre-bias) = sum over taps of x * w, accumulated in
     /// registers 8 output channels at a time.
-    fn direct_forward_sample(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
+    fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
         let (cin_g, cout_g, oc) = (self.in_c / self.groups, self.out_c / self.groups, self.out_c);
         self.win.for_each_window(|o, taps| {
             for g in 0..self.groups {
@@ -54,7 +54,8 @@ impl Conv {
                     taps.iter()
                         .flat_map(move |&(tap, i)| (0..cin_g).map(move |ci| (x[i * self.in_c + xg + ci], (tap * cin_g + ci) * oc + wg)))
                 };
-                sum_scaled_rows(terms, weight, &mut y[o * oc + wg..o * oc + wg + cout_g], true);
+                let into = Into::Overwrite { bias: &bias[wg..wg + cout_g], relu: self.relu };
+                sum_scaled_rows(terms, weight, &mut y[o * oc + wg..o * oc + wg + cout_g], into);
             }
         });
     }
@@ -79,7 +80,7 @@ impl Conv {
                     let w_row = (tap * cin_g + ci) * oc + g * cout_g;
                     if let Some(dw) = dw.as_deref_mut() {
                         let terms = || pairs.iter().map(|&(o, i)| (x[i * self.in_c + c], o * oc + g * cout_g));
-                        sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], false);
+                        sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], Into::Add);
                     }
                     if let Some(dx) = dx.as_deref_mut() {
                         let wr = &weight[w_row..w_row + cout_g];
@@ -151,18 +152,26 @@ impl Conv {
     }
 }
 
-/// `out[c] (+)= sum over terms (a, at) of a * b[at + c]`, for c in 0..out.len(). Channels go in
-/// blocks of 32, 8, then 1, each accumulated in registers: four independent vector FMA chains
-/// hide the FMA latency. The direct convolution's forward (terms: input value, weight row) and
-/// weight gradient (terms: input value, output-gradient row) are both this.
+/// Where `sum_scaled_rows` puts its sums: over `out` after adding the bias and applying the
+/// ReLU (the forward pass, fused so the output is written once), or added into `out`.
+#[derive(Clone, Copy)]
+enum Into<'a> {
+    Overwrite { bias: &'a [f32], relu: bool },
+    Add,
+}
+
+/// `out[c] = or += sum over terms (a, at) of a * b[at + c]`, for c in 0..out.len(). Channels go
+/// in blocks of 4L, L, then 1, each accumulated in registers: four independent vector FMA
+/// chains hide the FMA latency. The direct convolution's forward (terms: input value, weight
+/// row) and weight gradient (terms: input value, output-gradient row) are both this.
 #[inline(always)]
-fn sum_scaled_rows<I: Iterator<Item = (f32, usize)>>(terms: impl Fn() -> I, b: &[f32], out: &mut [f32], overwrite: bool) {
+fn sum_scaled_rows<I: Iterator<Item = (f32, usize)>>(terms: impl Fn() -> I, b: &[f32], out: &mut [f32], into: Into) {
     let mut c = 0;
     while c < out.len() {
         c += match out.len() - c {
-            r if r >= 4 * L => scaled_rows_block::<{ 4 * L }, I>(terms(), b, c, out, overwrite),
-            r if r >= L => scaled_rows_block::<L, I>(terms(), b, c, out, overwrite),
-            _ => scaled_rows_block::<1, I>(terms(), b, c, out, overwrite),
+            r if r >= 4 * L => scaled_rows_block::<{ 4 * L }, I>(terms(), b, c, out, into),
+            r if r >= L => scaled_rows_block::<L, I>(terms(), b, c, out, into),
+            _ => scaled_rows_block::<1, I>(terms(), b, c, out, into),
         };
     }
 }
@@ -173,7 +182,7 @@ fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
     b: &[f32],
     c: usize,
     out: &mut [f32],
-    overwrite: bool,
+    into: Into,
 ) -> usize {
     let mut acc = [0.0f32; N];
     for (a, at) in terms {
@@ -183,10 +192,13 @@ fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
         }
     }
     let out = &mut out[c..c + N];
-    if overwrite {
-        out.copy_from_slice(&acc);
-    } else {
-        out.iter_mut().zip(acc).for_each(|(o, a)| *o += a);
+    match into {
+        Into::Overwrite { bias, relu } => {
+            for ((o, a), b) in out.iter_mut().zip(acc).zip(&bias[c..c + N]) {
+                *o = if relu { (a + b).max(0.0) } else { a + b };
+            }
+        }
+        Into::Add => out.iter_mut().zip(acc).for_each(|(o, a)| *o += a),
     }
     N
 }
@@ -324,8 +336,7 @@ fn towers_backward(
 /// its time packing, not multiplying.
 pub fn direct_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     output[..batch * conv.out_len()].par_chunks_mut(conv.out_len()).zip(input.par_chunks(conv.in_len())).for_each(|(y, x)| {
-        conv.direct_forward_sample(x, weight, y);
-        bias_relu(y, bias, conv.relu);
+        conv.direct_forward_sample(x, weight, bias, y);
     });
 }
 
