@@ -3,9 +3,45 @@
 use crate::layers::Padding;
 use crate::layers::lrn::LrnParams;
 use crate::model::{Architecture, Init, LayerSpec};
+use crate::optim::OptimizerKind;
 use anyhow::{Result, bail};
 
 pub const MODEL_NAMES: &[&str] = &["alexnet-mnist", "alexnet", "alexnet-2gpu", "alexnet-owt"];
+
+/// How a model trains unless told otherwise: the notebook's recipe for the seed model, the
+/// paper's for the ImageNet models. `train`, `bench` and `eval` all take their defaults here.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recipe {
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    /// The paper's plateau schedule (divide by 10 when the validation error stalls) for the
+    /// ImageNet models; the notebook keeps its rate constant.
+    pub lr_plateau_patience: Option<usize>,
+    /// Dropout keep probability: the notebook's 0.8, the paper's 0.5.
+    pub keep_prob: f32,
+    /// Evaluation batch; `None`: the training batch.
+    pub eval_batch: Option<usize>,
+}
+
+impl Recipe {
+    /// The learning rate each optimiser starts at: Adam's 1e-3 (the notebook's), SGD's 0.01
+    /// (the paper's).
+    pub fn lr(optimizer: OptimizerKind) -> f32 {
+        match optimizer {
+            OptimizerKind::Adam => 1e-3,
+            OptimizerKind::Sgd => 0.01,
+        }
+    }
+}
+
+/// The recipe of model `name` (the seed model's, or the paper's for any other).
+pub fn recipe(name: &str) -> Recipe {
+    if name == "alexnet-mnist" {
+        Recipe { batch_size: 64, optimizer: OptimizerKind::Adam, lr_plateau_patience: None, keep_prob: 0.8, eval_batch: Some(1000) }
+    } else {
+        Recipe { batch_size: 128, optimizer: OptimizerKind::Sgd, lr_plateau_patience: Some(2), keep_prob: 0.5, eval_batch: None }
+    }
+}
 
 fn conv(name: &str, out_c: usize, kernel: usize, stride: usize, padding: Padding, groups: usize) -> LayerSpec {
     LayerSpec::Conv { name: name.into(), out_c, kernel, stride, padding, groups, relu: true }
@@ -17,14 +53,14 @@ fn linear(name: &str, out: usize, relu: bool) -> LayerSpec {
 
 /// The notebook's AlexNet for 28x28 MNIST: 3 x [conv 3x3 SAME + ReLU -> max-pool 3x3/2 SAME ->
 /// LRN -> dropout] with 64/128/256 channels, then FC 1024, FC 1024, FC 10.
-pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
+pub fn alexnet_mnist() -> Architecture {
     let lrn = LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 };
     let mut layers = Vec::new();
     for (i, out_c) in [64, 128, 256].into_iter().enumerate() {
         layers.push(conv(&format!("conv{}", i + 1), out_c, 3, 1, Padding::Same, 1));
         layers.push(LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Same });
         layers.push(LayerSpec::Lrn(lrn));
-        layers.push(LayerSpec::Dropout { keep: keep_prob });
+        layers.push(LayerSpec::Dropout {});
     }
     layers.extend([linear("fc1", 1024, true), linear("fc2", 1024, true), linear("fc3", 10, false)]);
     Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers, init: Init::He, input_scale: 1.0 }
@@ -40,7 +76,7 @@ pub fn alexnet_mnist(keep_prob: f32) -> Architecture {
 /// `towers = 2` is the paper's two-GPU model: conv2, conv4 and conv5 see only their own tower's
 /// half of the previous layer's kernels (groups of 2), while conv3 and the FC layers connect
 /// across towers (60,965,224 parameters with 1000 classes, as Caffe's bvlc_alexnet).
-pub fn alexnet(towers: usize, keep_prob: f32, classes: usize) -> Architecture {
+pub fn alexnet(towers: usize, classes: usize) -> Architecture {
     let lrn = LrnParams { depth_radius: 2, bias: 2.0, alpha: 1e-4, beta: 0.75 };
     let pool = LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Valid };
     let layers = vec![
@@ -54,9 +90,9 @@ pub fn alexnet(towers: usize, keep_prob: f32, classes: usize) -> Architecture {
         conv("conv4", 384, 3, 1, Padding::Explicit(1), towers),
         conv("conv5", 256, 3, 1, Padding::Explicit(1), towers),
         pool,
-        LayerSpec::Dropout { keep: keep_prob },
+        LayerSpec::Dropout {},
         linear("fc6", 4096, true),
-        LayerSpec::Dropout { keep: keep_prob },
+        LayerSpec::Dropout {},
         linear("fc7", 4096, true),
         linear("fc8", classes, false),
     ];
@@ -70,7 +106,7 @@ pub fn alexnet(towers: usize, keep_prob: f32, classes: usize) -> Architecture {
 /// torchvision's `alexnet` ("one weird trick" single-tower variant): 64/192/384/256/256
 /// channels, padding 2 on conv1, no LRN, 224x224 input, 61,100,840 parameters. Layers carry
 /// torchvision's module names, so its state dict loads unchanged.
-pub fn alexnet_owt(keep_prob: f32, classes: usize) -> Architecture {
+pub fn alexnet_owt(classes: usize) -> Architecture {
     let pool = LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Valid };
     let layers = vec![
         conv("features.0", 64, 11, 4, Padding::Explicit(2), 1),
@@ -81,9 +117,9 @@ pub fn alexnet_owt(keep_prob: f32, classes: usize) -> Architecture {
         conv("features.8", 256, 3, 1, Padding::Explicit(1), 1),
         conv("features.10", 256, 3, 1, Padding::Explicit(1), 1),
         pool,
-        LayerSpec::Dropout { keep: keep_prob },
+        LayerSpec::Dropout {},
         linear("classifier.1", 4096, true),
-        LayerSpec::Dropout { keep: keep_prob },
+        LayerSpec::Dropout {},
         linear("classifier.4", 4096, true),
         linear("classifier.6", classes, false),
     ];
@@ -92,15 +128,15 @@ pub fn alexnet_owt(keep_prob: f32, classes: usize) -> Architecture {
 
 /// Look up an architecture by its command-line name; `classes` overrides the model's own
 /// (10 for MNIST, 1000 for ImageNet).
-pub fn architecture(name: &str, keep_prob: f32, classes: Option<usize>) -> Result<Architecture> {
+pub fn architecture(name: &str, classes: Option<usize>) -> Result<Architecture> {
     if classes == Some(0) {
         bail!("--classes must be at least 1");
     }
     let mut arch = match name {
-        "alexnet-mnist" => alexnet_mnist(keep_prob),
-        "alexnet" => alexnet(1, keep_prob, 1000),
-        "alexnet-2gpu" => alexnet(2, keep_prob, 1000),
-        "alexnet-owt" => alexnet_owt(keep_prob, 1000),
+        "alexnet-mnist" => alexnet_mnist(),
+        "alexnet" => alexnet(1, 1000),
+        "alexnet-2gpu" => alexnet(2, 1000),
+        "alexnet-owt" => alexnet_owt(1000),
         other => bail!("unknown model '{other}' (known: {})", MODEL_NAMES.join(", ")),
     };
     if let (Some(n), Some(LayerSpec::Linear { out, .. })) = (classes, arch.layers.last_mut()) {

@@ -5,7 +5,7 @@
 //! the user's cache directory, so later runs skip the timing, and a run saves the plan it used
 //! so `--resume` continues with the same algorithms (bit-identical).
 
-use crate::checkpoint::write_atomic;
+use crate::files::write_atomic;
 use crate::layers::conv::{Conv, relu_bias_backward};
 use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
@@ -69,7 +69,7 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
     }
     let cache_file = cache_dir.map(|d| d.join(CACHE_FILE));
     let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
-    let names = crate::summary::layer_names(model);
+    let names = model.layer_names();
     let machine = format!("{} | {L} lanes | {} threads | kernels v{KERNELS}", cpu_model(), rayon::current_num_threads());
     let keys: Vec<Option<String>> = model
         .layers
@@ -294,12 +294,12 @@ fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
 
 /// The plan as a run directory saves it: layer name -> algorithms.
 pub fn named_plan(model: &Model, plan: &ConvPlan) -> BTreeMap<String, ConvAlgos> {
-    crate::summary::layer_names(model).into_iter().zip(plan).filter_map(|(n, a)| a.map(|a| (n, a))).collect()
+    model.layer_names().into_iter().zip(plan).filter_map(|(n, a)| a.map(|a| (n, a))).collect()
 }
 
 /// Back from `named_plan` (layers it does not name keep the heuristic choice).
 pub fn plan_from_names(model: &Model, named: &BTreeMap<String, ConvAlgos>) -> ConvPlan {
-    let names = crate::summary::layer_names(model);
+    let names = model.layer_names();
     model.layers.iter().zip(names).map(|(l, n)| matches!(l, Layer::Conv { .. }).then(|| named.get(&n).copied()).flatten()).collect()
 }
 
@@ -329,7 +329,7 @@ impl RunPlans {
 
 /// One line, in layer order: "conv1 fwd direct, dx im2col, dw direct; conv2 ...".
 pub fn describe(model: &Model, plan: &ConvPlan) -> String {
-    let names = crate::summary::layer_names(model);
+    let names = model.layer_names();
     names.iter().zip(plan).filter_map(|(n, a)| a.map(|a| format!("{n} {}", a.describe()))).collect::<Vec<_>>().join("; ")
 }
 
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn a_measured_plan_is_cached_and_read_back_and_forcing_skips_the_timing() {
         let dir = tempfile::tempdir().unwrap();
-        let model = Model::new(&architecture("alexnet-mnist", 0.8, None).unwrap()).unwrap();
+        let model = Model::new(&architecture("alexnet-mnist", None).unwrap()).unwrap();
         let first = choose(&model, 4, true, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap();
         assert_eq!(first.times.len(), 3, "three convolutions measured");
         assert!(first.source.starts_with("measured, cached in"), "{}", first.source);

@@ -67,6 +67,8 @@ pub fn peak_rss_mib() -> f64 {
 
 pub struct BenchPlan {
     pub train_batch: usize,
+    /// Dropout's keep probability in the training steps.
+    pub keep_prob: f32,
     pub infer_batch: usize,
     pub runs: usize,
     pub steps_per_run: usize,
@@ -101,7 +103,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         }
         fill_batch(data, &order[cursor..cursor + plan.train_batch], 0, 0, ws.input_mut(), &mut labels);
         cursor += plan.train_batch;
-        train_step_gradients(model, ws, &labels, Mode::Train { stream: cursor as u64, first_sample: 0 }, &mut Single);
+        train_step_gradients(model, ws, &labels, Mode::Train { stream: cursor as u64, first_sample: 0, keep: plan.keep_prob }, &mut Single);
         opt.update(&mut model.params, opt_cfg.lr);
     };
     for _ in 0..3 {
@@ -120,7 +122,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         }
         let times = ws.layer_seconds.take().expect("profiling on");
         let per = |s: f64| 1e3 * s / steps as f64;
-        let names = crate::summary::layer_names(model);
+        let names = model.layer_names();
         layer_ms = names.into_iter().zip(&times).map(|(n, &(f, b))| (n, per(f), per(b))).collect();
         update_ms = per(upd) - layer_ms.iter().map(|(_, f, b)| f + b).sum::<f64>();
     }

@@ -3,13 +3,13 @@
 //! the first FC layer's input is flattened C,H,W (ours H,W,C); both are converted here. The
 //! architecture travels in the file's metadata, so `eval` and `predict` need only the file.
 
+use crate::files::{f32_bytes, f32s_from_bytes, safetensors_bytes, write_atomic};
 use crate::model::{Architecture, Layer, Model};
 use crate::optim::Optimizer;
 use anyhow::{Context, Result, bail};
+use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::{SafeTensors, serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 const ARCH_KEY: &str = "alexnet.architecture";
@@ -112,16 +112,6 @@ fn slot_prefix(slot: usize) -> String {
     format!("{OPTIMIZER_PREFIX}slot{slot}.")
 }
 
-/// f32 values as the little-endian bytes safetensors and ONNX store.
-pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// The inverse of `f32_bytes` (a trailing partial value is ignored).
-pub fn f32s_from_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
-}
-
 /// Serialise to safetensors bytes, with the architecture and `extra` in the metadata, and the
 /// optimiser's state when given (a training checkpoint).
 pub fn to_bytes(model: &Model, extra: &[(&str, String)], optimizer: Option<&Optimizer>) -> Result<Vec<u8>> {
@@ -144,34 +134,7 @@ pub fn to_bytes(model: &Model, extra: &[(&str, String)], optimizer: Option<&Opti
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     meta.insert(ARCH_KEY.into(), serde_json::to_string(&model.arch)?);
     meta.insert("format".into(), "pt".into());
-    Ok(serialize(views, Some(meta))?)
-}
-
-/// Temporary files of `write_atomic` start with this; a resumed run deletes any a killed
-/// process left behind.
-pub const TEMP_PREFIX: &str = ".alexnet-tmp";
-
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then
-/// renamed over the target, so a crash at any instant leaves either the old or the new file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(TEMP_PREFIX);
-    #[cfg(unix)]
-    {
-        // tempfile creates 0600 files; a model or config is an ordinary file others may read.
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    let mut tmp = builder.tempfile_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("cannot rename the temporary file onto {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Make the rename itself durable; not all filesystems allow syncing a directory.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    safetensors_bytes(views, meta)
 }
 
 pub fn save(model: &Model, path: &Path, extra: &[(&str, String)]) -> Result<()> {
@@ -326,7 +289,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_uses_pytorch_layouts() {
-        let mut m = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let mut m = Model::new(&alexnet_mnist()).unwrap();
         m.init(5, 0.01);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
@@ -348,14 +311,14 @@ mod tests {
 
     #[test]
     fn mismatched_checkpoint_lists_every_problem_and_leaves_model_untouched() {
-        let mut small = alexnet_mnist(0.8);
+        let mut small = alexnet_mnist();
         if let crate::model::LayerSpec::Linear { out, .. } = &mut small.layers[12] {
             *out = 512;
         }
         let mut m = Model::new(&small).unwrap();
         m.init(1, 0.0);
         let bytes = to_bytes(&m, &[], None).unwrap();
-        let mut target = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let mut target = Model::new(&alexnet_mnist()).unwrap();
         let before = target.params[0].value.clone();
         let err = load_into(&mut target, Path::new("small.safetensors"), &bytes, None).unwrap_err().to_string();
         assert!(err.contains("fc1.weight: shape [512, 4096]") && err.contains("fc2.weight: shape [1024, 512]"), "{err}");
@@ -366,7 +329,7 @@ mod tests {
 
     #[test]
     fn foreign_files_without_metadata_load_with_an_explicit_architecture() {
-        let mut m = Model::new(&alexnet_mnist(1.0)).unwrap();
+        let mut m = Model::new(&alexnet_mnist()).unwrap();
         m.init(9, 0.0);
         // What PyTorch's safetensors.torch.save_file writes: tensors, no alexnet metadata.
         let tensors = torch_tensors(&m);
@@ -378,10 +341,10 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("torch.safetensors");
-        std::fs::write(&path, serialize(views, None).unwrap()).unwrap();
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
         let err = format!("{:#}", load(&path, None).unwrap_err());
         assert!(err.contains("--model") && err.contains("torch.safetensors"), "{err}");
-        let back = load(&path, Some(alexnet_mnist(1.0))).unwrap();
+        let back = load(&path, Some(alexnet_mnist())).unwrap();
         assert_eq!(back.params[0].value, m.params[0].value);
     }
 }

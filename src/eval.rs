@@ -2,6 +2,7 @@
 //! optionally averaging the softmax over several views of each image (the paper's ten crops).
 
 use crate::data::mnist::Dataset;
+use crate::data::source::Source;
 use crate::layers::softmax::{argmax, softmax};
 use crate::model::{Mode, Model, Workspace, forward};
 use anyhow::Result;
@@ -68,6 +69,11 @@ pub fn evaluate(model: &Model, ws: &mut Workspace, ds: &Dataset) -> EvalResult {
         Ok(())
     })
     .expect("copying from memory cannot fail")
+}
+
+/// Loss, top-1/top-5 accuracy and confusion on a source's test (MNIST) or validation set.
+pub fn evaluate_source(model: &Model, ws: &mut Workspace, source: &Source) -> Result<EvalResult> {
+    evaluate_views(model, ws, &source.eval_labels(), source.eval_views(), |range, view, input| source.fill_eval(range, view, input))
 }
 
 #[cfg(test)]

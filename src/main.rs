@@ -1,17 +1,17 @@
 use alexnet::architectures::{MODEL_NAMES, architecture};
-use alexnet::autotune::ConvAlgoPolicy;
 use alexnet::bench::{self, BenchPlan};
 use alexnet::cluster::{self, Cluster};
-use alexnet::config::TrainConfig;
+use alexnet::config::{ConvFlags, ModelDefaults, TrainConfig};
 use alexnet::data::mnist::{self, Split};
 use alexnet::data::source::{OpenOptions, Source};
 use alexnet::denormals::{self, start_thread_pool};
 use alexnet::layers::softmax::softmax;
 use alexnet::model::{Mode, Model, Workspace, forward};
-use alexnet::optim::OptimizerKind;
 use alexnet::{checkpoint, predict, summary, train};
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (defaults: the notebook's AlexNet-for-MNIST run).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Test-set accuracy and loss of a model file.
     Eval {
         #[arg(long)]
@@ -44,8 +44,9 @@ enum Command {
         /// dataset, evaluated on its val/ images.
         #[arg(long)]
         data: Option<PathBuf>,
-        #[arg(long, default_value_t = 1000)]
-        batch_size: usize,
+        /// Default: the model's evaluation batch (1000 for alexnet-mnist, 128 for the others).
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// ImageFolder data: average the softmax over ten crops.
         #[arg(long)]
         ten_crop: bool,
@@ -89,11 +90,15 @@ enum Command {
     },
     /// Print a model's layer table.
     Summary {
-        #[arg(long, default_value = "alexnet-mnist")]
+        #[arg(long, default_value = "alexnet-mnist", conflicts_with = "checkpoint")]
         model: String,
         /// Output classes (default: the model's own, 10 for MNIST, 1000 for ImageNet).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "checkpoint")]
         classes: Option<usize>,
+        /// The model in this file (its architecture from the file), with the file's SHA-256:
+        /// model files are byte-reproducible, so equal checksums mean equal models.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
     },
     /// Measure training and inference throughput: real MNIST batches for the seed model,
     /// random images (--dummy) for the ImageNet models.
@@ -130,124 +135,43 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<PathBuf>,
         #[command(flatten)]
-        conv: ConvArgs,
+        conv: ConvFlags,
     },
 }
 
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Continue the run in this directory from its last checkpoint, with its saved config
-    /// (and its thread count, unless --threads says otherwise).
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
-        "model", "batch_size", "samples", "epochs", "optimizer", "lr", "lr_step_epochs", "lr_plateau_patience", "lr_gamma", "beta1", "beta2",
-        "epsilon", "momentum", "weight_decay", "keep_prob", "init_bias", "seed", "augment", "shift", "display_step",
-        "checkpoint_every", "eval_batch", "ten_crop", "strict_images", "dummy", "data", "out", "conv_algo", "cache_dir",
-    ])]
+    /// (and its thread count, unless --threads says otherwise); no training flag goes with it.
+    #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
-    #[arg(long, default_value = "alexnet-mnist")]
-    model: String,
-    /// Default: the notebook's 64 for alexnet-mnist, the paper's 128 for the ImageNet models.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Training samples to process (the notebook's training_iters).
-    #[arg(long, default_value_t = 300_000)]
-    samples: usize,
-    /// Train for whole epochs instead of --samples.
-    #[arg(long, conflicts_with = "samples")]
-    epochs: Option<usize>,
-    /// Default: Adam (the notebook's) for alexnet-mnist, SGD (the paper's) for the others.
-    #[arg(long, value_enum)]
-    optimizer: Option<OptimizerKind>,
-    /// Default: 0.001 with Adam, the paper's 0.01 with SGD.
-    #[arg(long, allow_negative_numbers = true)]
-    lr: Option<f32>,
-    /// Multiply the learning rate by --lr-gamma every this many epochs (default: constant).
-    #[arg(long)]
-    lr_step_epochs: Option<usize>,
-    /// Multiply the learning rate by --lr-gamma when the validation error has not improved for
-    /// this many epochs (the paper's schedule; default for the ImageNet models: 2).
-    #[arg(long)]
-    lr_plateau_patience: Option<usize>,
-    #[arg(long, default_value_t = 0.1)]
-    lr_gamma: f32,
-    #[arg(long, default_value_t = 0.9)]
-    beta1: f32,
-    #[arg(long, default_value_t = 0.999)]
-    beta2: f32,
-    #[arg(long, default_value_t = 1e-8)]
-    epsilon: f32,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f32,
-    /// SGD weight decay (on weights, not biases).
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f32,
-    /// Dropout keep probability (default: 0.8 for alexnet-mnist, the paper's 0.5 otherwise).
-    #[arg(long)]
-    keep_prob: Option<f32>,
-    /// Initial value of every bias (weights are He-normal).
-    #[arg(long, default_value_t = 0.0)]
-    init_bias: f32,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Random translations of the training digits (the paper's crop augmentation for MNIST).
-    #[arg(long)]
-    augment: bool,
-    /// Largest shift in pixels with --augment.
-    #[arg(long, default_value_t = 2)]
-    shift: usize,
-    /// Print the minibatch loss and accuracy every this many steps.
-    #[arg(long, default_value_t = 100)]
-    display_step: usize,
-    /// Write a training checkpoint every this many steps (0: only at epoch ends and on exit).
-    #[arg(long, default_value_t = alexnet::config::default_checkpoint_every())]
-    checkpoint_every: usize,
-    /// Evaluation batch (default: 1000 for alexnet-mnist, the training batch otherwise).
-    #[arg(long)]
-    eval_batch: Option<usize>,
-    /// Evaluate ImageFolder data on ten crops (four corners, centre, and their reflections).
-    #[arg(long)]
-    ten_crop: bool,
-    /// Fail on unreadable images instead of skipping them with a warning.
-    #[arg(long)]
-    strict_images: bool,
-    /// Random images with fixed labels instead of data (throughput runs).
-    #[arg(long, conflicts_with = "data")]
-    dummy: bool,
-    /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
-    /// dataset (DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run directory (default: runs/MODEL-UNIXTIME).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    config: TrainConfig,
+    #[command(flatten)]
+    defaults: ModelDefaults,
     /// Under `mpirun` (built with `--features mpi`): end the job if another rank does not
     /// answer within this many seconds (a dead or hung rank). It must exceed rank 0's longest
     /// solo phase: evaluation plus writing a checkpoint.
     #[arg(long, default_value_t = 600.0, value_name = "SECS")]
     mpi_timeout: f64,
-    #[command(flatten)]
-    conv: ConvArgs,
 }
 
-/// How the convolutions' algorithms are chosen (train and bench).
-#[derive(clap::Args)]
-struct ConvArgs {
-    /// Each convolution's algorithm per pass: measured on this machine at the start (auto,
-    /// cached), or one forced wherever it applies.
-    #[arg(long, value_enum, default_value_t = ConvAlgoPolicy::Auto)]
-    conv_algo: ConvAlgoPolicy,
-    /// Where measured choices are cached (default: $ALEXNET_CACHE_DIR, else
-    /// $XDG_CACHE_HOME/alexnet, else ~/.cache/alexnet).
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-}
+/// The flags `train --resume` takes besides the run directory: how to run, not what to train.
+const RESUME_FLAGS: &[&str] = &["resume", "threads", "mpi_timeout"];
 
 fn main() -> ExitCode {
     // Before any thread starts: threads spawned from here on inherit it (and set it again).
     denormals::flush_denormals_on_this_thread();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The flags given on the command line: `train --resume` refuses every training flag.
+    let given: Vec<String> = match matches.subcommand() {
+        Some(("train", sub)) => {
+            sub.ids().filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine)).map(|id| id.to_string()).collect()
+        }
+        _ => Vec::new(),
+    };
+    match run(cli, &given) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -280,7 +204,7 @@ fn stop_on_signals() -> Result<Arc<AtomicUsize>> {
     Ok(stop)
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
     let threads = cli.threads;
     if threads == Some(0) {
         bail!("--threads must be at least 1");
@@ -295,7 +219,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
     }
     let command = match cli.command {
-        Command::Train(a) => return train_command(a, threads),
+        Command::Train(a) => return train_command(a, threads, given),
         command => command,
     };
     let threads = threads.unwrap_or_else(default_threads);
@@ -303,18 +227,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match command {
         Command::Train(_) => unreachable!("handled above"),
         Command::Eval { checkpoint: path, model, data, batch_size, ten_crop, confusion } => {
-            if batch_size == 0 {
+            if batch_size == Some(0) {
                 bail!("--batch-size must be at least 1");
             }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+            let recipe = alexnet::architectures::recipe(&model.arch.name);
+            let batch_size = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
             let cache = alexnet::cache_dir::default_cache_dir();
             let options = OpenOptions { ten_crop, cache_dir: cache.as_deref(), ..Default::default() };
-            let source = Source::open(data.as_deref(), &model.arch, &options)?;
+            let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
             if source.classes() != model.classes() {
                 bail!("{} has {} classes, the model {}", data.unwrap_or_default().display(), source.classes(), model.classes());
             }
             let mut ws = Workspace::new(&model, batch_size, false);
-            let r = source.evaluate(&model, &mut ws)?;
+            let r = alexnet::eval::evaluate_source(&model, &mut ws, &source)?;
             println!(
                 "{}: {} {} images, loss {:.4}, accuracy {:.2}% (top-5 {:.2}%)",
                 path.display(),
@@ -339,7 +265,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if top == 0 {
                 bail!("--top must be at least 1");
             }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
             check_input(&model, 28, 28)?;
             let classes = model.classes();
             let mut ws = Workspace::new(&model, 1, false);
@@ -382,7 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     bail!("{} already exists: pass --force to replace it", onnx.display());
                 }
             }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, 1.0, None)).transpose()?)?;
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
         }
@@ -391,19 +317,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", path.display());
             }
         }
-        Command::Summary { model, classes } => {
-            let m = Model::new(&architecture(&model, 1.0, classes)?)?;
+        Command::Summary { model, classes, checkpoint: file } => {
+            let m = match &file {
+                Some(path) => {
+                    let m = checkpoint::load(path, None)?;
+                    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                    println!("{}: {} bytes, SHA-256 {sha}", path.display(), bytes.len());
+                    m
+                }
+                None => Model::new(&architecture(&model, classes)?)?,
+            };
             print!("{}", summary::table(&m));
         }
         Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline, checkpoint: weights, conv } => {
-            let arch = architecture(&model, if model == "alexnet-mnist" { 0.8 } else { 0.5 }, None)?;
+            // The model trains as `alexnet train` would: its recipe's optimiser and dropout.
+            let defaults = TrainConfig::defaults(&model);
+            let arch = architecture(&model, None)?;
             let mut m = match &weights {
-                Some(path) => {
-                    let mut m = checkpoint::load(path, Some(arch.clone()))?;
-                    // The file's weights in the training architecture (dropout as in training).
-                    m.arch.layers = arch.layers.clone();
-                    m
-                }
+                Some(path) => checkpoint::load(path, Some(arch.clone()))?,
                 None => {
                     let mut m = Model::new(&arch)?;
                     m.init(1, 0.0);
@@ -421,23 +353,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let (dir, strict) = mnist::resolve_dir(data.as_deref());
                 mnist::load(&dir, Split::Train, strict)?
             };
-            // Each model with the optimiser it trains with: Adam for the notebook's, the
-            // paper's SGD for the ImageNet models.
-            let cfg = alexnet::optim::OptimizerConfig {
-                kind: if mnist_shaped { OptimizerKind::Adam } else { OptimizerKind::Sgd },
-                lr: if mnist_shaped { 1e-3 } else { 0.01 },
-                beta1: 0.9,
-                beta2: 0.999,
-                epsilon: 1e-8,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-            };
             let r = bench::run(
                 &mut m,
-                cfg,
+                defaults.optimizer_config(),
                 &train_set,
                 &BenchPlan {
                     train_batch: batch_size,
+                    keep_prob: defaults.keep_prob,
                     infer_batch,
                     runs,
                     steps_per_run: steps,
@@ -518,12 +440,17 @@ fn default_threads() -> usize {
 
 /// `alexnet train`, as one process or as one rank of an `mpirun` job. A rank that fails ends the
 /// whole job, so no other rank waits for it.
-fn train_command(a: TrainArgs, threads: Option<usize>) -> Result<ExitCode> {
+fn train_command(a: Box<TrainArgs>, threads: Option<usize>, given: &[String]) -> Result<ExitCode> {
+    if a.resume.is_some()
+        && let Some(flag) = given.iter().find(|id| !RESUME_FLAGS.contains(&id.as_str()))
+    {
+        bail!("--resume continues a run with its saved config: --{} cannot be given with it", flag.replace('_', "-"));
+    }
     if !(a.mpi_timeout > 0.0 && a.mpi_timeout.is_finite()) {
         bail!("--mpi-timeout must be a positive number of seconds, got {}", a.mpi_timeout);
     }
     let mut cluster = cluster::connect(Duration::from_secs_f64(a.mpi_timeout))?;
-    let result = train_as_rank(a, threads, &mut *cluster);
+    let result = train_as_rank(*a, threads, &mut *cluster);
     match result {
         Err(e) if cluster.ranks() > 1 => {
             eprintln!("error: rank {} of {}: {e:#}", cluster.rank(), cluster.ranks());
@@ -539,7 +466,7 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
         // The saved config is on rank 0's machine; the other ranks get it from rank 0.
         let mut text = Vec::new();
         if cluster.rank() == 0 {
-            text = serde_json::to_vec(&train::read_config(dir)?)?;
+            text = serde_json::to_vec(&alexnet::run_dir::read_config(dir)?)?;
         }
         cluster.broadcast_bytes(&mut text, "rank 0's saved config")?;
         let mut cfg: TrainConfig = serde_json::from_slice(&text).context("the saved config from rank 0")?;
@@ -565,46 +492,15 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
     }
     let threads = threads.unwrap_or_else(default_threads);
     start_thread_pool(threads)?;
-    let out = absolute(a.out.unwrap_or_else(|| {
+    let model = a.config.model.clone();
+    let mut cfg = a.defaults.into_config(a.config, || {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("runs/{}-{secs}", a.model))
-    }))?;
-    // The seed model keeps the notebook's defaults; the ImageNet models the paper's.
-    let seed_model = a.model == "alexnet-mnist";
-    let batch_size = a.batch_size.unwrap_or(if seed_model { 64 } else { 128 });
-    let optimizer = a.optimizer.unwrap_or(if seed_model { OptimizerKind::Adam } else { OptimizerKind::Sgd });
-    let cfg = TrainConfig {
-        model: a.model,
-        batch_size,
-        samples: a.samples,
-        epochs: a.epochs,
-        optimizer,
-        lr: a.lr.unwrap_or(if optimizer == OptimizerKind::Adam { 0.001 } else { 0.01 }),
-        lr_step_epochs: a.lr_step_epochs,
-        lr_plateau_patience: a.lr_plateau_patience.or((!seed_model && a.lr_step_epochs.is_none()).then_some(2)),
-        lr_gamma: a.lr_gamma,
-        beta1: a.beta1,
-        beta2: a.beta2,
-        epsilon: a.epsilon,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        keep_prob: a.keep_prob.unwrap_or(if seed_model { 0.8 } else { 0.5 }),
-        init_bias: a.init_bias,
-        seed: a.seed,
-        threads,
-        ranks: cluster.ranks(),
-        augment_shift: if a.augment { a.shift } else { 0 },
-        display_step: a.display_step,
-        checkpoint_every: a.checkpoint_every,
-        eval_batch: a.eval_batch.unwrap_or(if seed_model { 1000 } else { batch_size }),
-        ten_crop: a.ten_crop,
-        strict_images: a.strict_images,
-        dummy: a.dummy,
-        data: a.data.map(absolute).transpose()?,
-        out,
-        conv_algo: a.conv.conv_algo,
-        cache_dir: a.conv.cache_dir.map(absolute).transpose()?,
-    };
+        PathBuf::from(format!("runs/{model}-{secs}"))
+    });
+    (cfg.threads, cfg.ranks) = (threads, cluster.ranks());
+    cfg.out = absolute(cfg.out)?;
+    cfg.data = cfg.data.map(absolute).transpose()?;
+    cfg.conv.cache_dir = cfg.conv.cache_dir.map(absolute).transpose()?;
     finish_training(train::train(&cfg, false, &*stop_on_signals()?, cluster)?)
 }
 

@@ -35,9 +35,9 @@ pub enum LayerSpec {
         padding: Padding,
     },
     Lrn(LrnParams),
-    Dropout {
-        keep: f32,
-    },
+    /// Dropout; its keep probability is training configuration (`Mode::Train`), not part
+    /// of the architecture. (Files from before carry a `keep` field here, ignored.)
+    Dropout {},
     /// Fully connected; flattens its input (H, W, C in our layout, C, H, W in checkpoints).
     Linear {
         name: String,
@@ -65,6 +65,16 @@ fn unit_scale() -> f32 {
     1.0
 }
 
+impl Architecture {
+    /// Output classes: the last layer's width.
+    pub fn classes(&self) -> Result<usize> {
+        match self.layers.last() {
+            Some(LayerSpec::Linear { out, .. }) => Ok(*out),
+            _ => bail!("model {} does not end in a classifier layer", self.name),
+        }
+    }
+}
+
 /// How `Model::init` draws the parameters.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum Init {
@@ -88,7 +98,7 @@ pub enum Layer {
     Conv { conv: Conv, param: usize },
     Pool(MaxPool),
     Lrn { params: LrnParams, channels: usize },
-    Dropout { keep: f32 },
+    Dropout,
     Linear { linear: Linear, param: usize, from: [usize; 3] },
 }
 
@@ -170,7 +180,7 @@ impl Model {
                     shape = [win.h.output, win.w.output, c];
                 }
                 LayerSpec::Lrn(params) => layers.push(Layer::Lrn { params: *params, channels: c }),
-                LayerSpec::Dropout { keep } => layers.push(Layer::Dropout { keep: *keep }),
+                LayerSpec::Dropout {} => layers.push(Layer::Dropout),
                 LayerSpec::Linear { name, out, relu } => {
                     let linear = Linear { in_len: h * w * c, out_len: *out, relu: *relu };
                     let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true)?;
@@ -185,6 +195,27 @@ impl Model {
             shapes.push(shape);
         }
         Ok(Model { arch: arch.clone(), layers, params, shapes })
+    }
+
+    /// Display names of the layers: conv1, pool1, lrn1, dropout1, ..., fc3.
+    pub fn layer_names(&self) -> Vec<String> {
+        let mut counts = std::collections::HashMap::new();
+        self.layers
+            .iter()
+            .map(|layer| match layer {
+                Layer::Conv { param, .. } | Layer::Linear { param, .. } => self.params[*param].name.trim_end_matches(".weight").to_string(),
+                other => {
+                    let kind = match other {
+                        Layer::Pool(_) => "pool",
+                        Layer::Lrn { .. } => "lrn",
+                        _ => "dropout",
+                    };
+                    let n = counts.entry(kind).or_insert(0);
+                    *n += 1;
+                    format!("{kind}{n}")
+                }
+            })
+            .collect()
     }
 
     pub fn classes(&self) -> usize {
@@ -291,7 +322,7 @@ impl Workspace {
             .collect();
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
-        let skipped = |i: usize| !training && i > 0 && matches!(model.layers[i - 1], Layer::Dropout { .. });
+        let skipped = |i: usize| !training && i > 0 && matches!(model.layers[i - 1], Layer::Dropout);
         let acts: Vec<Vec<f32>> =
             model.shapes.iter().enumerate().map(|(i, s)| if skipped(i) { Vec::new() } else { vec![0.0; len(s)] }).collect();
         let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
@@ -303,7 +334,7 @@ impl Workspace {
             .map(|(i, (l, s))| match l {
                 Layer::Pool(_) if training => Saved::Argmax(vec![0; len(s)]),
                 Layer::Lrn { .. } if training => Saved::Values(vec![0.0; len(s)]),
-                Layer::Dropout { .. } if training => Saved::Values(vec![0.0; len(s)]),
+                Layer::Dropout if training => Saved::Values(vec![0.0; len(s)]),
                 Layer::Conv { conv, .. } if training && conv_plan[i].is_some_and(|a| a.keeps_winograd_transforms()) => {
                     Saved::Values(vec![0.0; winograd::saved_len(conv, batch)])
                 }
@@ -345,6 +376,8 @@ pub enum Mode {
     Train {
         stream: u64,
         first_sample: usize,
+        /// Dropout's keep probability (1: no dropout).
+        keep: f32,
     },
 }
 
@@ -384,12 +417,12 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
                 };
                 lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], scale);
             }
-            Layer::Dropout { keep } => match mode {
-                Mode::Train { stream, first_sample } if *keep < 1.0 => {
+            Layer::Dropout => match mode {
+                Mode::Train { stream, first_sample, keep } if keep < 1.0 => {
                     let Saved::Values(mask) = &mut ws.saved[i] else { unreachable!("dropout saves its mask") };
                     let per_sample = out_len / n.max(1);
                     dropout_forward(
-                        *keep,
+                        keep,
                         per_sample,
                         stream_id(&[stream, i as u64]),
                         first_sample,
@@ -467,7 +500,7 @@ pub fn gradients_finite(model: &Model) -> bool {
 /// were computed (the forward outputs from the input up, then the backward gradients from the
 /// loss down), e.g. "the output of conv2" or "the gradient of fc1.weight".
 pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<String> {
-    let names = crate::summary::layer_names(model);
+    let names = model.layer_names();
     let len = |i: usize| model.shapes[i].iter().product::<usize>() * n;
     if !all_finite(&ws.acts[0][..len(0)]) {
         return Some("the input batch".into());
@@ -536,7 +569,7 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
                 let Saved::Values(scale) = &ws.saved[i] else { unreachable!() };
                 lrn_backward(params, *channels, &x[..out_len], &y[..out_len], &scale[..out_len], &dy[..out_len], &mut dx[..out_len]);
             }
-            Layer::Dropout { .. } => {
+            Layer::Dropout => {
                 let Saved::Values(mask) = &ws.saved[i] else { unreachable!() };
                 dropout_backward(&mask[..out_len], &dy[..out_len], &mut dx[..out_len]);
             }
@@ -566,8 +599,8 @@ mod tests {
 
     /// A narrow version of the seed model (same layer kinds, shapes and padding cases) so the
     /// whole-model finite-difference check stays fast.
-    fn small_seed_model(keep: f32) -> Architecture {
-        let mut arch = alexnet_mnist(keep);
+    fn small_seed_model() -> Architecture {
+        let mut arch = alexnet_mnist();
         for l in &mut arch.layers {
             match l {
                 LayerSpec::Conv { out_c, .. } => *out_c /= 16,
@@ -595,7 +628,7 @@ mod tests {
 
     #[test]
     fn seed_model_shapes_match_the_notebook() {
-        let m = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let m = Model::new(&alexnet_mnist()).unwrap();
         let spatial: Vec<[usize; 3]> = m.shapes.iter().step_by(4).take(4).cloned().collect();
         assert_eq!(spatial, vec![[28, 28, 1], [14, 14, 64], [7, 7, 128], [4, 4, 256]]);
         assert_eq!(m.classes(), 10);
@@ -616,14 +649,14 @@ mod tests {
     /// f32 forward passes and the kinks a finite step crosses put on the difference quotient;
     /// a wrong backward (a missed mask, a transposed weight) is off by O(1).
     fn whole_model_check(keep: f32) {
-        let mut model = Model::new(&small_seed_model(keep)).unwrap();
+        let mut model = Model::new(&small_seed_model()).unwrap();
         model.init(3, 0.2);
         let batch = 3;
         let x: Vec<f32> = random_vec(batch * 784, 4).iter().map(|v| v.abs()).collect();
         let labels = [7u32, 1, 4];
         let mut ws = Workspace::new(&model, batch, true);
         ws.input_mut().copy_from_slice(&x);
-        train_step_gradients(&mut model, &mut ws, &labels, Mode::Train { stream: 9, first_sample: 0 }, &mut Single);
+        train_step_gradients(&mut model, &mut ws, &labels, Mode::Train { stream: 9, first_sample: 0, keep }, &mut Single);
         for seed in 0..3 {
             let dirs: Vec<Vec<f32>> =
                 model.params.iter().enumerate().map(|(i, p)| unit_direction(p.value.len(), 100 * seed + i as u64)).collect();
@@ -639,7 +672,7 @@ mod tests {
                 for (p, d) in m.params.iter_mut().zip(&dirs) {
                     p.value.iter_mut().zip(d).for_each(|(v, d)| *v += sign * eps * d);
                 }
-                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0 })
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0, keep })
             };
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
             assert!(
@@ -656,7 +689,7 @@ mod tests {
             let shifted = |sign: f32| {
                 let mut m = model.clone();
                 m.params[i].value.iter_mut().zip(&d).for_each(|(v, d)| *v += sign * eps * d);
-                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0 })
+                loss_of(&m, &x, &labels, Mode::Train { stream: 9, first_sample: 0, keep })
             };
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
             assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep} {}: {analytic} vs {numeric}", p.name);
@@ -665,14 +698,14 @@ mod tests {
 
     #[test]
     fn dropout_in_training_changes_outputs_and_eval_is_deterministic() {
-        let mut model = Model::new(&small_seed_model(0.5)).unwrap();
+        let mut model = Model::new(&small_seed_model()).unwrap();
         model.init(1, 0.0);
         let x = random_vec(2 * 784, 5);
         let mut ws = Workspace::new(&model, 2, true);
         ws.input_mut().copy_from_slice(&x);
         forward(&model, &mut ws, 2, Mode::Eval);
         let eval = ws.logits(2, 10).to_vec();
-        forward(&model, &mut ws, 2, Mode::Train { stream: 1, first_sample: 0 });
+        forward(&model, &mut ws, 2, Mode::Train { stream: 1, first_sample: 0, keep: 0.5 });
         assert_ne!(ws.logits(2, 10), &eval[..]);
         forward(&model, &mut ws, 2, Mode::Eval);
         assert_eq!(ws.logits(2, 10), &eval[..]);

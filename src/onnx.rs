@@ -178,7 +178,7 @@ fn push(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: Vec<String>, a
 /// The inference graph of `model`: input `input` [N, C, H, W], outputs `logits` [N, classes]
 /// and `probabilities` (their softmax). Dropout is the identity at inference and is omitted.
 pub fn to_model(model: &Model) -> ModelProto {
-    let names = crate::summary::layer_names(model);
+    let names = model.layer_names();
     let mut nodes = Vec::new();
     let mut cur = "input".to_string();
     let mut spatial = true;
@@ -215,7 +215,7 @@ pub fn to_model(model: &Model) -> ModelProto {
                 ];
                 cur = push(&mut nodes, "LRN", name, vec![cur], attrs);
             }
-            Layer::Dropout { .. } => {}
+            Layer::Dropout => {}
             Layer::Linear { linear, param, .. } => {
                 if spatial {
                     // NCHW flattening is C, H, W order: the order of the checkpoint's fc1 columns.
@@ -238,7 +238,7 @@ pub fn to_model(model: &Model) -> ModelProto {
             dims: shape.iter().map(|&d| d as i64).collect(),
             data_type: Some(FLOAT),
             name: Some(name),
-            raw_data: Some(crate::checkpoint::f32_bytes(&data)),
+            raw_data: Some(crate::files::f32_bytes(&data)),
         })
         .collect();
     let [h, w, c] = model.arch.input;
@@ -261,7 +261,7 @@ pub fn to_model(model: &Model) -> ModelProto {
 
 /// Write `model` as an ONNX file (atomically, like every model file).
 pub fn export(model: &Model, path: &Path) -> Result<()> {
-    crate::checkpoint::write_atomic(path, &to_model(model).encode_to_vec())
+    crate::files::write_atomic(path, &to_model(model).encode_to_vec())
 }
 
 #[cfg(test)]
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn seed_model_graph_has_exact_tf_same_pads_and_onnx_lrn_alpha() {
-        let m = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let m = Model::new(&alexnet_mnist()).unwrap();
         let onnx = to_model(&m);
         let bytes = onnx.encode_to_vec();
         assert_eq!(ModelProto::decode(&bytes[..]).unwrap(), onnx, "round trip through the wire format");

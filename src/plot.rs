@@ -2,7 +2,7 @@
 //! minibatches and the test set) and the last test-set confusion matrix. Text uses a font
 //! compiled into the binary, so plots look the same on machines without system fonts.
 
-use crate::train::METRICS_FILE;
+use crate::run_dir::METRICS_FILE;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -67,7 +67,7 @@ fn render(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::c
     let mut png = Vec::new();
     image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut png), &rgb, w, h, image::ExtendedColorType::Rgb8)
         .with_context(|| format!("encoding {}", path.display()))?;
-    crate::checkpoint::write_atomic(path, &png)
+    crate::files::write_atomic(path, &png)
 }
 
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {

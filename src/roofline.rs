@@ -196,7 +196,7 @@ mod tests {
         // 49*256*1152*2 = 28.901M, fc1 4096*1024*2 = 8.389M, fc2 2.097M, fc3 0.020M: 69.21M
         // forward (../shared/README.md: 69.2). Training is three times that less conv1's input
         // gradient, which no one needs (the shared README's 207.6 counts it).
-        let model = Model::new(&architecture("alexnet-mnist", 0.8, None).unwrap()).unwrap();
+        let model = Model::new(&architecture("alexnet-mnist", None).unwrap()).unwrap();
         let flop =
             |training| im2col_gemms(&model, 10, training).iter().map(|s| 2.0 * (s.m * s.n * s.k) as f64 * s.repeat).sum::<f64>() / 10.0;
         assert!((flop(false) / 1e6 - 69.21).abs() < 0.01, "{}", flop(false));

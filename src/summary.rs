@@ -24,34 +24,12 @@ pub fn totals(model: &Model) -> Totals {
     t
 }
 
-/// Display names of the layers: conv1, pool1, lrn1, dropout1, ..., fc3.
-pub fn layer_names(model: &Model) -> Vec<String> {
-    let mut counts = std::collections::HashMap::new();
-    model
-        .layers
-        .iter()
-        .map(|layer| match layer {
-            Layer::Conv { param, .. } | Layer::Linear { param, .. } => model.params[*param].name.trim_end_matches(".weight").to_string(),
-            other => {
-                let kind = match other {
-                    Layer::Pool(_) => "pool",
-                    Layer::Lrn { .. } => "lrn",
-                    _ => "dropout",
-                };
-                let n = counts.entry(kind).or_insert(0);
-                *n += 1;
-                format!("{kind}{n}")
-            }
-        })
-        .collect()
-}
-
 pub fn table(model: &Model) -> String {
     let mut s = String::new();
     let [h, w, c] = model.arch.input;
     writeln!(s, "Model {}: input {h}x{w}x{c}", model.arch.name).unwrap();
     writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
-    for ((layer, [h, w, c]), name) in model.layers.iter().zip(&model.shapes[1..]).zip(layer_names(model)) {
+    for ((layer, [h, w, c]), name) in model.layers.iter().zip(&model.shapes[1..]).zip(model.layer_names()) {
         let weight = match layer {
             Layer::Conv { param, .. } | Layer::Linear { param, .. } => {
                 let p = &model.params[*param];
@@ -77,7 +55,7 @@ mod tests {
 
     #[test]
     fn seed_model_totals() {
-        let m = Model::new(&alexnet_mnist(0.8)).unwrap();
+        let m = Model::new(&alexnet_mnist()).unwrap();
         let t = totals(&m);
         // neurons: 28*28*64 + 14*14*128 + 7*7*256 + 1024 + 1024 + 10
         assert_eq!(t.neurons, 50176 + 25088 + 12544 + 2058);
@@ -88,21 +66,21 @@ mod tests {
 
     #[test]
     fn paper_models_match_the_published_counts() {
-        let count = |name: &str| totals(&Model::new(&architecture(name, 0.5, None).unwrap()).unwrap());
+        let count = |name: &str| totals(&Model::new(&architecture(name, None).unwrap()).unwrap());
         // The paper's table: 659,272 neurons, 62,367,776 weights (62,378,344 with biases).
         let t = count("alexnet");
         assert_eq!((t.neurons, t.weights, t.parameters), (659_272, 62_367_776, 62_378_344));
         // The two-tower model as published (Caffe's bvlc_alexnet) and torchvision's alexnet.
         assert_eq!(count("alexnet-2gpu").parameters, 60_965_224);
         assert_eq!(count("alexnet-owt").parameters, 61_100_840);
-        let m = Model::new(&architecture("alexnet-owt", 0.5, Some(37)).unwrap()).unwrap();
+        let m = Model::new(&architecture("alexnet-owt", Some(37)).unwrap()).unwrap();
         assert_eq!(m.classes(), 37);
         let names: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names.first(), Some(&"features.0.weight"));
         assert_eq!(names.last(), Some(&"classifier.6.bias"));
-        assert!(table(&Model::new(&architecture("alexnet", 0.5, None).unwrap()).unwrap()).contains("55x55x96"));
+        assert!(table(&Model::new(&architecture("alexnet", None).unwrap()).unwrap()).contains("55x55x96"));
         // The paper's init: biases 1 in conv2, conv4, conv5, fc6, fc7; weights N(0, 0.01).
-        let mut m = Model::new(&architecture("alexnet-2gpu", 0.5, Some(10)).unwrap()).unwrap();
+        let mut m = Model::new(&architecture("alexnet-2gpu", Some(10)).unwrap()).unwrap();
         m.init(1, 0.0);
         let bias = |name: &str| m.params.iter().find(|p| p.name == name).unwrap().value[0];
         assert_eq!(

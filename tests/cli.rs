@@ -60,6 +60,11 @@ fn resume_and_plot_need_a_run_directory_and_resume_takes_no_training_flags() {
     fails_with(&["train", "--resume", d, "--lr", "0.1"], &["--resume", "--lr"]);
     // The algorithms are the run's (saved in it), so they cannot be changed on resume either.
     fails_with(&["train", "--resume", d, "--conv-algo", "im2col"], &["--resume", "--conv-algo"]);
+    // Every training flag, with no list of them to keep: the config's own and the model-default ones.
+    for flag in [&["--seed", "3"][..], &["--augment"], &["--shift", "1"], &["--batch-size", "8"], &["--out", d], &["--model", "alexnet"]] {
+        let args: Vec<&str> = ["train", "--resume", d].iter().chain(flag).copied().collect();
+        fails_with(&args, &["--resume", flag[0]]);
+    }
     fails_with(&["plot", d], &["metrics.jsonl"]);
     // A checkpoint whose architecture asks for absurd sizes is refused before allocating.
     let arch = r#"{"name":"huge","input":[100000,100000,3],"layers":[{"Linear":{"name":"fc1","out":100000,"relu":false}}]}"#;
@@ -94,6 +99,33 @@ fn summary_prints_the_seed_model_table() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("conv3") && text.contains("256x128x3x3") && text.contains("5624842 parameters"), "{text}");
+}
+
+/// Two runs with the same seed and inputs write the same model and checkpoint bytes (the
+/// metadata's keys in a fixed order, no wall-clock time in them), and `summary --checkpoint`
+/// names a file by its SHA-256.
+#[test]
+fn identical_runs_write_identical_model_files_and_summary_shows_their_checksum() {
+    let s = support::setup(128, 64);
+    let mut shas = Vec::new();
+    for name in ["a", "b"] {
+        let out = s.root.join(name);
+        let args =
+            ["train", "--data", s.data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--samples", "128", "--conv-algo", "im2col"];
+        let done = alexnet(&args);
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        let summary = alexnet(&["summary", "--checkpoint", out.join("model.safetensors").to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&summary.stdout).to_string();
+        assert!(summary.status.success() && text.contains("5624842 parameters"), "{text}");
+        let sha = text.split("SHA-256 ").nth(1).and_then(|t| t.split_whitespace().next()).expect("a SHA-256").to_string();
+        assert_eq!(sha.len(), 64, "{text}");
+        let files = ["model.safetensors", "checkpoint.safetensors"].map(|f| std::fs::read(out.join(f)).unwrap());
+        shas.push((sha, files));
+    }
+    assert!(shas[0].1[0] == shas[1].1[0], "the two model files differ");
+    assert!(shas[0].1[1] == shas[1].1[1], "the two training checkpoints differ");
+    assert_eq!(shas[0].0, shas[1].0);
+    fails_with(&["summary", "--checkpoint", s.root.join("a/model.safetensors").to_str().unwrap(), "--model", "alexnet"], &["--model"]);
 }
 
 /// `bench --roofline --json`: the throughputs and the GEMM ceilings are there, the flops are the

@@ -9,11 +9,8 @@ fn alexnet(args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
+#[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (one training epoch needs an optimised build)")]
 fn one_epoch_reaches_97_5_percent_and_the_model_serves_eval_and_predict() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipped: run `cargo test --release` (one training epoch needs an optimised build)");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let (ok, stdout, stderr) = alexnet(&["train", "--epochs", "1", "--out", run.to_str().unwrap()]);

@@ -36,16 +36,15 @@ fn onnxruntime_venv(dir: &Path) -> Result<std::path::PathBuf, String> {
 }
 
 #[test]
+#[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (this test trains a model first)")]
 fn onnxruntime_matches_our_outputs_on_1000_test_images() {
-    if cfg!(debug_assertions) {
-        eprintln!("skipped: run `cargo test --release` (this test trains a model first)");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let python = match onnxruntime_venv(dir.path()) {
         Ok(p) => p,
+        // Under CI the check must run: a missing onnxruntime fails it rather than passing unseen.
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI=true and onnxruntime cannot be installed: {why}"),
         Err(why) => {
-            eprintln!("SKIPPED onnxruntime check: {why}");
+            eprintln!("SKIPPED onnxruntime check (it fails under CI=true): {why}");
             return;
         }
     };
@@ -75,7 +74,7 @@ fn onnxruntime_matches_our_outputs_on_1000_test_images() {
     // Every other model, freshly initialised, on random 3-channel images: grouped convs (the
     // two towers), VALID pooling, the paper's LRN and torchvision's padding all map exactly.
     for name in ["alexnet", "alexnet-2gpu", "alexnet-owt"] {
-        let mut model = Model::new(&architecture(name, 0.5, Some(10)).unwrap()).unwrap();
+        let mut model = Model::new(&architecture(name, Some(10)).unwrap()).unwrap();
         model.init(3, 0.0);
         let path = dir.path().join(format!("{name}.safetensors"));
         checkpoint::save(&model, &path, &[]).unwrap();

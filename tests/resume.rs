@@ -51,18 +51,9 @@ fn reference(s: &Setup) -> PathBuf {
     out
 }
 
-fn skip_in_debug() -> bool {
-    if cfg!(debug_assertions) {
-        eprintln!("skipped: run `cargo test --release` (these tests train real models)");
-    }
-    cfg!(debug_assertions)
-}
-
 #[test]
+#[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (trains real models)")]
 fn sigint_and_sigterm_checkpoint_and_the_resumed_run_is_bit_identical() {
-    if skip_in_debug() {
-        return;
-    }
     let s = setup();
     let reference = reference(&s);
     let out = s.root.join("interrupted");
@@ -92,10 +83,8 @@ fn sigint_and_sigterm_checkpoint_and_the_resumed_run_is_bit_identical() {
 }
 
 #[test]
+#[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (trains real models)")]
 fn sigkill_at_any_instant_leaves_a_valid_checkpoint_and_resuming_is_bit_identical() {
-    if skip_in_debug() {
-        return;
-    }
     let s = setup();
     let reference = reference(&s);
     let out = s.root.join("killed");

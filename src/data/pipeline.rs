@@ -6,7 +6,7 @@
 
 use super::augment::{ColourPca, RgbMoments, add_colour, crop, ten_crop_offsets};
 use super::folder::{ImageFolder, Sample};
-use crate::checkpoint::{f32_bytes, f32s_from_bytes};
+use crate::files::{f32_bytes, f32s_from_bytes, safetensors_bytes, write_atomic};
 use crate::rng::{stream_id, substream};
 use anyhow::{Context, Result, bail};
 use rand_distr::{Distribution, Normal};
@@ -152,7 +152,7 @@ pub fn stats(folder: &ImageFolder, cache_dir: Option<&Path>) -> Result<Stats> {
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .map_err(anyhow::Error::from)
-            .and_then(|_| crate::checkpoint::write_atomic(&cache, &safetensors::serialize(views, Some(meta))?));
+            .and_then(|_| write_atomic(&cache, &safetensors_bytes(views, meta)?));
         if let Err(e) = written {
             eprintln!("warning: cannot cache the dataset statistics in {}: {e:#}", cache.display());
         }

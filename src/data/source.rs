@@ -7,8 +7,6 @@ use super::batch::{epoch_order, fill_batch};
 use super::folder::is_image_folder;
 use super::mnist::{self, Dataset, Split, dummy_sample};
 use super::pipeline::FolderData;
-use crate::eval::{EvalResult, evaluate, evaluate_views};
-use crate::model::{Architecture, LayerSpec, Model, Workspace};
 use crate::rng::stream_id;
 use anyhow::{Result, bail};
 use std::ops::Range;
@@ -63,16 +61,15 @@ pub type Batch = (Vec<f32>, Vec<u32>);
 
 impl Source {
     /// ImageFolder data if `dir` has `train/` and `val/`, else MNIST IDX files (the vendored
-    /// copy by default), for a model of architecture `arch`.
-    pub fn open(dir: Option<&Path>, arch: &Architecture, options: &OpenOptions) -> Result<Source> {
+    /// copy by default), as inputs of shape `input` (HWC) scaled by `input_scale`.
+    pub fn open(dir: Option<&Path>, input: [usize; 3], input_scale: f32, options: &OpenOptions) -> Result<Source> {
         let OpenOptions { shift, ten_crop, strict_images, for_training, cache_dir } = *options;
-        let input = arch.input;
         if let Some(d) = dir.filter(|d| is_image_folder(d)) {
             let [h, w, c] = input;
             if h != w || c != 3 {
                 bail!("{} holds RGB images; the model takes {h}x{w}x{c} inputs", d.display());
             }
-            return Ok(Source::Folder { data: FolderData::open(d, h, arch.input_scale, strict_images, cache_dir)?, ten_crop });
+            return Ok(Source::Folder { data: FolderData::open(d, h, input_scale, strict_images, cache_dir)?, ten_crop });
         }
         let (dir, strict) = mnist::resolve_dir(dir);
         let train = if for_training { Some(mnist::load(&dir, Split::Train, strict)?) } else { None };
@@ -98,12 +95,9 @@ impl Source {
         Ok(Source::Mnist { train, test, shift })
     }
 
-    /// Random data shaped for a model of architecture `arch`, with its own class count.
-    pub fn dummy(arch: &Architecture) -> Result<Source> {
-        match arch.layers.last() {
-            Some(LayerSpec::Linear { out, .. }) => Ok(Source::Dummy { shape: arch.input, classes: *out }),
-            _ => bail!("model {} does not end in a classifier layer", arch.name),
-        }
+    /// Random images of `shape` (HWC) in `classes` classes.
+    pub fn dummy(shape: [usize; 3], classes: usize) -> Source {
+        Source::Dummy { shape, classes }
     }
 
     pub fn train_len(&self) -> usize {
@@ -148,25 +142,38 @@ impl Source {
         }
     }
 
-    /// Loss, top-1/top-5 accuracy and confusion on the test (MNIST) or validation set.
-    pub fn evaluate(&self, model: &Model, ws: &mut Workspace) -> Result<EvalResult> {
+    /// The labels of the evaluation set: the test (MNIST) or validation set.
+    pub fn eval_labels(&self) -> Vec<u32> {
         match self {
-            Source::Mnist { test, .. } => Ok(evaluate(model, ws, test)),
-            Source::Folder { data, ten_crop } => {
-                let labels: Vec<u32> = data.val.iter().map(|s| s.label).collect();
-                evaluate_views(model, ws, &labels, if *ten_crop { 10 } else { 1 }, |range, view, input| {
-                    data.fill_val(range, view, *ten_crop, input)
-                })
+            Source::Mnist { test, .. } => test.labels.clone(),
+            Source::Folder { data, .. } => data.val.iter().map(|s| s.label).collect(),
+            Source::Dummy { classes, .. } => (0..DUMMY_VAL).map(|i| ((DUMMY_TRAIN + i) % classes) as u32).collect(),
+        }
+    }
+
+    /// Views per evaluation image whose predictions are averaged: ten crops or one.
+    pub fn eval_views(&self) -> usize {
+        match self {
+            Source::Folder { ten_crop: true, .. } => 10,
+            _ => 1,
+        }
+    }
+
+    /// View `view` of evaluation samples `range` into `input` (NHWC).
+    pub fn fill_eval(&self, range: Range<usize>, view: usize, input: &mut [f32]) -> Result<()> {
+        match self {
+            Source::Mnist { test, .. } => {
+                let il = test.image_len();
+                input[..range.len() * il].copy_from_slice(&test.images[range.start * il..range.end * il]);
+                Ok(())
             }
+            Source::Folder { data, ten_crop } => data.fill_val(range, view, *ten_crop, input),
             Source::Dummy { shape, classes } => {
                 let len: usize = shape.iter().product();
-                let labels: Vec<u32> = (0..DUMMY_VAL).map(|i| ((DUMMY_TRAIN + i) % classes) as u32).collect();
-                evaluate_views(model, ws, &labels, 1, |range, _, input| {
-                    for (i, dst) in range.zip(input.chunks_exact_mut(len)) {
-                        dummy_sample(DUMMY_TRAIN + i, *classes, dst);
-                    }
-                    Ok(())
-                })
+                for (i, dst) in range.zip(input.chunks_exact_mut(len)) {
+                    dummy_sample(DUMMY_TRAIN + i, *classes, dst);
+                }
+                Ok(())
             }
         }
     }

@@ -6,10 +6,11 @@
 //! convert to PyTorch's OIHW (see `checkpoint`). 3x3 stride-1 SAME convolutions go through
 //! `winograd` instead, which does the same arithmetic in 2.25-4x fewer multiplications.
 
+use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul};
 use super::scratch::{SCRATCH_A, give_back, take, take_zeroed, with_scratch};
 use super::simd::L;
-use super::{Window, sample_ranges};
+use super::{Window, sample_ranges, split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -201,37 +202,6 @@ fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
         Into::Add => out.iter_mut().zip(acc).for_each(|(o, a)| *o += a),
     }
     N
-}
-
-/// Add the bias and apply ReLU (if fused) to `rows` output rows of `out_c` channels.
-pub fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
-    for row in out.chunks_exact_mut(bias.len()) {
-        for (y, b) in row.iter_mut().zip(bias) {
-            *y += b;
-            if relu {
-                *y = y.max(0.0);
-            }
-        }
-    }
-}
-
-/// Zero the output gradient where the fused ReLU was inactive, then return the bias gradient
-/// contribution of these rows added into `d_bias`.
-pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], relu: bool) {
-    let c = d_bias.len();
-    if relu {
-        // A bit mask rather than a select: LLVM turns `if y > 0 { dy } else { 0 }` into a
-        // masked store, which is microcoded and slow on AMD.
-        for (y, dy) in out.iter().zip(d_out.iter_mut()) {
-            let keep = if *y > 0.0 { u32::MAX } else { 0 };
-            *dy = f32::from_bits(dy.to_bits() & keep);
-        }
-    }
-    for dy in d_out.chunks_exact(c) {
-        for (db, dy) in d_bias.iter_mut().zip(dy) {
-            *db += dy;
-        }
-    }
 }
 
 /// Run `f(n0, n1)` over `samples` in chunks whose im2col buffer fits `COL_CHUNK_FLOATS`.
@@ -455,30 +425,6 @@ fn per_range_backward(
         Some(d_weight) => sum_partials(partials, d_weight),
         None => partials.into_iter().for_each(give_back),
     }
-}
-
-/// Reduce per-thread partials in a fixed order (reproducible for a thread count) into `out`,
-/// then recycle them.
-pub fn sum_partials(partials: Vec<Vec<f32>>, out: &mut [f32]) {
-    out.par_chunks_mut(1 << 14).enumerate().for_each(|(i, a)| {
-        let range = i << 14..(i << 14) + a.len();
-        a.copy_from_slice(&partials[0][range.clone()]);
-        for p in &partials[1..] {
-            a.iter_mut().zip(&p[range.clone()]).for_each(|(a, b)| *a += b);
-        }
-    });
-    partials.into_iter().for_each(give_back);
-}
-
-/// Split a batch buffer into one mutable slice per sample range.
-pub fn split_by_ranges<'a>(mut buf: &'a mut [f32], ranges: &[std::ops::Range<usize>], per_sample: usize) -> Vec<&'a mut [f32]> {
-    let mut out = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let (head, tail) = buf.split_at_mut(r.len() * per_sample);
-        out.push(head);
-        buf = tail;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -348,7 +348,7 @@ mod tests {
     #[cfg_attr(debug_assertions, ignore = "release only: the full-size layers take minutes unoptimised")]
     fn every_algorithm_matches_the_naive_reference_on_every_model_layer() {
         for name in MODEL_NAMES {
-            let model = Model::new(&architecture(name, 0.5, None).unwrap()).unwrap();
+            let model = Model::new(&architecture(name, None).unwrap()).unwrap();
             for layer in &model.layers {
                 if let Layer::Conv { conv, .. } = layer {
                     check_every_algorithm(conv, 2, 24);

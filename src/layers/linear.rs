@@ -3,7 +3,7 @@
 //! The batch is too small to split across threads, so the GEMMs are split by output columns
 //! (`matmul_par_cols`): each thread streams its own share of the weights once.
 
-use super::conv::relu_mask_bias_grad;
+use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul_par_cols, matmul_par_rows};
 use super::scratch::{give_back, take};
 use rayon::prelude::*;
@@ -25,13 +25,13 @@ pub fn linear_forward(l: &Linear, batch: usize, input: &[f32], weight: &[f32], b
     let y = &mut output[..batch * l.out_len];
     if 4 * batch > l.out_len {
         matmul_par_cols(batch, l.out_len, l.in_len, Operand::new(input, l.in_len), Operand::t(weight, l.in_len), y, l.out_len, false);
-        return super::conv::bias_relu(y, bias, l.relu);
+        return bias_relu(y, bias, l.relu);
     }
     let mut yt = take(l.out_len * batch);
     matmul_par_rows(l.out_len, batch, l.in_len, Operand::new(weight, l.in_len), Operand::t(input, l.in_len), &mut yt, batch, false);
     y.par_chunks_mut(l.out_len).enumerate().for_each(|(n, row)| {
         row.iter_mut().zip(yt.iter().skip(n).step_by(batch)).for_each(|(y, v)| *y = *v);
-        super::conv::bias_relu(row, bias, l.relu);
+        bias_relu(row, bias, l.relu);
     });
     give_back(yt);
 }

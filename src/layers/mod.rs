@@ -2,6 +2,7 @@
 //! over caller-owned f32 buffers in NHWC layout (channels innermost, so the per-pixel channel
 //! vectors that pooling, LRN and im2col touch are contiguous).
 
+pub mod bias_relu;
 pub mod conv;
 pub mod conv_algo;
 pub mod dropout;
@@ -134,6 +135,31 @@ impl Window {
 pub fn sample_ranges(batch: usize) -> Vec<std::ops::Range<usize>> {
     let parts = rayon::current_num_threads().min(batch).max(1);
     (0..parts).map(|p| (p * batch / parts)..((p + 1) * batch / parts)).collect()
+}
+
+/// Reduce per-thread partials in a fixed order (reproducible for a thread count) into `out`,
+/// then recycle them.
+pub fn sum_partials(partials: Vec<Vec<f32>>, out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(1 << 14).enumerate().for_each(|(i, a)| {
+        let range = i << 14..(i << 14) + a.len();
+        a.copy_from_slice(&partials[0][range.clone()]);
+        for p in &partials[1..] {
+            a.iter_mut().zip(&p[range.clone()]).for_each(|(a, b)| *a += b);
+        }
+    });
+    partials.into_iter().for_each(scratch::give_back);
+}
+
+/// Split a batch buffer into one mutable slice per sample range.
+pub fn split_by_ranges<'a>(mut buf: &'a mut [f32], ranges: &[std::ops::Range<usize>], per_sample: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (head, tail) = buf.split_at_mut(r.len() * per_sample);
+        out.push(head);
+        buf = tail;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -16,11 +16,12 @@
 //! any width: the target's full width `simd::L` (16 lanes with AVX-512) where both channel
 //! counts are multiples of it, else 8 lanes, hence the multiple-of-8 requirement in `applies`.
 
-use super::conv::{Conv, split_by_ranges, sum_partials};
+use super::conv::Conv;
 use super::gemm::{Operand, matmul};
 use super::sample_ranges;
 use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, with_scratch};
 use super::simd::{L, Lanes, MIN_L, load, store};
+use super::{split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
 /// Number of transformed-domain points: (4 + 3 - 1)^2.
@@ -32,6 +33,10 @@ const BACKWARD_TILES: usize = 256;
 /// between the transforms and the GEMMs. On a Zen 4 core (1 MB L2) 1.5-3 MB run the seed model's
 /// conv2 and conv3 forward 10-15% faster than the 7-14 MB of 256-tile chunks.
 const FORWARD_CHUNK_BYTES: usize = 2 << 20;
+/// But deep layers (in_c >= 256: the GEMMs are compute-bound) take chunks of at least this many
+/// tiles: each chunk packs U (in_c x out_c per point) again, and AlexNet's conv3-conv5 at batch
+/// 16 ran 1.5x slower in one-sample (16-tile) chunks than in 64-tile ones (Zen 4).
+const DEEP_MIN_TILES: usize = 64;
 
 /// Whether `conv` can take the Winograd path (else it goes through im2col).
 pub fn applies(conv: &Conv) -> bool {
@@ -265,7 +270,8 @@ fn conv3x3_forward_at<const N: usize>(
     };
     let (th, tw) = tiles(conv);
     let (h, w) = (conv.win.h.output, conv.win.w.output);
-    let forward_tiles = FORWARD_CHUNK_BYTES / (XI * (cin + cout) * size_of::<f32>());
+    let min_tiles = if cin >= 256 { DEEP_MIN_TILES } else { 1 };
+    let forward_tiles = (FORWARD_CHUNK_BYTES / (XI * (cin + cout) * size_of::<f32>())).max(min_tiles);
     ranges.par_iter().zip(outs.par_iter_mut()).zip(v_parts.par_iter_mut()).for_each(|((range, out), v_keep)| {
         for chunk in sub_chunks(conv, range.clone(), forward_tiles) {
             let t_count = chunk.len() * tps;
