@@ -3,7 +3,7 @@
 //! the first FC layer's input is flattened C,H,W (ours H,W,C); both are converted here. The
 //! architecture travels in the file's metadata, so `eval` and `predict` need only the file.
 
-use crate::files::{f32_bytes, f32s_from_bytes, safetensors_bytes, write_atomic};
+use crate::files::{f32_bytes, f32s_from_bytes, metadata, safetensors_bytes, write_atomic};
 use crate::model::{Architecture, Layer, Model};
 use crate::optim::Optimizer;
 use anyhow::{Context, Result, bail};
@@ -247,12 +247,6 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option
         opt.step = step;
     }
     Ok(())
-}
-
-/// The metadata of a safetensors file (step, accuracy, ... as written by `extra`).
-pub fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Load a model file: the architecture is `arch` if given (for files written elsewhere, e.g. a

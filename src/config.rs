@@ -78,6 +78,14 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     #[arg(skip)]
     pub eval_batch: usize,
+    /// Write no TensorBoard event files (they are written by default: `tensorboard --logdir runs/`).
+    #[serde(default)]
+    #[arg(long)]
+    pub no_tensorboard: bool,
+    /// TensorBoard histograms of every weight and gradient every this many display steps (0: none).
+    #[serde(default = "default_histogram_every")]
+    #[arg(long, default_value_t = default_histogram_every())]
+    pub histogram_every: usize,
     /// Evaluate ImageFolder data on ten crops (four corners, centre, and their reflections).
     #[serde(default)]
     #[arg(long)]
@@ -182,8 +190,12 @@ fn one() -> usize {
     1
 }
 
-pub fn default_checkpoint_every() -> usize {
+fn default_checkpoint_every() -> usize {
     500
+}
+
+fn default_histogram_every() -> usize {
+    10
 }
 
 impl TrainConfig {

@@ -42,6 +42,13 @@ where
     Ok(file)
 }
 
+/// The metadata of a safetensors file (step, accuracy, ... as written by `extra`).
+pub fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Temporary files of `write_atomic` start with this; a resumed run deletes any a killed
 /// process left behind.
 pub const TEMP_PREFIX: &str = ".alexnet-tmp";

@@ -27,4 +27,5 @@ pub mod run_dir;
 pub mod run_lock;
 pub mod schedule;
 pub mod summary;
+pub mod tensorboard;
 pub mod train;

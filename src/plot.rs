@@ -10,7 +10,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-ascii.ttf");
-const SIZE: (u32, u32) = (900, 560);
+/// Every plot's width and height in pixels.
+pub const SIZE: (u32, u32) = (900, 560);
 
 /// The series a run's metrics hold, each point at (samples seen, value).
 #[derive(Default)]
@@ -54,20 +55,20 @@ fn register_font() {
     });
 }
 
-/// Render with `draw` onto an RGB canvas and write it as a PNG, atomically.
-fn render(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<()> {
+/// Render with `draw` onto an RGB canvas of `SIZE`, as PNG bytes.
+fn render(draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<Vec<u8>> {
     register_font();
     let (w, h) = SIZE;
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
         draw(&root)?;
-        root.present().map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        root.present().map_err(|e| anyhow!("drawing: {e}"))?;
     }
     let mut png = Vec::new();
     image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut png), &rgb, w, h, image::ExtendedColorType::Rgb8)
-        .with_context(|| format!("encoding {}", path.display()))?;
-    crate::files::write_atomic(path, &png)
+        .context("encoding a PNG")?;
+    Ok(png)
 }
 
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
@@ -75,8 +76,8 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
 }
 
 /// One chart of training and test series against samples seen.
-fn curves_chart(path: &Path, title: &str, y_desc: &str, train: &[(f64, f64)], test: &[(f64, f64)], log_y: bool) -> Result<()> {
-    render(path, |root| {
+fn curves_chart(title: &str, y_desc: &str, train: &[(f64, f64)], test: &[(f64, f64)], log_y: bool) -> Result<Vec<u8>> {
+    render(|root| {
         let all = || train.iter().chain(test);
         let x_max = all().map(|p| p.0).fold(1.0, f64::max);
         let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
@@ -132,8 +133,8 @@ fn curves_chart(path: &Path, title: &str, y_desc: &str, train: &[(f64, f64)], te
 
 /// The confusion matrix as a heat map (shade: share of the true class), counts in the cells,
 /// and per-class accuracy beside each row.
-fn confusion_chart(path: &Path, m: &[Vec<u64>]) -> Result<()> {
-    render(path, |root| {
+fn confusion_chart(m: &[Vec<u64>]) -> Result<Vec<u8>> {
+    render(|root| {
         root.fill(&WHITE).map_err(plot_err)?;
         let k = m.len();
         let total: u64 = m.iter().flatten().sum();
@@ -176,19 +177,31 @@ fn confusion_chart(path: &Path, m: &[Vec<u64>]) -> Result<()> {
     })
 }
 
-/// Write `loss.png`, `accuracy.png` and (once the test set was evaluated) `confusion.png` into
-/// the run directory; returns the paths written.
-pub fn write_run_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
+/// A run's plots as PNG images of `SIZE`, by name: `loss`, `accuracy` and (once the test set
+/// was evaluated) `confusion`.
+pub fn run_plots(run_dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let c = read_curves(run_dir)?;
     if c.train_loss.is_empty() && c.test_loss.is_empty() {
         anyhow::bail!("{}: no metrics to plot yet", run_dir.join(METRICS_FILE).display());
     }
-    let mut written = vec![run_dir.join("loss.png"), run_dir.join("accuracy.png")];
-    curves_chart(&written[0], "Loss", "cross-entropy (log scale)", &c.train_loss, &c.test_loss, true)?;
-    curves_chart(&written[1], "Accuracy", "accuracy", &c.train_accuracy, &c.test_accuracy, false)?;
+    let mut plots = vec![
+        ("loss", curves_chart("Loss", "cross-entropy (log scale)", &c.train_loss, &c.test_loss, true)?),
+        ("accuracy", curves_chart("Accuracy", "accuracy", &c.train_accuracy, &c.test_accuracy, false)?),
+    ];
     if let Some(m) = &c.confusion {
-        written.push(run_dir.join("confusion.png"));
-        confusion_chart(&written[2], m)?;
+        plots.push(("confusion", confusion_chart(m)?));
+    }
+    Ok(plots)
+}
+
+/// Write `loss.png`, `accuracy.png` and (once the test set was evaluated) `confusion.png` into
+/// the run directory; returns the paths written.
+pub fn write_run_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for (name, png) in run_plots(run_dir)? {
+        let path = run_dir.join(format!("{name}.png"));
+        crate::files::write_atomic(&path, &png)?;
+        written.push(path);
     }
     Ok(written)
 }

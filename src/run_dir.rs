@@ -87,7 +87,7 @@ impl RunDir {
         let start = if path.exists() {
             let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             checkpoint::load_into(model, &path, &bytes, Some(opt))?;
-            let meta = checkpoint::metadata(&path, &bytes)?;
+            let meta = crate::files::metadata(&path, &bytes)?;
             let number = |key: &str| {
                 meta.get(key).and_then(|v| v.parse::<f64>().ok()).with_context(|| format!("{}: no '{key}' metadata", path.display()))
             };

@@ -66,7 +66,7 @@ fn stats_key(root: &Path, samples: &[&Sample]) -> String {
 fn read_cache(path: &Path, key: &str) -> Option<Stats> {
     let bytes = std::fs::read(path).ok()?;
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
-    let meta = crate::checkpoint::metadata(path, &bytes).ok()?;
+    let meta = crate::files::metadata(path, &bytes).ok()?;
     if meta.get("key")? != key {
         return None;
     }

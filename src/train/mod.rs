@@ -18,6 +18,7 @@ use crate::eval::{EvalResult, evaluate_source};
 use crate::model::{Model, Workspace};
 use crate::optim::Optimizer;
 use crate::run_dir::{RunDir, Start};
+use crate::tensorboard::EventWriter;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use ranks::{agree_on_stop, conv_plans, share_start};
@@ -89,6 +90,19 @@ fn write_plots(run_dir: &std::path::Path) {
     }
 }
 
+/// Where the TensorBoard events are, and what writing them cost.
+fn report_tensorboard(t: &Trainer) {
+    if let Some(tb) = &t.tensorboard {
+        let share = 100.0 * t.tensorboard_seconds / t.started.elapsed().as_secs_f64().max(1e-9);
+        println!(
+            "TensorBoard events: {} ({:.2} s to write, {share:.2}% of the run; watch with `tensorboard --logdir {}`)",
+            tb.path.display(),
+            t.tensorboard_seconds,
+            t.run.path.parent().unwrap_or(&t.run.path).display()
+        );
+    }
+}
+
 /// Stopped by `signal` after the checkpoint of `step`.
 fn interrupted(t: &Trainer, signal: usize, step: usize) -> TrainOutcome {
     t.bar.finish_and_clear();
@@ -101,6 +115,7 @@ fn interrupted(t: &Trainer, signal: usize, step: usize) -> TrainOutcome {
             t.run.path.display()
         );
         write_plots(&t.run.path);
+        report_tensorboard(t);
     }
     TrainOutcome::Interrupted { signal, step }
 }
@@ -123,6 +138,7 @@ fn finish(mut t: Trainer) -> Result<TrainOutcome> {
         t.run.save_model(&t.model, t.total_steps, test.accuracy)?;
     }
     write_plots(&t.run.path);
+    report_tensorboard(&t);
     println!("Optimization Finished!");
     println!("Testing Accuracy: {:.4}", test.accuracy);
     println!("Model written to {}", model_path.display());
@@ -197,6 +213,10 @@ fn setup<'a>(cfg: &'a TrainConfig, resume: bool, cluster: &'a mut dyn Cluster) -
     } else {
         Workspace::new(&model, 1, false)
     };
+    let tensorboard = match lead && !cfg.no_tensorboard {
+        true => Some(open_tensorboard(cfg, resume.then_some(start.step))?),
+        false => None,
+    };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}").expect("valid template"));
     bar.set_position(start.step as u64);
     Ok(Trainer {
@@ -217,7 +237,21 @@ fn setup<'a>(cfg: &'a TrainConfig, resume: bool, cluster: &'a mut dyn Cluster) -
         saved_step: start.step,
         last_test: None,
         window: RateWindow::new(),
+        tensorboard,
+        tensorboard_seconds: 0.0,
     })
+}
+
+/// The run's TensorBoard event file; a new run's first event is its config, as text.
+fn open_tensorboard(cfg: &TrainConfig, resumed_at: Option<usize>) -> Result<EventWriter> {
+    let mut tb = EventWriter::create(&cfg.out, resumed_at)?;
+    if resumed_at.is_none() {
+        // Indented four spaces: a Markdown code block in TensorBoard's text dashboard.
+        let json = serde_json::to_string_pretty(cfg)?;
+        tb.text(0, "config", &json.lines().map(|l| format!("    {l}\n")).collect::<String>());
+        tb.flush()?;
+    }
+    Ok(tb)
 }
 
 /// The run's data: MNIST, an ImageFolder dataset, or random images. A new ImageFolder
@@ -310,7 +344,7 @@ mod tests {
         assert!(err.contains("step 1) is kept") && err.contains("--lr"), "{err}");
         // The checkpoint on disk is step 1's, finite (the loader rejects non-finite tensors).
         let bytes = std::fs::read(out.join(CHECKPOINT_FILE)).unwrap();
-        assert_eq!(checkpoint::metadata(&out.join(CHECKPOINT_FILE), &bytes).unwrap()["step"], "1");
+        assert_eq!(crate::files::metadata(&out.join(CHECKPOINT_FILE), &bytes).unwrap()["step"], "1");
         checkpoint::load(&out.join(CHECKPOINT_FILE), None).unwrap();
         let metrics = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
         assert!(metrics.contains("\"diverged\""), "{metrics}");

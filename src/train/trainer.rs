@@ -12,6 +12,7 @@ use crate::optim::Optimizer;
 use crate::rng::stream_id;
 use crate::run_dir::RunDir;
 use crate::schedule::Plateau;
+use crate::tensorboard::EventWriter;
 use anyhow::Result;
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -42,6 +43,9 @@ pub struct Trainer<'a> {
     pub last_test: Option<EvalResult>,
     /// Samples/s over the steps since the last report, less evaluation and checkpoint time.
     pub window: RateWindow,
+    /// Rank 0's TensorBoard events (unless --no-tensorboard), and the time spent on them.
+    pub tensorboard: Option<EventWriter>,
+    pub tensorboard_seconds: f64,
 }
 
 pub struct RateWindow {
@@ -149,7 +153,21 @@ impl Trainer<'_> {
         if self.cluster.ranks() > 1 {
             line["gradient_wait_fraction"] = json!(comm_wait);
         }
-        self.run.log(line)
+        self.run.log(line)?;
+        if let Some(tb) = &mut self.tensorboard {
+            let t = Instant::now();
+            let scalars =
+                [("train/loss", loss as f64), ("train/accuracy", acc as f64), ("train/lr", lr as f64), ("train/samples_per_s", rate)];
+            tb.scalars(step, &scalars);
+            if cfg.histogram_every > 0 && step.is_multiple_of(cfg.display_step * cfg.histogram_every) {
+                let params = &self.model.params;
+                let weights = params.iter().map(|p| (format!("weights/{}", p.name), &p.value[..]));
+                tb.histograms(step, weights.chain(params.iter().map(|p| (format!("gradients/{}", p.name), &p.grad[..]))));
+            }
+            tb.flush()?;
+            self.tensorboard_seconds += t.elapsed().as_secs_f64();
+        }
+        Ok(())
     }
 
     /// Test (or validation) loss and accuracy on rank 0, the plateau schedule's epoch-end
@@ -176,6 +194,19 @@ impl Trainer<'_> {
             }
             self.run.log(json!({"step": step, "samples": step * cfg.batch_size, "epoch": epochs_done, "test_loss": test.loss, "test_accuracy": test.accuracy, "confusion": test.confusion, "elapsed_s": elapsed}))?;
             self.run.save_model(&self.model, step, test.accuracy)?;
+            if let Some(tb) = &mut self.tensorboard {
+                let t = Instant::now();
+                let scalars =
+                    [("test/loss", test.loss as f64), ("test/accuracy", test.accuracy as f64), ("test/top5", test.top5_accuracy as f64)];
+                tb.scalars(step, &scalars);
+                // The plots are a view of the metrics: failing to draw them must not fail the run.
+                match crate::plot::run_plots(&self.run.path) {
+                    Ok(plots) => plots.into_iter().for_each(|(name, png)| tb.image(step, &format!("plots/{name}"), png, crate::plot::SIZE)),
+                    Err(e) => eprintln!("warning: no plots for TensorBoard: {e:#}"),
+                }
+                tb.flush()?;
+                self.tensorboard_seconds += t.elapsed().as_secs_f64();
+            }
             self.last_test = Some(test);
         }
         if epoch_end && cfg.lr_plateau_patience.is_some() {
