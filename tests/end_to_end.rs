@@ -8,9 +8,16 @@ fn alexnet(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// One epoch's test accuracy over seeds 1-6 on a Zen 4 EPYC (AVX-512): 97.60, 98.39, 98.07,
+/// 96.56, 98.19, 97.37% (mean 97.70%); on an AVX2 EPYC 97.78, 98.23, 97.75, 96.60, 98.08,
+/// 97.23%. The last iterate of Adam at a constant 1e-3 moves by tenths of a percent from step
+/// to step, so the floor sits below the lowest of them all: any seed passes, a broken model
+/// (or one that learned little) does not.
+const ONE_EPOCH_FLOOR: f32 = 0.96;
+
 #[test]
 #[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (one training epoch needs an optimised build)")]
-fn one_epoch_reaches_97_5_percent_and_the_model_serves_eval_and_predict() {
+fn one_epoch_reaches_the_floor_of_every_seed_and_the_model_serves_eval_and_predict() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let (ok, stdout, stderr) = alexnet(&["train", "--epochs", "1", "--out", run.to_str().unwrap()]);
@@ -18,7 +25,7 @@ fn one_epoch_reaches_97_5_percent_and_the_model_serves_eval_and_predict() {
     assert!(stdout.contains("Iter 6400, Minibatch Loss= "), "{stdout}");
     let acc: f32 =
         stdout.lines().find_map(|l| l.strip_prefix("Testing Accuracy: ")).expect("a Testing Accuracy line").trim().parse().unwrap();
-    assert!(acc >= 0.975, "one epoch reached only {acc}");
+    assert!(acc >= ONE_EPOCH_FLOOR, "one epoch reached only {acc}");
     for f in ["config.json", "metrics.jsonl", "model.safetensors"] {
         assert!(run.join(f).is_file(), "run directory lacks {f}");
     }
