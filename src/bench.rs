@@ -182,6 +182,67 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     })
 }
 
+/// The human-readable report of `r` for `model` (`data`: what it ran on), as `bench` prints it.
+pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: usize, layers: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    writeln!(out, "model {}, {} threads, {data}", r.model, r.threads).unwrap();
+    writeln!(
+        out,
+        "vector code: {} FMA, {}-lane kernels; denormals {} (a layer on denormal inputs takes {:.2}x its time on normal ones)",
+        r.isa,
+        r.kernel_lanes,
+        if r.denormals_flushed { "flushed to zero" } else { "NOT flushed" },
+        r.denormal_slowdown
+    )
+    .unwrap();
+    writeln!(out, "convolution algorithms ({}):", r.conv_algo_source).unwrap();
+    for (what, plan) in [("training", &r.conv_algos_training), ("inference", &r.conv_algos_inference)] {
+        let m_plan = crate::autotune::plan_from_names(model, plan);
+        writeln!(out, "  {what}: {}", crate::autotune::describe(model, &m_plan)).unwrap();
+    }
+    writeln!(out, "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch)
+        .unwrap();
+    writeln!(out, "inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch).unwrap();
+    writeln!(out, "peak memory: {:.0} MiB", r.peak_rss_mib).unwrap();
+    for (what, rf) in ["training", "inference"].iter().zip(&r.roofline) {
+        writeln!(
+        out,
+            "GEMM ceiling, {what}: {:.0} samples/s ({:.1} GFLOP of im2col GEMMs per batch of {} take {:.0} ms on one core, {:.0} GFLOP/s, x {} threads)",
+            rf.ceiling_samples_per_s, rf.gflop, rf.batch, rf.one_core_ms, rf.one_core_gflops, rf.threads
+        ).unwrap();
+    }
+    if let Some(peak) = r.fma_peak_gflops {
+        writeln!(out, "one core's FMA peak: {peak:.0} GFLOP/s").unwrap();
+    }
+    if layers {
+        writeln!(out, "milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch).unwrap();
+        let ceiling = |training: bool, i: usize| {
+            let rf = r.roofline.iter().find(|rf| rf.training == training)?;
+            rf.layer_ms.iter().find(|(l, _)| *l == i).map(|(_, ms)| format!("{ms:.2}"))
+        };
+        let with_ceiling = !r.roofline.is_empty();
+        write!(out, "{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference").unwrap();
+        if with_ceiling {
+            write!(out, " {:>13} {:>14}", "im2col train", "im2col infer").unwrap();
+        }
+        writeln!(out, "  algorithms (training; inference)").unwrap();
+        for (i, ((name, f, b), inf)) in r.layer_ms.iter().zip(&r.infer_layer_ms).enumerate() {
+            write!(out, "{name:<10} {f:>9.2} {b:>9.2} {inf:>10.2}").unwrap();
+            if with_ceiling {
+                let dash = || "-".to_string();
+                write!(out, " {:>13} {:>14}", ceiling(true, i).unwrap_or_else(dash), ceiling(false, i).unwrap_or_else(dash)).unwrap();
+            }
+            match (r.conv_algos_training.get(name), r.conv_algos_inference.get(name)) {
+                (Some(t), Some(e)) => writeln!(out, "  {}; fwd {}", t.describe(), e.forward.name()).unwrap(),
+                _ => writeln!(out).unwrap(),
+            }
+        }
+        writeln!(out, "{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms).unwrap();
+    }
+    out
+}
+
 /// The first fully connected layer's forward pass at batch 64 on inputs of 1e-39 (denormal)
 /// over the same on inputs of 1.0, best of three each: the cost of denormals that flush-to-zero
 /// removes (trained weights and late activations hold such values).

@@ -374,59 +374,7 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             } else {
                 let source = if train_set.channels == 1 && !dummy { "MNIST" } else { "random images" };
                 let weights = weights.map_or("fresh weights".to_string(), |p| format!("weights of {}", p.display()));
-                println!("model {}, {} threads, {source}, {weights}", r.model, r.threads);
-                println!(
-                    "vector code: {} FMA, {}-lane kernels; denormals {} (a layer on denormal inputs takes {:.2}x its time on normal ones)",
-                    r.isa,
-                    r.kernel_lanes,
-                    if r.denormals_flushed { "flushed to zero" } else { "NOT flushed" },
-                    r.denormal_slowdown
-                );
-                println!("convolution algorithms ({}):", r.conv_algo_source);
-                for (what, plan) in [("training", &r.conv_algos_training), ("inference", &r.conv_algos_inference)] {
-                    let m_plan = alexnet::autotune::plan_from_names(&m, plan);
-                    println!("  {what}: {}", alexnet::autotune::describe(&m, &m_plan));
-                }
-                println!(
-                    "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)",
-                    r.train_samples_per_s, r.train_batch
-                );
-                println!("inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch);
-                println!("peak memory: {:.0} MiB", r.peak_rss_mib);
-                for (what, rf) in ["training", "inference"].iter().zip(&r.roofline) {
-                    println!(
-                        "GEMM ceiling, {what}: {:.0} samples/s ({:.1} GFLOP of im2col GEMMs per batch of {} take {:.0} ms on one core, {:.0} GFLOP/s, x {} threads)",
-                        rf.ceiling_samples_per_s, rf.gflop, rf.batch, rf.one_core_ms, rf.one_core_gflops, rf.threads
-                    );
-                }
-                if let Some(peak) = r.fma_peak_gflops {
-                    println!("one core's FMA peak: {peak:.0} GFLOP/s");
-                }
-                if layers {
-                    println!("milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch);
-                    let ceiling = |training: bool, i: usize| {
-                        let rf = r.roofline.iter().find(|rf| rf.training == training)?;
-                        rf.layer_ms.iter().find(|(l, _)| *l == i).map(|(_, ms)| format!("{ms:.2}"))
-                    };
-                    let with_ceiling = !r.roofline.is_empty();
-                    print!("{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference");
-                    if with_ceiling {
-                        print!(" {:>13} {:>14}", "im2col train", "im2col infer");
-                    }
-                    println!("  algorithms (training; inference)");
-                    for (i, ((name, f, b), inf)) in r.layer_ms.iter().zip(&r.infer_layer_ms).enumerate() {
-                        print!("{name:<10} {f:>9.2} {b:>9.2} {inf:>10.2}");
-                        if with_ceiling {
-                            let dash = || "-".to_string();
-                            print!(" {:>13} {:>14}", ceiling(true, i).unwrap_or_else(dash), ceiling(false, i).unwrap_or_else(dash));
-                        }
-                        match (r.conv_algos_training.get(name), r.conv_algos_inference.get(name)) {
-                            (Some(t), Some(e)) => println!("  {}; fwd {}", t.describe(), e.forward.name()),
-                            _ => println!(),
-                        }
-                    }
-                    println!("{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms);
-                }
+                print!("{}", bench::report(&r, &m, &format!("{source}, {weights}"), runs, steps, layers));
             }
         }
     }
