@@ -4,7 +4,7 @@
 //! architecture travels in the file's metadata, so `eval` and `predict` need only the file.
 
 use crate::files::{f32_bytes, f32s_from_bytes, metadata, safetensors_bytes, write_atomic};
-use crate::model::{Architecture, Layer, Model};
+use crate::model::{Architecture, Layer, Model, Param};
 use crate::optim::Optimizer;
 use anyhow::{Context, Result, bail};
 use safetensors::SafeTensors;
@@ -78,13 +78,15 @@ fn torch_to_ours(layout: &Layout, len: usize) -> Option<Vec<usize>> {
 }
 
 /// Tensors shaped like the model's parameters (the parameters themselves, or an optimiser
-/// slot), converted to PyTorch layout and named `prefix` + the parameter's name.
+/// slot, which frozen parameters leave empty and which are left out), converted to PyTorch
+/// layout and named `prefix` + the parameter's name.
 fn to_torch(model: &Model, prefix: &str, values: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     model
         .params
         .iter()
         .zip(values)
         .zip(layouts(model))
+        .filter(|((p, v), _)| !v.is_empty() || p.value.is_empty())
         .map(|((p, v), layout)| {
             let data = match torch_to_ours(&layout, v.len()) {
                 None => v.clone(),
@@ -177,14 +179,19 @@ fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize], layout: &Layout) -
     })
 }
 
-/// Every tensor shaped like a parameter, named `prefix` + its name; problems are collected.
-fn read_all(st: &SafeTensors, model: &Model, prefix: &str, problems: &mut Vec<String>) -> Vec<Vec<f32>> {
+/// Every tensor shaped like a parameter (those `wanted`; the others empty), named `prefix` +
+/// its name; problems are collected.
+fn read_all(st: &SafeTensors, model: &Model, prefix: &str, wanted: impl Fn(&Param) -> bool, problems: &mut Vec<String>) -> Vec<Vec<f32>> {
     model
         .params
         .iter()
         .zip(layouts(model))
-        .filter_map(|(p, layout)| {
-            read_tensor(st, &format!("{prefix}{}", p.name), &p.torch_shape, &layout).map_err(|e| problems.push(e)).ok()
+        .map(|(p, layout)| match wanted(p) {
+            true => read_tensor(st, &format!("{prefix}{}", p.name), &p.torch_shape, &layout).unwrap_or_else(|e| {
+                problems.push(e);
+                Vec::new()
+            }),
+            false => Vec::new(),
         })
         .collect()
 }
@@ -196,7 +203,7 @@ fn read_all(st: &SafeTensors, model: &Model, prefix: &str, problems: &mut Vec<St
 pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option<&mut Optimizer>) -> Result<()> {
     let st = SafeTensors::deserialize(bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut problems = Vec::new();
-    let values = read_all(&st, model, "", &mut problems);
+    let values = read_all(&st, model, "", |_| true, &mut problems);
     let mut expected: Vec<String> = model.params.iter().map(|p| p.name.clone()).collect();
     let mut slots = Vec::new();
     let mut step = 0;
@@ -211,8 +218,9 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option
         let used = if opt.slot2.is_empty() { 1 } else { 2 };
         for slot in 1..=used {
             let prefix = slot_prefix(slot);
-            slots.push(read_all(&st, model, &prefix, &mut problems));
-            expected.extend(model.params.iter().map(|p| format!("{prefix}{}", p.name)));
+            // Frozen parameters have no optimiser state.
+            slots.push(read_all(&st, model, &prefix, Param::trainable, &mut problems));
+            expected.extend(model.params.iter().filter(|p| p.trainable()).map(|p| format!("{prefix}{}", p.name)));
         }
     }
     let mut extra: Vec<&str> = st
@@ -249,6 +257,54 @@ pub fn load_into(model: &mut Model, path: &Path, bytes: &[u8], optimizer: Option
     Ok(())
 }
 
+/// What `init_from` did with a file's tensors.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub loaded: Vec<String>,
+    /// Parameters that keep their fresh initialisation, each with why.
+    pub reinitialised: Vec<String>,
+    /// Tensors of the file that no parameter takes.
+    pub ignored: Vec<String>,
+}
+
+/// Start `model` from a model file: ours, or a PyTorch state dict saved as safetensors
+/// (torchvision's `alexnet` names and layouts are `alexnet-owt`'s). Each tensor whose name and
+/// shape match a parameter's is loaded, converted to our layout; the other parameters keep their
+/// fresh initialisation (the classifier, when the class count differs). A file where nothing
+/// matches is refused.
+pub fn init_from(model: &mut Model, path: &Path) -> Result<InitReport> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let mut report = InitReport::default();
+    let layouts = layouts(model);
+    for (p, layout) in model.params.iter_mut().zip(&layouts) {
+        match st.tensor(&p.name) {
+            Err(_) => report.reinitialised.push(format!("{} (not in the file)", p.name)),
+            Ok(t) if t.shape() != p.torch_shape => {
+                report.reinitialised.push(format!("{} (file {:?}, model {:?})", p.name, t.shape(), p.torch_shape))
+            }
+            Ok(_) => {
+                p.value = read_tensor(&st, &p.name, &p.torch_shape, layout).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                report.loaded.push(p.name.clone());
+            }
+        }
+    }
+    let mut ignored: Vec<String> =
+        st.names().into_iter().filter(|n| !model.params.iter().any(|p| p.name == *n)).map(String::from).collect();
+    ignored.sort();
+    report.ignored = ignored;
+    if report.loaded.is_empty() {
+        let names: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).take(4).collect();
+        bail!(
+            "{}: none of its tensors matches a parameter of model {} by name and shape (the model's are {}, ...)",
+            path.display(),
+            model.arch.name,
+            names.join(", ")
+        );
+    }
+    Ok(report)
+}
+
 /// Load a model file: the architecture is `arch` if given (for files written elsewhere, e.g. a
 /// PyTorch state dict saved with safetensors), else the one in the file's metadata.
 pub fn load(path: &Path, arch: Option<Architecture>) -> Result<Model> {
@@ -280,6 +336,7 @@ pub fn load_bytes(path: &Path, bytes: &[u8], arch: Option<Architecture>) -> Resu
 mod tests {
     use super::*;
     use crate::architectures::alexnet_mnist;
+    use crate::model::LayerSpec;
 
     #[test]
     fn round_trips_and_uses_pytorch_layouts() {
@@ -340,5 +397,49 @@ mod tests {
         assert!(err.contains("--model") && err.contains("torch.safetensors"), "{err}");
         let back = load(&path, Some(alexnet_mnist())).unwrap();
         assert_eq!(back.params[0].value, m.params[0].value);
+    }
+
+    /// A PyTorch-layout state dict (no metadata) of a model with 10 classes, into the same
+    /// architecture with 7: everything loads but the classifier, which keeps its fresh values;
+    /// a file that shares nothing with the model is refused.
+    #[test]
+    fn init_from_loads_what_matches_and_reinitialises_only_a_resized_classifier() {
+        let mut source = Model::new(&alexnet_mnist()).unwrap();
+        source.init(9, 0.1);
+        let tensors = torch_tensors(&source);
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
+        let mut views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((n, shape, _), b)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
+            .collect();
+        let extra = f32_bytes(&[1.0]);
+        views.push(("num_batches_tracked".into(), TensorView::new(Dtype::F32, vec![1], &extra).unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("torch.safetensors");
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+
+        let mut arch = alexnet_mnist();
+        let Some(LayerSpec::Linear { out, .. }) = arch.layers.last_mut() else { panic!("a classifier") };
+        *out = 7;
+        let mut target = Model::new(&arch).unwrap();
+        target.init(1, 0.0);
+        let fresh = target.clone();
+        let report = init_from(&mut target, &path).unwrap();
+        assert_eq!(report.loaded.len(), 10);
+        assert_eq!(report.reinitialised, ["fc3.weight (file [10, 1024], model [7, 1024])", "fc3.bias (file [10], model [7])"]);
+        assert_eq!(report.ignored, ["num_batches_tracked"]);
+        for ((p, s), f) in target.params.iter().zip(&source.params).zip(&fresh.params) {
+            if p.name.starts_with("fc3") {
+                assert_eq!(p.value, f.value, "{} keeps its fresh values", p.name);
+            } else {
+                assert_eq!(p.value, s.value, "{} is the file's, in our layout", p.name);
+            }
+        }
+        let unrelated = dir.path().join("unrelated.safetensors");
+        std::fs::write(&unrelated, safetensors::serialize([("x", TensorView::new(Dtype::F32, vec![1], &extra).unwrap())], None).unwrap())
+            .unwrap();
+        let err = format!("{:#}", init_from(&mut target, &unrelated).unwrap_err());
+        assert!(err.contains("unrelated.safetensors") && err.contains("none of its tensors"), "{err}");
     }
 }

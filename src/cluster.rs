@@ -134,7 +134,14 @@ mod tests {
     fn params(values: &[&[f32]]) -> Vec<Param> {
         values
             .iter()
-            .map(|v| Param { name: "p".into(), torch_shape: vec![v.len()], value: v.to_vec(), grad: vec![0.0; v.len()], decay: true })
+            .map(|v| Param {
+                name: "p".into(),
+                torch_shape: vec![v.len()],
+                value: v.to_vec(),
+                grad: vec![0.0; v.len()],
+                decay: true,
+                lr_mult: 1.0,
+            })
             .collect()
     }
 

@@ -3,6 +3,7 @@
 
 use crate::architectures::{Recipe, recipe};
 use crate::autotune::ConvAlgoPolicy;
+use crate::model::LrMult;
 use crate::optim::{OptimizerConfig, OptimizerKind};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,21 @@ pub struct TrainConfig {
     pub data: Option<PathBuf>,
     #[arg(skip)]
     pub out: PathBuf,
+    /// Start from this model file's weights (ours, or a PyTorch state dict saved as
+    /// safetensors: torchvision's alexnet maps onto alexnet-owt): every tensor whose name and
+    /// shape match is loaded; the rest (the classifier, when the class count differs) starts fresh.
+    #[serde(default)]
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
+    /// Freeze every layer up to and including this one (e.g. fc7: train only the classifier;
+    /// conv5: train the fully connected layers): no gradients, no optimiser state.
+    #[serde(default)]
+    #[arg(long, value_name = "LAYER")]
+    pub freeze_through: Option<String>,
+    /// This layer's learning rate is X times --lr (repeatable), e.g. --lr-mult fc8=10.
+    #[serde(default)]
+    #[arg(long, value_name = "LAYER=X")]
+    pub lr_mult: Vec<LrMult>,
     #[serde(flatten)]
     #[command(flatten)]
     pub conv: ConvFlags,

@@ -448,6 +448,7 @@ fn train_as_rank(a: TrainArgs, threads: Option<usize>, cluster: &mut dyn Cluster
     (cfg.threads, cfg.ranks) = (threads, cluster.ranks());
     cfg.out = absolute(cfg.out)?;
     cfg.data = cfg.data.map(absolute).transpose()?;
+    cfg.init_from = cfg.init_from.map(absolute).transpose()?;
     cfg.conv.cache_dir = cfg.conv.cache_dir.map(absolute).transpose()?;
     finish_training(train::train(&cfg, false, &*stop_on_signals()?, cluster)?)
 }

@@ -102,6 +102,22 @@ pub enum Layer {
     Linear { linear: Linear, param: usize, from: [usize; 3] },
 }
 
+/// `--lr-mult LAYER=X`: that layer's learning rate is X times the run's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrMult {
+    pub layer: String,
+    pub mult: f32,
+}
+
+impl std::str::FromStr for LrMult {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<LrMult, String> {
+        let (layer, mult) = s.split_once('=').ok_or_else(|| format!("'{s}' is not LAYER=X (e.g. fc8=10)"))?;
+        let mult = mult.parse::<f32>().map_err(|_| format!("'{mult}' in '{s}' is not a number"))?;
+        Ok(LrMult { layer: layer.to_string(), mult })
+    }
+}
+
 /// A trainable tensor. `value` is in the engine's layout; `torch_shape` is the PyTorch shape
 /// it is saved under (see `checkpoint` for the layout conversion).
 #[derive(Clone, Debug)]
@@ -112,6 +128,15 @@ pub struct Param {
     pub grad: Vec<f32>,
     /// Weight decay applies to weights, not biases.
     pub decay: bool,
+    /// This parameter's learning rate over the run's (`--lr-mult`); 0: frozen (`--freeze-through`):
+    /// no gradient, no optimiser state, never updated.
+    pub lr_mult: f32,
+}
+
+impl Param {
+    pub fn trainable(&self) -> bool {
+        self.lr_mult > 0.0
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -152,7 +177,7 @@ impl Model {
             total = len.and_then(|n| total.checked_add(n)).filter(|&n| n <= MAX_ELEMENTS).with_context(|| {
                 format!("model {}: {name} {torch_shape:?} makes the model larger than {MAX_ELEMENTS} parameters", arch.name)
             })?;
-            params.push(Param { name: name.to_string(), torch_shape, value: Vec::new(), grad: Vec::new(), decay });
+            params.push(Param { name: name.to_string(), torch_shape, value: Vec::new(), grad: Vec::new(), decay, lr_mult: 1.0 });
             Ok(params.len() - 1)
         };
         let within = |s: [usize; 3]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n > 0 && n <= MAX_ELEMENTS);
@@ -195,6 +220,50 @@ impl Model {
             shapes.push(shape);
         }
         Ok(Model { arch: arch.clone(), layers, params, shapes })
+    }
+
+    /// Freeze every layer up to and including `freeze_through` (a layer's display name) and
+    /// scale the learning rate of the layers in `lr_mults`; returns a line saying what trains.
+    pub fn set_trainable(&mut self, freeze_through: Option<&str>, lr_mults: &[LrMult]) -> Result<String> {
+        let names = self.layer_names();
+        let index = |name: &str| {
+            names
+                .iter()
+                .position(|n| n == name)
+                .with_context(|| format!("no layer '{name}' in model {} (its layers: {})", self.arch.name, names.join(", ")))
+        };
+        let frozen_through = freeze_through.map(index).transpose()?;
+        let mut mult = vec![1.0f32; self.layers.len()];
+        for m in lr_mults {
+            if !(m.mult >= 0.0 && m.mult.is_finite()) {
+                bail!("--lr-mult {}={}: the multiplier must be a finite number >= 0", m.layer, m.mult);
+            }
+            mult[index(&m.layer)?] = m.mult;
+        }
+        let mut trains = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (Layer::Conv { param, .. } | Layer::Linear { param, .. }) = layer else { continue };
+            let m = if frozen_through.is_some_and(|f| i <= f) { 0.0 } else { mult[i] };
+            self.params[*param].lr_mult = m;
+            self.params[param + 1].lr_mult = m;
+            trains.push(match m {
+                0.0 => format!("{} frozen", names[i]),
+                1.0 => names[i].clone(),
+                m => format!("{} at {m}x", names[i]),
+            });
+        }
+        if self.params.iter().all(|p| !p.trainable()) {
+            bail!("nothing left to train: every layer of {} is frozen", self.arch.name);
+        }
+        Ok(trains.join(", "))
+    }
+
+    /// The lowest layer with a trainable parameter: backward stops there.
+    pub fn lowest_trainable_layer(&self) -> usize {
+        self.layers
+            .iter()
+            .position(|l| matches!(l, Layer::Conv { param, .. } | Layer::Linear { param, .. } if self.params[*param].trainable()))
+            .unwrap_or(self.layers.len())
     }
 
     /// Display names of the layers: conv1, pool1, lrn1, dropout1, ..., fc3.
@@ -534,7 +603,9 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
     // Layers skipped in forward (dropout at keep 1) pass the gradient through unchanged: the
     // gradient flows to the buffer the layer read, tracked by `inputs_at`.
     let mut grad_at = model.layers.len();
-    for (i, layer) in model.layers.iter().enumerate().rev() {
+    // Below the lowest trainable layer no gradient is needed (fine-tuning a frozen stack).
+    let lowest = model.lowest_trainable_layer();
+    for (i, layer) in model.layers.iter().enumerate().rev().take_while(|&(i, _)| i >= lowest) {
         let input_at = ws.inputs_at[i];
         if grad_at != i + 1 {
             // This layer was skipped in forward; its output gradient is already in place.
@@ -543,7 +614,7 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
         let started = ws.layer_seconds.is_some().then(std::time::Instant::now);
         let (lower, upper) = ws.grads.split_at_mut(i + 1);
         let dy = &mut upper[0];
-        let need_dx = input_at > 0;
+        let need_dx = input_at > 0 && i > lowest;
         let dx = &mut lower[input_at];
         let (x, y) = (&ws.acts[input_at][..], &ws.acts[i + 1][..]);
         let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
@@ -557,7 +628,8 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
                     Saved::Values(v) => Some(&mut v[..]),
                     _ => None,
                 };
-                conv_algo::backward(conv, algos, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad, saved);
+                let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
+                conv_algo::backward(conv, algos, n, x, &w.value, y, dy, dx, dw, &mut b.grad, saved);
                 hook.ready(*param, w);
                 hook.ready(param + 1, b);
             }
@@ -577,7 +649,8 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
                 let (wp, bp) = model.params.split_at_mut(param + 1);
                 let (w, b) = (&mut wp[*param], &mut bp[0]);
                 let dx = if need_dx { Some(&mut dx[..]) } else { None };
-                linear_backward(linear, n, x, &w.value, y, dy, dx, &mut w.grad, &mut b.grad);
+                let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
+                linear_backward(linear, n, x, &w.value, y, dy, dx, dw, &mut b.grad);
                 hook.ready(*param, w);
                 hook.ready(param + 1, b);
             }

@@ -38,7 +38,8 @@ const CHUNK: usize = 1 << 15;
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: &[Param]) -> Optimizer {
-        let zeros = || params.iter().map(|p| vec![0.0; p.value.len()]).collect();
+        // Frozen parameters get no state (an empty slot) and are never updated.
+        let zeros = || params.iter().map(|p| if p.trainable() { vec![0.0; p.value.len()] } else { Vec::new() }).collect();
         let slot2 = if config.kind == OptimizerKind::Adam { zeros() } else { Vec::new() };
         Optimizer { config, step: 0, slot1: zeros(), slot2 }
     }
@@ -53,7 +54,8 @@ impl Optimizer {
                 // TF1: lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); w -= lr_t * m / (sqrt(v) + eps).
                 let t = self.step as i32;
                 let lr_t = lr * (1.0 - c.beta2.powi(t)).sqrt() / (1.0 - c.beta1.powi(t));
-                for ((p, m), v) in params.iter_mut().zip(&mut self.slot1).zip(&mut self.slot2) {
+                for ((p, m), v) in params.iter_mut().zip(&mut self.slot1).zip(&mut self.slot2).filter(|((p, _), _)| p.trainable()) {
+                    let lr_t = lr_t * p.lr_mult;
                     p.value
                         .par_chunks_mut(CHUNK)
                         .zip(p.grad.par_chunks(CHUNK))
@@ -70,8 +72,8 @@ impl Optimizer {
             }
             OptimizerKind::Sgd => {
                 // The paper: v = momentum * v - decay * lr * w - lr * g; w += v.
-                for (p, vel) in params.iter_mut().zip(&mut self.slot1) {
-                    let decay = if p.decay { c.weight_decay } else { 0.0 };
+                for (p, vel) in params.iter_mut().zip(&mut self.slot1).filter(|(p, _)| p.trainable()) {
+                    let (decay, lr) = (if p.decay { c.weight_decay } else { 0.0 }, lr * p.lr_mult);
                     p.value.par_chunks_mut(CHUNK).zip(p.grad.par_chunks(CHUNK)).zip(vel.par_chunks_mut(CHUNK)).for_each(|((w, g), vel)| {
                         for ((w, g), vel) in w.iter_mut().zip(g).zip(vel.iter_mut()) {
                             *vel = c.momentum * *vel - decay * lr * *w - lr * g;
@@ -89,7 +91,7 @@ mod tests {
     use super::*;
 
     fn param(w: f32, g: f32) -> Vec<Param> {
-        vec![Param { name: "w".into(), torch_shape: vec![1], value: vec![w], grad: vec![g], decay: true }]
+        vec![Param { name: "w".into(), torch_shape: vec![1], value: vec![w], grad: vec![g], decay: true, lr_mult: 1.0 }]
     }
 
     fn config(kind: OptimizerKind) -> OptimizerConfig {

@@ -109,7 +109,7 @@ pub fn backward(
     output: &[f32],
     d_output: &mut [f32],
     d_input: Option<&mut [f32]>,
-    d_weight: &mut [f32],
+    d_weight: Option<&mut [f32]>,
     d_bias: &mut [f32],
     saved: Option<&mut [f32]>,
 ) {
@@ -119,7 +119,7 @@ pub fn backward(
     let mut saved = saved;
     if algos.forward != ConvAlgo::Winograd {
         let want_u = need_dx && algos.input_grad == ConvAlgo::Winograd;
-        let want_v = algos.weight_grad == ConvAlgo::Winograd;
+        let want_v = d_weight.is_some() && algos.weight_grad == ConvAlgo::Winograd;
         if want_u || want_v {
             let saved = saved.as_deref_mut().expect("a layer with a Winograd gradient keeps the transforms");
             winograd::prepare_backward(conv, batch, input, weight, saved, want_u, want_v);
@@ -127,10 +127,12 @@ pub fn backward(
     }
     let saved = saved.as_deref();
     // One call when both gradients share an algorithm: they share its intermediates.
-    if need_dx && algos.input_grad == algos.weight_grad {
-        gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, d_input, Some(d_weight));
+    if need_dx && d_weight.is_some() && algos.input_grad == algos.weight_grad {
+        gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, d_input, d_weight);
     } else {
-        gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, None, Some(d_weight));
+        if d_weight.is_some() {
+            gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, None, d_weight);
+        }
         if let Some(dx) = d_input {
             gradients(conv, algos.input_grad, batch, input, weight, dy, saved, Some(dx), None);
         }
@@ -297,7 +299,7 @@ mod tests {
                     &y_ref,
                     &mut d_out,
                     Some(&mut dx),
-                    &mut dw,
+                    Some(&mut dw),
                     &mut db,
                     (saved_len > 0).then_some(&mut saved2),
                 );
@@ -313,8 +315,38 @@ mod tests {
                 let mut dw_only = vec![f32::NAN; w.len()];
                 let mut d_out = r.clone();
                 let mut saved3 = saved.clone();
-                backward(c, algos, batch, &x, &w, &y_ref, &mut d_out, None, &mut dw_only, &mut db, (saved_len > 0).then_some(&mut saved3));
+                backward(
+                    c,
+                    algos,
+                    batch,
+                    &x,
+                    &w,
+                    &y_ref,
+                    &mut d_out,
+                    None,
+                    Some(&mut dw_only),
+                    &mut db,
+                    (saved_len > 0).then_some(&mut saved3),
+                );
                 assert!(dw_only.iter().zip(&dw).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{}", algos.describe());
+                // Without a weight gradient (a frozen layer), the input gradient is the same.
+                let mut dx_only = vec![f32::NAN; x.len()];
+                let mut d_out = r.clone();
+                let mut saved4 = saved.clone();
+                backward(
+                    c,
+                    algos,
+                    batch,
+                    &x,
+                    &w,
+                    &y_ref,
+                    &mut d_out,
+                    Some(&mut dx_only),
+                    None,
+                    &mut db,
+                    (saved_len > 0).then_some(&mut saved4),
+                );
+                assert!(dx_only.iter().zip(&dx).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "{}", algos.describe());
             }
         }
     }

@@ -45,14 +45,16 @@ pub fn linear_backward(
     output: &[f32],
     d_output: &mut [f32],
     d_input: Option<&mut [f32]>,
-    d_weight: &mut [f32],
+    d_weight: Option<&mut [f32]>,
     d_bias: &mut [f32],
 ) {
     let dy = &mut d_output[..batch * l.out_len];
     d_bias.fill(0.0);
     relu_mask_bias_grad(&output[..batch * l.out_len], dy, d_bias, l.relu);
-    // dW [out x in] = dY^T [out x batch] . X [batch x in]
-    matmul_par_cols(l.out_len, l.in_len, batch, Operand::t(dy, l.out_len), Operand::new(input, l.in_len), d_weight, l.in_len, false);
+    if let Some(dw) = d_weight {
+        // dW [out x in] = dY^T [out x batch] . X [batch x in]
+        matmul_par_cols(l.out_len, l.in_len, batch, Operand::t(dy, l.out_len), Operand::new(input, l.in_len), dw, l.in_len, false);
+    }
     if let Some(dx) = d_input {
         // dX [batch x in] = dY [batch x out] . W [out x in]
         matmul_par_cols(batch, l.in_len, l.out_len, Operand::new(dy, l.out_len), Operand::new(weight, l.in_len), dx, l.in_len, false);
@@ -92,7 +94,7 @@ mod tests {
             assert!((got - naive(&x, &w, &b)).abs() < 1e-3);
             let mut dy = r.clone();
             let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; 45]);
-            linear_backward(&l, batch, &x, &w, &y, &mut dy, Some(&mut dx), &mut dw, &mut db);
+            linear_backward(&l, batch, &x, &w, &y, &mut dy, Some(&mut dx), Some(&mut dw), &mut db);
             check_grad("linear dx", &x, &dx, |v| naive(v, &w, &b));
             check_grad("linear dw", &w, &dw, |v| naive(&x, v, &b));
             check_grad("linear db", &b, &db, |v| naive(&x, &w, v));

@@ -10,6 +10,7 @@ mod trainer;
 
 use crate::architectures::architecture;
 use crate::autotune::{self, plan_from_names};
+use crate::checkpoint;
 use crate::cluster::Cluster;
 use crate::config::TrainConfig;
 use crate::data::folder::is_image_folder;
@@ -161,6 +162,22 @@ fn setup<'a>(cfg: &'a TrainConfig, resume: bool, cluster: &'a mut dyn Cluster) -
     let arch = architecture(&cfg.model, Some(source.classes()))?;
     let mut model = Model::new(&arch)?;
     model.init(cfg.seed, cfg.init_bias);
+    // Rank 0 starts from the file (the others take its weights); a resumed run from its checkpoint.
+    if let (Some(file), true, false) = (&cfg.init_from, lead, resume) {
+        let r = checkpoint::init_from(&mut model, file)?;
+        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        println!(
+            "Initialised from {}: {} tensors loaded; re-initialised: {}; ignored: {}",
+            file.display(),
+            r.loaded.len(),
+            list(&r.reinitialised),
+            list(&r.ignored)
+        );
+    }
+    let trains = model.set_trainable(cfg.freeze_through.as_deref(), &cfg.lr_mult)?;
+    if lead && (cfg.freeze_through.is_some() || !cfg.lr_mult.is_empty()) {
+        println!("Training: {trains}");
+    }
     let train_len = source.train_len();
     let steps_per_epoch = train_len / cfg.batch_size;
     if steps_per_epoch == 0 {
@@ -330,6 +347,43 @@ mod tests {
         assert_eq!(metrics.lines().filter(|l| l.contains("\"test_accuracy\"")).count(), 2);
         let saved: TrainConfig = serde_json::from_str(&std::fs::read_to_string(dir.path().join("a/config.json")).unwrap()).unwrap();
         assert_eq!((saved.seed, saved.batch_size, saved.augment_shift), (5, 8, 2));
+    }
+
+    /// Fine-tuning: start from a run's model, freeze through fc1, the classifier 10x: the frozen
+    /// layers end bit-identical to the file, the others move; the checkpoint holds no optimiser
+    /// state for frozen layers, and the run resumes; unknown layers are named.
+    #[test]
+    fn frozen_layers_stay_bit_identical_and_the_run_resumes() {
+        let dir = tiny_dataset();
+        let base = dir.path().join("base");
+        train(&config(dir.path(), &base), false, &AtomicUsize::new(0), &mut Single).unwrap();
+        let start = checkpoint::load(&base.join("model.safetensors"), None).unwrap();
+        let out = dir.path().join("tuned");
+        let mut cfg = config(dir.path(), &out);
+        cfg.init_from = Some(base.join("model.safetensors"));
+        cfg.freeze_through = Some("fc1".into());
+        cfg.lr_mult = vec!["fc3=10".parse().unwrap()];
+        // Stopped after step 1, then resumed to the end.
+        let outcome = train(&cfg, false, &AtomicUsize::new(15), &mut Single).unwrap();
+        assert!(matches!(outcome, TrainOutcome::Interrupted { step: 1, .. }));
+        let ckpt = std::fs::read(out.join(CHECKPOINT_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&ckpt).unwrap();
+        assert!(
+            st.names().iter().all(|n| !n.starts_with("optimizer.slot1.conv") && !n.starts_with("optimizer.slot1.fc1")),
+            "{:?}",
+            st.names()
+        );
+        assert!(st.names().contains(&"optimizer.slot1.fc2.weight"));
+        train(&read_config(&out).unwrap(), true, &AtomicUsize::new(0), &mut Single).unwrap();
+        let tuned = checkpoint::load(&out.join("model.safetensors"), None).unwrap();
+        for (t, s) in tuned.params.iter().zip(&start.params) {
+            let frozen = ["conv", "fc1."].iter().any(|p| t.name.starts_with(p));
+            assert_eq!(t.value == s.value, frozen, "{}: frozen layers keep the file's weights, the others train", t.name);
+        }
+        let mut bad = config(dir.path(), &dir.path().join("bad"));
+        bad.freeze_through = Some("fc9".into());
+        let err = format!("{:#}", train(&bad, false, &AtomicUsize::new(0), &mut Single).err().unwrap());
+        assert!(err.contains("no layer 'fc9'") && err.contains("conv1, pool1"), "{err}");
     }
 
     #[test]

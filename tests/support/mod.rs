@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 
 /// The first `n` images of a real MNIST split, as gzipped IDX files in `dir`.
 fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
+    write_mnist(dir, split, prefix, 0..n, |l| l);
+}
+
+/// Images `range` of a real MNIST split with their labels mapped by `relabel`, as gzipped IDX
+/// files `PREFIX-images-idx3-ubyte.gz` and `PREFIX-labels-idx1-ubyte.gz` in `dir`.
+pub fn write_mnist(dir: &Path, split: Split, prefix: &str, range: std::ops::Range<usize>, relabel: impl Fn(u32) -> u32) {
     let ds = mnist::load(&mnist::default_dir(), split, true).unwrap();
     let gz = |name: String, header: Vec<u32>, body: Vec<u8>| {
         let mut e = GzEncoder::new(std::fs::File::create(dir.join(name)).unwrap(), Compression::fast());
@@ -17,9 +23,10 @@ fn write_subset(dir: &Path, split: Split, prefix: &str, n: usize) {
         e.write_all(&body).unwrap();
         e.finish().unwrap();
     };
-    let pixels = ds.images[..n * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
+    let n = range.len();
+    let pixels = ds.images[range.start * 784..range.end * 784].iter().map(|v| (v * 255.0).round() as u8).collect();
     gz(format!("{prefix}-images-idx3-ubyte.gz"), vec![2051, n as u32, 28, 28], pixels);
-    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[..n].iter().map(|&l| l as u8).collect());
+    gz(format!("{prefix}-labels-idx1-ubyte.gz"), vec![2049, n as u32], ds.labels[range].iter().map(|&l| relabel(l) as u8).collect());
 }
 
 /// A temporary directory with an MNIST subset in `data/` (`train` training and `test` test
