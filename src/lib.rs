@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod denormals;
 pub mod eval;
+pub mod features;
 pub mod files;
 pub mod layers;
 pub mod model;

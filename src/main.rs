@@ -70,6 +70,31 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Write a layer's activations (embeddings) for a dataset's evaluation images or for image
+    /// files, with labels and names, as .safetensors or .npy.
+    Features {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+        #[arg(long)]
+        model: Option<String>,
+        /// The layer, as `summary` names it (e.g. fc7 for the paper's models, fc2 for alexnet-mnist).
+        #[arg(long)]
+        layer: String,
+        /// A dataset: MNIST IDX files (its test images; default: the vendored MNIST) or an
+        /// ImageFolder dataset (its val/ images).
+        #[arg(long, conflicts_with = "images")]
+        data: Option<PathBuf>,
+        /// Default: the model's evaluation batch.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// FILE.safetensors (features [N, D], labels [N], names in the metadata), or FILE.npy
+        /// (with FILE.labels.npy and FILE.names.txt beside it).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Digit images (PNG or JPEG, any size; alexnet-mnist), prepared as `predict` does.
+        images: Vec<PathBuf>,
+    },
     /// Write a model file as ONNX (inputs NCHW in [0, 1]; outputs logits and probabilities).
     Export {
         #[arg(long)]
@@ -298,6 +323,38 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             if failed > 0 {
                 bail!("{failed} of {} images could not be read", images.len());
             }
+        }
+        Command::Features { checkpoint: path, model, layer, data, batch_size, out, images } => {
+            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+            let layer_at = alexnet::features::layer_index(&model, &layer)?;
+            let recipe = alexnet::architectures::recipe(&model.arch.name);
+            let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
+            if batch == 0 {
+                bail!("--batch-size must be at least 1");
+            }
+            let (names, labels, (dim, values)) = if images.is_empty() {
+                let cache = alexnet::cache_dir::default_cache_dir();
+                let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
+                let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
+                let labels: Vec<i64> = source.eval_labels().iter().map(|&l| l as i64).collect();
+                let extracted =
+                    alexnet::features::extract(&model, layer_at, labels.len(), batch, |r, input| source.fill_eval(r, 0, input))?;
+                (source.eval_names(), labels, extracted)
+            } else {
+                check_input(&model, 28, 28)?;
+                let digits = images.iter().map(|p| predict::load_digit(p)).collect::<Result<Vec<_>>>()?;
+                let extracted = alexnet::features::extract(&model, layer_at, digits.len(), batch, |r, input| {
+                    for (dst, d) in input.chunks_exact_mut(784).zip(&digits[r]) {
+                        dst.copy_from_slice(d);
+                    }
+                    Ok(())
+                })?;
+                (images.iter().map(|p| p.display().to_string()).collect(), vec![-1; images.len()], extracted)
+            };
+            let f = alexnet::features::Features { layer, dim, values, labels, names };
+            let written = alexnet::features::write(&f, &out)?;
+            let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!("{} x {} features of {} written to {}", f.labels.len(), f.dim, f.layer, paths.join(", "));
         }
         Command::Export { checkpoint: path, model, onnx, force } => {
             if onnx.exists() {

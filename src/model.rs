@@ -430,6 +430,13 @@ impl Workspace {
         &mut self.acts[0]
     }
 
+    /// The output of layer `i` for the last forward pass's first `n` samples (a dropout layer
+    /// skipped at evaluation passes its input on).
+    pub fn layer_output(&self, model: &Model, i: usize, n: usize) -> &[f32] {
+        let at = if i + 1 < self.inputs_at.len() { self.inputs_at[i + 1] } else { self.logits_at };
+        &self.acts[at][..n * model.shapes[i + 1].iter().product::<usize>()]
+    }
+
     pub fn logits(&self, n: usize, classes: usize) -> &[f32] {
         &self.acts[self.logits_at][..n * classes]
     }

@@ -175,3 +175,42 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
         assert_eq!(forced["conv_algos_inference"][layer]["weight_grad"], "im2col");
     }
 }
+
+/// `features`: a layer's activations for a dataset's test images or for image files, the same
+/// bytes every time, as safetensors (with labels and names) or .npy.
+#[test]
+fn features_are_deterministic_and_shaped_in_both_formats() {
+    let s = support::setup(64, 40);
+    let mut model = alexnet::model::Model::new(&alexnet::architectures::alexnet_mnist()).unwrap();
+    model.init(3, 0.0);
+    let file = s.root.join("model.safetensors");
+    alexnet::checkpoint::save(&model, &file, &[]).unwrap();
+    let f = file.to_str().unwrap();
+    let data = s.data.to_str().unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let args =
+            [&["features", "--checkpoint", f, "--layer", "fc2", "--batch-size", "16", "--out", out.to_str().unwrap()][..], extra].concat();
+        let done = alexnet(&args);
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let (a, b) = (s.root.join("a.safetensors"), s.root.join("b.safetensors"));
+    let bytes = run(&a, &["--data", data]);
+    assert!(bytes == run(&b, &["--data", data]), "the same features, byte for byte");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("features").unwrap().shape(), [40, 1024]);
+    let labels: Vec<i64> = st.tensor("labels").unwrap().data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let want = alexnet::data::mnist::load(&s.data, alexnet::data::mnist::Split::Test, false).unwrap().labels;
+    assert_eq!(labels, want.iter().map(|&l| l as i64).collect::<Vec<_>>());
+    // .npy beside its labels and names; image files get label -1.
+    let digit = s.root.join("digit.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (10..18).contains(&x) && (4..24).contains(&y) { 255 } else { 0 }]))
+        .save(&digit)
+        .unwrap();
+    let npy = run(&s.root.join("c.npy"), &[digit.to_str().unwrap(), digit.to_str().unwrap()]);
+    assert!(npy.starts_with(b"\x93NUMPY\x01\x00") && String::from_utf8_lossy(&npy[..128]).contains("'shape': (2, 1024)"));
+    let labels = std::fs::read(s.root.join("c.labels.npy")).unwrap();
+    assert!(labels.len() % 64 == 16 && labels.ends_with(&[0xff; 16]), "two labels of -1 after a 64-byte-aligned header");
+    assert_eq!(std::fs::read_to_string(s.root.join("c.names.txt")).unwrap().lines().count(), 2);
+    fails_with(&["features", "--checkpoint", f, "--layer", "fc9", "--out", "x.npy"], &["no layer 'fc9'", "fc2"]);
+}

@@ -151,6 +151,15 @@ impl Source {
         }
     }
 
+    /// A name for each evaluation sample: its file, or its index in the test set.
+    pub fn eval_names(&self) -> Vec<String> {
+        match self {
+            Source::Mnist { test, .. } => (0..test.len()).map(|i| format!("t10k #{i}")).collect(),
+            Source::Folder { data, .. } => data.val.iter().map(|s| s.path.display().to_string()).collect(),
+            Source::Dummy { .. } => (0..DUMMY_VAL).map(|i| format!("random #{i}")).collect(),
+        }
+    }
+
     /// Views per evaluation image whose predictions are averaged: ten crops or one.
     pub fn eval_views(&self) -> usize {
         match self {
