@@ -85,7 +85,7 @@ pub fn write(f: &Features, out: &Path) -> Result<Vec<PathBuf>> {
         write_atomic(&names_path, f.names.iter().map(|s| format!("{s}\n")).collect::<String>().as_bytes())?;
         return Ok(vec![out.to_path_buf(), labels_path, names_path]);
     }
-    if !out.extension().is_some_and(|e| e == "safetensors") {
+    if out.extension().is_none_or(|e| e != "safetensors") {
         bail!("--out {}: name a .safetensors or a .npy file", out.display());
     }
     let views =
