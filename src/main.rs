@@ -110,8 +110,16 @@ enum Command {
     },
     /// Draw a run's loss and accuracy curves and its test confusion matrix as PNGs.
     Plot {
-        #[arg(value_name = "RUN_DIR")]
-        run: PathBuf,
+        #[arg(value_name = "RUN_DIR", required_unless_present = "filters")]
+        run: Option<PathBuf>,
+        /// Instead: the first layer's kernels of --checkpoint as an image grid (the paper's
+        /// figure 3), each kernel scaled to its own range, written to --out.
+        #[arg(long, requires_all = ["checkpoint", "out"], conflicts_with = "run")]
+        filters: bool,
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, value_name = "FILE.png")]
+        out: Option<PathBuf>,
     },
     /// Print a model's layer table.
     Summary {
@@ -369,11 +377,19 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
         }
-        Command::Plot { run } => {
-            for path in alexnet::plot::write_run_plots(&run)? {
-                println!("{}", path.display());
+        Command::Plot { run, filters: _, checkpoint: file, out } => match (run, file, out) {
+            (Some(run), _, _) => {
+                for path in alexnet::plot::write_run_plots(&run)? {
+                    println!("{}", path.display());
+                }
             }
-        }
+            (None, Some(file), Some(out)) => {
+                let (png, (w, h)) = alexnet::plot::filters_png(&checkpoint::load(&file, None)?)?;
+                alexnet::files::write_atomic(&out, &png)?;
+                println!("{} ({w}x{h})", out.display());
+            }
+            _ => unreachable!("clap requires RUN_DIR or --filters with --checkpoint and --out"),
+        },
         Command::Summary { model, classes, checkpoint: file } => {
             let m = match &file {
                 Some(path) => {

@@ -1,7 +1,9 @@
 //! PNG plots of a run, drawn from its `metrics.jsonl`: loss and accuracy curves (training
 //! minibatches and the test set) and the last test-set confusion matrix. Text uses a font
-//! compiled into the binary, so plots look the same on machines without system fonts.
+//! compiled into the binary, so plots look the same on machines without system fonts. And a
+//! model's first-layer kernels as a picture (`filters_png`).
 
+use crate::model::{Layer, Model};
 use crate::run_dir::METRICS_FILE;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
@@ -177,6 +179,55 @@ fn confusion_chart(m: &[Vec<u64>]) -> Result<Vec<u8>> {
     })
 }
 
+/// The first convolution's kernels as a grid of tiles, each kernel scaled to its own range
+/// (the paper's figure 3): colour for RGB inputs (AlexNet's 96 of 11x11x3), grey for one
+/// channel (the seed model's 64 of 3x3). PNG bytes and (width, height).
+pub fn filters_png(model: &Model) -> Result<(Vec<u8>, (u32, u32))> {
+    let (conv, param) = model
+        .layers
+        .iter()
+        .find_map(|l| match l {
+            Layer::Conv { conv, param } => Some((conv, *param)),
+            _ => None,
+        })
+        .with_context(|| format!("model {} has no convolution", model.arch.name))?;
+    let (k, cin, out) = (conv.win.kernel, conv.in_c / conv.groups, conv.out_c);
+    if cin != 1 && cin != 3 {
+        anyhow::bail!("the first convolution of {} sees {cin} channels: only 1 (grey) or 3 (colour) make a picture", model.arch.name);
+    }
+    let w = &model.params[param].value;
+    // Tiles of ~48 pixels, 4 pixels apart, in a near-square grid.
+    let scale = (48 / k).max(1) as u32;
+    let (tile, gap) = (k as u32 * scale, 4u32);
+    let cols = (out as f64).sqrt().ceil() as u32;
+    let rows = (out as u32).div_ceil(cols);
+    let (width, height) = (cols * (tile + gap) + gap, rows * (tile + gap) + gap);
+    let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    for o in 0..out {
+        let at = |y: usize, x: usize, c: usize| w[((y * k + x) * cin + c) * out + o];
+        let values = (0..k * k * cin).map(|i| at(i / (k * cin), (i / cin) % k, i % cin));
+        let (lo, hi) = values.fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let span = (hi - lo).max(f32::MIN_POSITIVE);
+        let (x0, y0) = (gap + (o as u32 % cols) * (tile + gap), gap + (o as u32 / cols) * (tile + gap));
+        for (py, px) in (0..tile).flat_map(|y| (0..tile).map(move |x| (y, x))) {
+            let (y, x) = ((py / scale) as usize, (px / scale) as usize);
+            let level = |c: usize| (255.0 * (at(y, x, c) - lo) / span).round() as u8;
+            let rgb = if cin == 3 { [level(0), level(1), level(2)] } else { [level(0); 3] };
+            img.put_pixel(x0 + px, y0 + py, image::Rgb(rgb));
+        }
+    }
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        img.as_raw(),
+        width,
+        height,
+        image::ExtendedColorType::Rgb8,
+    )
+    .context("encoding a PNG")?;
+    Ok((png, (width, height)))
+}
+
 /// A run's plots as PNG images of `SIZE`, by name: `loss`, `accuracy` and (once the test set
 /// was evaluated) `confusion`.
 pub fn run_plots(run_dir: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
@@ -236,5 +287,32 @@ mod tests {
         assert_eq!(c.confusion.unwrap()[3][3], 95);
         let err = format!("{:#}", write_run_plots(&dir.path().join("nope")).unwrap_err());
         assert!(err.contains("metrics.jsonl") && err.contains("nope"), "{err}");
+    }
+
+    /// Each kernel in its tile, scaled to its own range: a colour kernel whose red top-left
+    /// weight is its largest and blue its smallest shows pure-ish red there; tiles sit in a
+    /// near-square grid.
+    #[test]
+    fn filters_are_tiles_of_kernels_each_scaled_to_its_range() {
+        use crate::layers::Padding;
+        use crate::model::{Architecture, Init, LayerSpec};
+        let conv = LayerSpec::Conv { name: "conv1".into(), out_c: 5, kernel: 4, stride: 1, padding: Padding::Valid, groups: 1, relu: true };
+        let fc = LayerSpec::Linear { name: "fc".into(), out: 2, relu: false };
+        let arch = Architecture { name: "tiny".into(), input: [6, 6, 3], layers: vec![conv, fc], init: Init::He, input_scale: 1.0 };
+        let mut m = Model::new(&arch).unwrap();
+        m.init(1, 0.0);
+        let w = &mut m.params[0].value;
+        // HWIO: kernel 0, pixel (0, 0): red +9, blue -9 (beyond every other weight).
+        (w[0], w[2 * 5]) = (9.0, -9.0);
+        let (png, (width, height)) = filters_png(&m).unwrap();
+        // 5 kernels of 4x4 at 12x: 3 columns, 2 rows of 48-pixel tiles, 4 pixels apart.
+        assert_eq!((width, height), (3 * 52 + 4, 2 * 52 + 4));
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (width, height));
+        let p = img.get_pixel(4 + 5, 4 + 5).0;
+        assert!(p[0] == 255 && p[2] == 0, "red max, blue min: {p:?}");
+        assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255], "the gaps are white");
+        let grey = Model::new(&crate::architectures::alexnet_mnist()).unwrap();
+        assert_eq!(filters_png(&grey).unwrap().1, (8 * 52 + 4, 8 * 52 + 4), "64 grey 3x3 kernels at 16x");
     }
 }

@@ -177,7 +177,7 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
 }
 
 /// `features`: a layer's activations for a dataset's test images or for image files, the same
-/// bytes every time, as safetensors (with labels and names) or .npy.
+/// bytes every time, as safetensors (with labels and names) or .npy; `plot --filters`.
 #[test]
 fn features_are_deterministic_and_shaped_in_both_formats() {
     let s = support::setup(64, 40);
@@ -213,4 +213,9 @@ fn features_are_deterministic_and_shaped_in_both_formats() {
     assert!(labels.len() % 64 == 16 && labels.ends_with(&[0xff; 16]), "two labels of -1 after a 64-byte-aligned header");
     assert_eq!(std::fs::read_to_string(s.root.join("c.names.txt")).unwrap().lines().count(), 2);
     fails_with(&["features", "--checkpoint", f, "--layer", "fc9", "--out", "x.npy"], &["no layer 'fc9'", "fc2"]);
+    // The first layer's 64 kernels as a picture (the paper's figure 3).
+    let png = s.root.join("filters.png");
+    assert!(alexnet(&["plot", "--filters", "--checkpoint", f, "--out", png.to_str().unwrap()]).status.success());
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (420, 420));
+    fails_with(&["plot", "--filters", "--out", png.to_str().unwrap()], &["--checkpoint"]);
 }

@@ -43,8 +43,8 @@ fn train_args(data: &Path, out: &Path, samples: usize) -> Vec<String> {
 }
 
 /// Every scalar tag at every display (train/*) or evaluation (test/*) step, each once, with
-/// metrics.jsonl's values; histograms of each weight and gradient every 4 steps; the plots as
-/// images at the evaluation; the config as text.
+/// metrics.jsonl's values; histograms of each weight and gradient every 4 steps; the plots and
+/// the first layer's kernels as images at the evaluation; the config as text.
 fn check_run(report: &serde_json::Value, steps: u64) {
     let scalars = &report["scalars"];
     for tag in ["train/loss", "train/accuracy", "train/lr", "train/samples_per_s", "test/loss", "test/accuracy", "test/top5"] {
@@ -66,6 +66,7 @@ fn check_run(report: &serde_json::Value, steps: u64) {
     for name in ["plots/loss", "plots/accuracy", "plots/confusion"] {
         assert_eq!(report["images"][name], serde_json::json!([[steps, 900, 560, 900, 560]]), "{name}: a 900x560 PNG");
     }
+    assert_eq!(report["images"]["filters/first_layer"], serde_json::json!([[steps, 420, 420, 420, 420]]), "conv1's 64 kernels");
     let config = report["config_text"][0].as_str().unwrap();
     assert!(config.contains("\"model\": \"alexnet-mnist\"") && config.contains("\"histogram_every\": 2"), "{config}");
 }

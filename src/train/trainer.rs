@@ -204,6 +204,10 @@ impl Trainer<'_> {
                     Ok(plots) => plots.into_iter().for_each(|(name, png)| tb.image(step, &format!("plots/{name}"), png, crate::plot::SIZE)),
                     Err(e) => eprintln!("warning: no plots for TensorBoard: {e:#}"),
                 }
+                // The first layer's kernels, where they make a picture (1 or 3 input channels).
+                if let Ok((png, size)) = crate::plot::filters_png(&self.model) {
+                    tb.image(step, "filters/first_layer", png, size);
+                }
                 tb.flush()?;
                 self.tensorboard_seconds += t.elapsed().as_secs_f64();
             }
