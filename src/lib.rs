@@ -18,6 +18,7 @@ pub mod features;
 pub mod files;
 pub mod layers;
 pub mod model;
+pub mod neighbours;
 pub mod onnx;
 pub mod optim;
 pub mod plot;

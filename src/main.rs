@@ -95,6 +95,33 @@ enum Command {
         /// Digit images (PNG or JPEG, any size; alexnet-mnist), prepared as `predict` does.
         images: Vec<PathBuf>,
     },
+    /// The paper's figure 4: query images beside the training images whose features are
+    /// nearest, with the queries' predicted top-5 classes, as one PNG.
+    Neighbours {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The training images to search: MNIST IDX files (default: the vendored MNIST) or an
+        /// ImageFolder dataset (its train/ images, centre-cropped).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Default: the last hidden layer (fc7 for the paper's models, fc2 for alexnet-mnist).
+        #[arg(long)]
+        layer: Option<String>,
+        /// Neighbours per query.
+        #[arg(long, default_value_t = 6)]
+        k: usize,
+        /// Also the first N evaluation images (MNIST's test digits, an ImageFolder's val/) as queries.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        test_queries: usize,
+        /// Default: the model's evaluation batch.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long, value_name = "FILE.png")]
+        out: PathBuf,
+        /// Query images (PNG or JPEG).
+        #[arg(long = "query", value_name = "IMAGE", num_args = 1..)]
+        query: Vec<PathBuf>,
+    },
     /// Write a model file as ONNX (inputs NCHW in [0, 1]; outputs logits and probabilities).
     Export {
         #[arg(long)]
@@ -363,6 +390,21 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             let written = alexnet::features::write(&f, &out)?;
             let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
             println!("{} x {} features of {} written to {}", f.labels.len(), f.dim, f.layer, paths.join(", "));
+        }
+        Command::Neighbours { checkpoint: path, data, layer, k, test_queries, batch_size, out, query } => {
+            let model = checkpoint::load(&path, None)?;
+            let recipe = alexnet::architectures::recipe(&model.arch.name);
+            let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
+            if batch == 0 || k == 0 {
+                bail!("--batch-size and --k must be at least 1");
+            }
+            let cache = alexnet::cache_dir::default_cache_dir();
+            let options = OpenOptions { for_training: true, cache_dir: cache.as_deref(), ..Default::default() };
+            let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
+            let request = alexnet::neighbours::Request { source: &source, layer: layer.as_deref(), k, files: &query, test_queries, batch };
+            let (png, (w, h)) = alexnet::neighbours::figure(&model, &request)?;
+            alexnet::files::write_atomic(&out, &png)?;
+            println!("{} ({w}x{h})", out.display());
         }
         Command::Export { checkpoint: path, model, onnx, force } => {
             if onnx.exists() {

@@ -177,7 +177,8 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
 }
 
 /// `features`: a layer's activations for a dataset's test images or for image files, the same
-/// bytes every time, as safetensors (with labels and names) or .npy; `plot --filters`.
+/// bytes every time, as safetensors (with labels and names) or .npy; `plot --filters`;
+/// `neighbours`.
 #[test]
 fn features_are_deterministic_and_shaped_in_both_formats() {
     let s = support::setup(64, 40);
@@ -218,4 +219,11 @@ fn features_are_deterministic_and_shaped_in_both_formats() {
     assert!(alexnet(&["plot", "--filters", "--checkpoint", f, "--out", png.to_str().unwrap()]).status.success());
     assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (420, 420));
     fails_with(&["plot", "--filters", "--out", png.to_str().unwrap()], &["--checkpoint"]);
+    // The paper's figure 4: 3 queries (one file, two test digits), each beside its 2 nearest
+    // training digits.
+    let grid = s.root.join("grid.png");
+    let args = ["neighbours", "--checkpoint", f, "--data", data, "--k", "2", "--test-queries", "2", "--out", grid.to_str().unwrap()];
+    let done = alexnet(&[&args[..], &["--query", digit.to_str().unwrap()]].concat());
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(image::open(&grid).unwrap().to_rgb8().dimensions(), (3 * 104 + 24, 3 * 126 + 8));
 }

@@ -236,13 +236,28 @@ impl FolderData {
     /// Evaluation views of validation images `range`: the centre crop, or with `ten_crop` the
     /// four corners, the centre and their reflections; `view` picks one.
     pub fn fill_val(&self, range: std::ops::Range<usize>, view: usize, ten_crop: bool, input: &mut [f32]) -> Result<()> {
+        self.fill_views(&self.val[range], view, ten_crop, input)
+    }
+
+    /// Training images `range` as evaluation sees images: the centre crop, no augmentation.
+    pub fn fill_train_centre(&self, range: std::ops::Range<usize>, input: &mut [f32]) -> Result<()> {
+        self.fill_views(&self.train[range], 0, false, input)
+    }
+
+    /// Image files, prepared as the validation images are (centre crop).
+    pub fn fill_files(&self, paths: &[PathBuf], input: &mut [f32]) -> Result<()> {
+        let samples: Vec<Sample> = paths.iter().map(|p| Sample { path: p.clone(), label: 0 }).collect();
+        self.fill_views(&samples, 0, false, input)
+    }
+
+    fn fill_views(&self, samples: &[Sample], view: usize, ten_crop: bool, input: &mut [f32]) -> Result<()> {
         let len = self.input_len();
         let (top, left, flip) = if ten_crop {
             ten_crop_offsets(PREPARED, PREPARED, self.crop)[view]
         } else {
             ((PREPARED - self.crop) / 2, (PREPARED - self.crop) / 2, false)
         };
-        input[..range.len() * len].par_chunks_mut(len).zip(&self.val[range]).try_for_each(|(dst, s)| -> Result<()> {
+        input[..samples.len() * len].par_chunks_mut(len).zip(samples).try_for_each(|(dst, s)| -> Result<()> {
             crop(&self.centred(s)?, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
             Ok(())
         })

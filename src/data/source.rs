@@ -142,6 +142,34 @@ impl Source {
         }
     }
 
+    /// The labels of the training set.
+    pub fn train_labels(&self) -> Vec<u32> {
+        match self {
+            Source::Mnist { train, .. } => train.labels.clone(),
+            Source::Folder { data, .. } => data.train.iter().map(|s| s.label).collect(),
+            Source::Dummy { classes, .. } => (0..DUMMY_TRAIN).map(|i| (i % classes) as u32).collect(),
+        }
+    }
+
+    /// Training samples `range` into `input` as evaluation sees images: no augmentation.
+    pub fn fill_train_plain(&self, range: Range<usize>, input: &mut [f32]) -> Result<()> {
+        match self {
+            Source::Mnist { train, .. } => {
+                let il = train.image_len();
+                input[..range.len() * il].copy_from_slice(&train.images[range.start * il..range.end * il]);
+                Ok(())
+            }
+            Source::Folder { data, .. } => data.fill_train_centre(range, input),
+            Source::Dummy { shape, classes } => {
+                let len: usize = shape.iter().product();
+                for (i, dst) in range.zip(input.chunks_exact_mut(len)) {
+                    dummy_sample(i, *classes, dst);
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The labels of the evaluation set: the test (MNIST) or validation set.
     pub fn eval_labels(&self) -> Vec<u32> {
         match self {
