@@ -378,21 +378,24 @@ mod tests {
         assert!(err.contains("junk.bin"), "{err}");
     }
 
+    /// What PyTorch's `safetensors.torch.save_file` writes: the model's tensors in PyTorch
+    /// layout and `extra` ones, no alexnet metadata.
+    fn write_torch_file(model: &Model, extra: &[(&str, Vec<f32>)], path: &Path) {
+        let mut tensors = torch_tensors(model);
+        tensors.extend(extra.iter().map(|(n, v)| (n.to_string(), vec![v.len()], v.clone())));
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
+        let views =
+            tensors.iter().zip(&bytes).map(|((n, shape, _), b)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()));
+        std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+
     #[test]
     fn foreign_files_without_metadata_load_with_an_explicit_architecture() {
         let mut m = Model::new(&alexnet_mnist()).unwrap();
         m.init(9, 0.0);
-        // What PyTorch's safetensors.torch.save_file writes: tensors, no alexnet metadata.
-        let tensors = torch_tensors(&m);
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
-        let views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((n, shape, _), b)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
-            .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("torch.safetensors");
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        write_torch_file(&m, &[], &path);
         let err = format!("{:#}", load(&path, None).unwrap_err());
         assert!(err.contains("--model") && err.contains("torch.safetensors"), "{err}");
         let back = load(&path, Some(alexnet_mnist())).unwrap();
@@ -406,18 +409,9 @@ mod tests {
     fn init_from_loads_what_matches_and_reinitialises_only_a_resized_classifier() {
         let mut source = Model::new(&alexnet_mnist()).unwrap();
         source.init(9, 0.1);
-        let tensors = torch_tensors(&source);
-        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| f32_bytes(d)).collect();
-        let mut views: Vec<(String, TensorView)> = tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((n, shape, _), b)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
-            .collect();
-        let extra = f32_bytes(&[1.0]);
-        views.push(("num_batches_tracked".into(), TensorView::new(Dtype::F32, vec![1], &extra).unwrap()));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("torch.safetensors");
-        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        write_torch_file(&source, &[("num_batches_tracked", vec![1.0])], &path);
 
         let mut arch = alexnet_mnist();
         let Some(LayerSpec::Linear { out, .. }) = arch.layers.last_mut() else { panic!("a classifier") };
@@ -437,7 +431,8 @@ mod tests {
             }
         }
         let unrelated = dir.path().join("unrelated.safetensors");
-        std::fs::write(&unrelated, safetensors::serialize([("x", TensorView::new(Dtype::F32, vec![1], &extra).unwrap())], None).unwrap())
+        let one = f32_bytes(&[1.0]);
+        std::fs::write(&unrelated, safetensors::serialize([("x", TensorView::new(Dtype::F32, vec![1], &one).unwrap())], None).unwrap())
             .unwrap();
         let err = format!("{:#}", init_from(&mut target, &unrelated).unwrap_err());
         assert!(err.contains("unrelated.safetensors") && err.contains("none of its tensors"), "{err}");

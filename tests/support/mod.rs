@@ -71,3 +71,36 @@ pub fn fails_with(args: &[&str], needles: &[&str]) -> String {
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     err
 }
+
+/// A throwaway virtualenv in `dir` with `packages` from PyPI, for checks against other
+/// software (onnxruntime, TensorBoard): its python, or `None` after saying why the check is
+/// skipped. Under CI (`CI=true`) the check must run: a missing package fails the test instead.
+pub fn python_with(dir: &Path, packages: &[&str]) -> Option<PathBuf> {
+    let why = match venv_with(dir, packages) {
+        Ok(python) => return Some(python),
+        Err(why) => why,
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {packages:?} cannot be installed: {why}");
+    }
+    eprintln!("SKIPPED the {packages:?} check (it fails under CI=true): {why}");
+    None
+}
+
+fn venv_with(dir: &Path, packages: &[&str]) -> Result<PathBuf, String> {
+    use std::process::Command;
+    let venv = dir.join("venv");
+    let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).output().map_err(|e| format!("no python3 ({e})"))?;
+    if !made.status.success() {
+        return Err(format!("python3 -m venv failed: {}", String::from_utf8_lossy(&made.stderr)));
+    }
+    let pip = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "--retries", "1", "--timeout", "30"])
+        .args(packages)
+        .output()
+        .map_err(|e| format!("cannot run pip ({e})"))?;
+    if !pip.status.success() {
+        return Err(format!("pip cannot install them (no registry?): {}", String::from_utf8_lossy(&pip.stderr).trim()));
+    }
+    Ok(venv.join("bin/python"))
+}
