@@ -137,12 +137,21 @@ enum Command {
     },
     /// Draw a run's loss and accuracy curves and its test confusion matrix as PNGs.
     Plot {
-        #[arg(value_name = "RUN_DIR", required_unless_present = "filters")]
+        #[arg(value_name = "RUN_DIR", required_unless_present_any = ["filters", "activations"])]
         run: Option<PathBuf>,
         /// Instead: the first layer's kernels of --checkpoint as an image grid (the paper's
         /// figure 3), each kernel scaled to its own range, written to --out.
-        #[arg(long, requires_all = ["checkpoint", "out"], conflicts_with = "run")]
+        #[arg(long, requires_all = ["checkpoint", "out"], conflicts_with_all = ["run", "activations"])]
         filters: bool,
+        /// Instead: --layer's feature maps for this image (a digit for alexnet-mnist; for the
+        /// ImageNet models, prepared with --data's mean image), one tile per channel.
+        #[arg(long, value_name = "IMAGE", requires_all = ["checkpoint", "out", "layer"], conflicts_with = "run")]
+        activations: Option<PathBuf>,
+        #[arg(long)]
+        layer: Option<String>,
+        /// The ImageFolder dataset whose mean image prepares the --activations image.
+        #[arg(long)]
+        data: Option<PathBuf>,
         #[arg(long)]
         checkpoint: Option<PathBuf>,
         #[arg(long, value_name = "FILE.png")]
@@ -419,18 +428,30 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             alexnet::onnx::export(&model, &onnx)?;
             println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
         }
-        Command::Plot { run, filters: _, checkpoint: file, out } => match (run, file, out) {
+        Command::Plot { run, filters: _, activations, layer, data, checkpoint: file, out } => match (run, file, out) {
             (Some(run), _, _) => {
                 for path in alexnet::plot::write_run_plots(&run)? {
                     println!("{}", path.display());
                 }
             }
             (None, Some(file), Some(out)) => {
-                let (png, (w, h)) = alexnet::plot::filters_png(&checkpoint::load(&file, None)?)?;
+                let model = checkpoint::load(&file, None)?;
+                let (png, (w, h)) = match (activations, layer) {
+                    (Some(image), Some(layer)) => {
+                        let at = alexnet::features::layer_index(&model, &layer)?;
+                        let input = prepare_image(&model, &image, data.as_deref())?;
+                        let (_, output) = alexnet::features::extract(&model, at, 1, 1, |_, dst| {
+                            dst[..input.len()].copy_from_slice(&input);
+                            Ok(())
+                        })?;
+                        alexnet::plot::activations_png(&model, at, &output)?
+                    }
+                    _ => alexnet::plot::filters_png(&model)?,
+                };
                 alexnet::files::write_atomic(&out, &png)?;
                 println!("{} ({w}x{h})", out.display());
             }
-            _ => unreachable!("clap requires RUN_DIR or --filters with --checkpoint and --out"),
+            _ => unreachable!("clap requires RUN_DIR, or --filters or --activations with --checkpoint and --out"),
         },
         Command::Summary { model, classes, checkpoint: file } => {
             let m = match &file {
@@ -574,6 +595,25 @@ fn finish_training(outcome: train::TrainOutcome) -> Result<ExitCode> {
         train::TrainOutcome::Finished { .. } | train::TrainOutcome::FinishedWorker => ExitCode::SUCCESS,
         train::TrainOutcome::Interrupted { signal, .. } => ExitCode::from(128 + signal as u8),
     })
+}
+
+/// One image as `model` takes it: a digit prepared as `predict` does for the seed model; for
+/// the ImageNet models, centre-cropped and less the mean image of the ImageFolder `data`.
+fn prepare_image(model: &Model, image: &std::path::Path, data: Option<&std::path::Path>) -> Result<Vec<f32>> {
+    if model.arch.input == [28, 28, 1] {
+        return predict::load_digit(image);
+    }
+    let Some(dir) = data else {
+        bail!("model {} needs --data DIR: the ImageFolder dataset whose mean image prepares {}", model.arch.name, image.display())
+    };
+    let cache = alexnet::cache_dir::default_cache_dir();
+    let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
+    let Source::Folder { data, .. } = Source::open(Some(dir), model.arch.input, model.arch.input_scale, &options)? else {
+        bail!("{} is not an ImageFolder dataset (train/ and val/)", dir.display())
+    };
+    let mut input = vec![0.0; model.input_len()];
+    data.fill_files(&[image.to_path_buf()], &mut input)?;
+    Ok(input)
 }
 
 /// The data or image size must be the model's input size.

@@ -196,23 +196,41 @@ pub fn filters_png(model: &Model) -> Result<(Vec<u8>, (u32, u32))> {
         anyhow::bail!("the first convolution of {} sees {cin} channels: only 1 (grey) or 3 (colour) make a picture", model.arch.name);
     }
     let w = &model.params[param].value;
-    // Tiles of ~48 pixels, 4 pixels apart, in a near-square grid.
-    let scale = (48 / k).max(1) as u32;
-    let (tile, gap) = (k as u32 * scale, 4u32);
-    let cols = (out as f64).sqrt().ceil() as u32;
-    let rows = (out as u32).div_ceil(cols);
-    let (width, height) = (cols * (tile + gap) + gap, rows * (tile + gap) + gap);
+    tile_grid(out, [k, k], cin == 3, |o, y, x, c| w[((y * k + x) * cin + c) * out + o])
+}
+
+/// Layer `layer`'s feature maps for one input, `output` (its HWC activations): a grey tile
+/// per channel, each scaled to its own range.
+pub fn activations_png(model: &Model, layer: usize, output: &[f32]) -> Result<(Vec<u8>, (u32, u32))> {
+    let [h, w, c] = model.shapes[layer + 1];
+    tile_grid(c, [h, w], false, |ch, y, x, _| output[(y * w + x) * c + ch])
+}
+
+/// `count` tiles of `[h, w]` pixels (`colour`: 3 channels, else grey), pixel values `at(tile,
+/// y, x, channel)`, each tile scaled to its own range, ~48 pixels high, 4 apart, in a
+/// near-square grid: PNG bytes and (width, height).
+fn tile_grid(
+    count: usize,
+    [h, w]: [usize; 2],
+    colour: bool,
+    at: impl Fn(usize, usize, usize, usize) -> f32,
+) -> Result<(Vec<u8>, (u32, u32))> {
+    let channels = if colour { 3 } else { 1 };
+    let scale = (48 / h.max(w)).max(1) as u32;
+    let (tile_w, tile_h, gap) = (w as u32 * scale, h as u32 * scale, 4u32);
+    let cols = (count as f64).sqrt().ceil() as u32;
+    let rows = (count as u32).div_ceil(cols);
+    let (width, height) = (cols * (tile_w + gap) + gap, rows * (tile_h + gap) + gap);
     let mut img = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    for o in 0..out {
-        let at = |y: usize, x: usize, c: usize| w[((y * k + x) * cin + c) * out + o];
-        let values = (0..k * k * cin).map(|i| at(i / (k * cin), (i / cin) % k, i % cin));
+    for t in 0..count {
+        let values = (0..h * w * channels).map(|i| at(t, i / (w * channels), (i / channels) % w, i % channels));
         let (lo, hi) = values.fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let span = (hi - lo).max(f32::MIN_POSITIVE);
-        let (x0, y0) = (gap + (o as u32 % cols) * (tile + gap), gap + (o as u32 / cols) * (tile + gap));
-        for (py, px) in (0..tile).flat_map(|y| (0..tile).map(move |x| (y, x))) {
+        let (x0, y0) = (gap + (t as u32 % cols) * (tile_w + gap), gap + (t as u32 / cols) * (tile_h + gap));
+        for (py, px) in (0..tile_h).flat_map(|y| (0..tile_w).map(move |x| (y, x))) {
             let (y, x) = ((py / scale) as usize, (px / scale) as usize);
-            let level = |c: usize| (255.0 * (at(y, x, c) - lo) / span).round() as u8;
-            let rgb = if cin == 3 { [level(0), level(1), level(2)] } else { [level(0); 3] };
+            let level = |c: usize| (255.0 * (at(t, y, x, c) - lo) / span).round() as u8;
+            let rgb = if colour { [level(0), level(1), level(2)] } else { [level(0); 3] };
             img.put_pixel(x0 + px, y0 + py, image::Rgb(rgb));
         }
     }

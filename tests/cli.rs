@@ -177,8 +177,8 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
 }
 
 /// `features`: a layer's activations for a dataset's test images or for image files, the same
-/// bytes every time, as safetensors (with labels and names) or .npy; `plot --filters`;
-/// `neighbours`.
+/// bytes every time, as safetensors (with labels and names) or .npy; `plot --filters` and
+/// `--activations`; `neighbours`.
 #[test]
 fn features_are_deterministic_and_shaped_in_both_formats() {
     let s = support::setup(64, 40);
@@ -219,6 +219,12 @@ fn features_are_deterministic_and_shaped_in_both_formats() {
     assert!(alexnet(&["plot", "--filters", "--checkpoint", f, "--out", png.to_str().unwrap()]).status.success());
     assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (420, 420));
     fails_with(&["plot", "--filters", "--out", png.to_str().unwrap()], &["--checkpoint"]);
+    // conv2's 128 feature maps (14x14, at 3x) of one digit, in a 12 x 11 grid.
+    let maps = s.root.join("maps.png");
+    let args = ["plot", "--activations", digit.to_str().unwrap(), "--checkpoint", f, "--layer", "conv2", "--out", maps.to_str().unwrap()];
+    assert!(alexnet(&args).status.success());
+    assert_eq!(image::open(&maps).unwrap().to_rgb8().dimensions(), (12 * 46 + 4, 11 * 46 + 4));
+    fails_with(&["plot", "--activations", "x.png", "--checkpoint", f, "--out", "y.png"], &["--layer"]);
     // The paper's figure 4: 3 queries (one file, two test digits), each beside its 2 nearest
     // training digits.
     let grid = s.root.join("grid.png");
