@@ -776,6 +776,15 @@ mod tests {
         }
     }
 
+    /// Model files from before keep-prob left the architecture carry `{"Dropout":{"keep":0.8}}`:
+    /// they still load, and new files write no keep-prob.
+    #[test]
+    fn old_architectures_with_a_dropout_keep_prob_still_load() {
+        let old: LayerSpec = serde_json::from_str(r#"{"Dropout":{"keep":0.8}}"#).unwrap();
+        assert_eq!(old, LayerSpec::Dropout {});
+        assert_eq!(serde_json::to_string(&LayerSpec::Dropout {}).unwrap(), r#"{"Dropout":{}}"#);
+    }
+
     #[test]
     fn dropout_in_training_changes_outputs_and_eval_is_deterministic() {
         let mut model = Model::new(&small_seed_model()).unwrap();
