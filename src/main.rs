@@ -82,8 +82,8 @@ enum Command {
         #[arg(long)]
         layer: String,
         /// A dataset: MNIST IDX files (its test images; default: the vendored MNIST) or an
-        /// ImageFolder dataset (its val/ images).
-        #[arg(long, conflicts_with = "images")]
+        /// ImageFolder dataset (its val/ images; with IMAGES, the mean image that prepares them).
+        #[arg(long)]
         data: Option<PathBuf>,
         /// Default: the model's evaluation batch.
         #[arg(long)]
@@ -92,7 +92,8 @@ enum Command {
         /// (with FILE.labels.npy and FILE.names.txt beside it).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// Digit images (PNG or JPEG, any size; alexnet-mnist), prepared as `predict` does.
+        /// Image files instead (PNG or JPEG): digits for alexnet-mnist, prepared as `predict`
+        /// does; for the ImageNet models centre-cropped, less --data's mean image.
         images: Vec<PathBuf>,
     },
     /// The paper's figure 4: query images beside the training images whose features are
@@ -385,10 +386,9 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
                     alexnet::features::extract(&model, layer_at, labels.len(), batch, |r, input| source.fill_eval(r, 0, input))?;
                 (source.eval_names(), labels, extracted)
             } else {
-                check_input(&model, 28, 28)?;
-                let digits = images.iter().map(|p| predict::load_digit(p)).collect::<Result<Vec<_>>>()?;
-                let extracted = alexnet::features::extract(&model, layer_at, digits.len(), batch, |r, input| {
-                    for (dst, d) in input.chunks_exact_mut(784).zip(&digits[r]) {
+                let inputs = prepare_images(&model, &images, data.as_deref())?;
+                let extracted = alexnet::features::extract(&model, layer_at, inputs.len(), batch, |r, input| {
+                    for (dst, d) in input.chunks_exact_mut(model.input_len()).zip(&inputs[r]) {
                         dst.copy_from_slice(d);
                     }
                     Ok(())
@@ -439,7 +439,7 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
                 let (png, (w, h)) = match (activations, layer) {
                     (Some(image), Some(layer)) => {
                         let at = alexnet::features::layer_index(&model, &layer)?;
-                        let input = prepare_image(&model, &image, data.as_deref())?;
+                        let input = prepare_images(&model, &[image], data.as_deref())?.remove(0);
                         let (_, output) = alexnet::features::extract(&model, at, 1, 1, |_, dst| {
                             dst[..input.len()].copy_from_slice(&input);
                             Ok(())
@@ -597,23 +597,23 @@ fn finish_training(outcome: train::TrainOutcome) -> Result<ExitCode> {
     })
 }
 
-/// One image as `model` takes it: a digit prepared as `predict` does for the seed model; for
-/// the ImageNet models, centre-cropped and less the mean image of the ImageFolder `data`.
-fn prepare_image(model: &Model, image: &std::path::Path, data: Option<&std::path::Path>) -> Result<Vec<f32>> {
+/// Images as `model` takes them: digits prepared as `predict` does for the seed model; for the
+/// ImageNet models, centre-cropped and less the mean image of the ImageFolder `data`.
+fn prepare_images(model: &Model, images: &[PathBuf], data: Option<&std::path::Path>) -> Result<Vec<Vec<f32>>> {
     if model.arch.input == [28, 28, 1] {
-        return predict::load_digit(image);
+        return images.iter().map(|p| predict::load_digit(p)).collect();
     }
     let Some(dir) = data else {
-        bail!("model {} needs --data DIR: the ImageFolder dataset whose mean image prepares {}", model.arch.name, image.display())
+        bail!("model {} needs --data DIR: the ImageFolder dataset whose mean image prepares the images", model.arch.name)
     };
     let cache = alexnet::cache_dir::default_cache_dir();
     let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
     let Source::Folder { data, .. } = Source::open(Some(dir), model.arch.input, model.arch.input_scale, &options)? else {
         bail!("{} is not an ImageFolder dataset (train/ and val/)", dir.display())
     };
-    let mut input = vec![0.0; model.input_len()];
-    data.fill_files(&[image.to_path_buf()], &mut input)?;
-    Ok(input)
+    let mut inputs = vec![0.0; images.len() * model.input_len()];
+    data.fill_files(images, &mut inputs)?;
+    Ok(inputs.chunks_exact(model.input_len()).map(<[f32]>::to_vec).collect())
 }
 
 /// The data or image size must be the model's input size.

@@ -106,6 +106,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// Write a small ImageFolder whose classes are shapes, not colours: horizontal, vertical
+    /// and diagonal stripes, then a checkerboard (`classes` of them), in `colour` on black, at
+    /// varied sizes, periods and phases. Telling them apart takes oriented-edge features.
+    pub fn write_pattern_folder(root: &Path, classes: usize, train_per_class: usize, val_per_class: usize, colour: [u8; 3]) {
+        for (split, n, salt) in [("train", train_per_class, 0u32), ("val", val_per_class, 1000)] {
+            for c in 0..classes {
+                let dir = root.join(split).join(format!("pattern{c}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for i in 0..n as u32 {
+                    let (w, h) = (60 + 13 * (i % 5), 50 + 17 * (i % 3));
+                    let (period, phase) = (6 + (i + salt) % 7, (i * 5 + salt) % 11);
+                    let img = image::RgbImage::from_fn(w, h, |x, y| {
+                        let on = match c {
+                            0 => (y + phase) % period < period / 2,
+                            1 => (x + phase) % period < period / 2,
+                            2 => (x + y + phase) % period < period / 2,
+                            _ => ((x + phase) / (period / 2).max(1) + y / (period / 2).max(1)) % 2 == 0,
+                        };
+                        image::Rgb(if on { colour } else { [0, 0, 0] })
+                    });
+                    img.save(dir.join(format!("img{i}.png"))).unwrap();
+                }
+            }
+        }
+    }
+
     #[test]
     fn scans_classes_in_sorted_order_and_rejects_bad_layouts() {
         let dir = tempfile::tempdir().unwrap();

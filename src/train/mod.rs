@@ -470,6 +470,38 @@ mod tests {
         }
     }
 
+    /// Fine-tuning torchvision's AlexNet as its tutorial does: trained on one generated
+    /// ImageFolder (three stripe orientations), then on a second (other images of four patterns:
+    /// a new classifier, its last layer re-initialised) with the convolutions frozen, against the
+    /// same model from scratch for twice the steps. Measured here: 75% after 12 steps against
+    /// 25% (chance) after 24.
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "release only: run `cargo test --release` (trains 60M-parameter models)")]
+    fn a_fine_tuned_alexnet_owt_learns_a_second_image_folder_in_fewer_steps_than_from_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        crate::data::folder::tests::write_pattern_folder(&first, 3, 40, 4, [220, 40, 40]);
+        crate::data::folder::tests::write_pattern_folder(&second, 4, 12, 5, [220, 40, 40]);
+        let run = |data: &Path, name: &str, epochs: usize, init_from: Option<PathBuf>| {
+            let mut cfg = config(data, &dir.path().join(name));
+            (cfg.model, cfg.lr, cfg.keep_prob, cfg.augment_shift) = ("alexnet-owt".into(), 1e-4, 0.5, 0);
+            (cfg.batch_size, cfg.epochs, cfg.eval_batch, cfg.checkpoint_every) = (4, Some(epochs), 4, 0);
+            cfg.optimizer = crate::optim::OptimizerKind::Adam;
+            if init_from.is_some() {
+                (cfg.init_from, cfg.freeze_through) = (init_from, Some("features.10".into()));
+            }
+            let TrainOutcome::Finished { test, model_path, .. } = train(&cfg, false, &AtomicUsize::new(0), &mut Single).unwrap() else {
+                panic!("interrupted")
+            };
+            (test.accuracy, model_path)
+        };
+        let (first_acc, pretrained) = run(&first, "pretrained", 2, None);
+        let (tuned, _) = run(&second, "tuned", 1, Some(pretrained));
+        let (scratch, _) = run(&second, "scratch", 2, None);
+        eprintln!("first task {first_acc}; second task: fine-tuned 12 steps {tuned}, from scratch 24 steps {scratch}");
+        assert!(tuned >= 0.6 && tuned >= scratch + 0.2, "fine-tuned {tuned} (12 steps) vs from scratch {scratch} (24 steps)");
+    }
+
     #[test]
     fn dummy_data_trains_without_a_dataset() {
         let dir = tempfile::tempdir().unwrap();
