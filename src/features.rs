@@ -4,7 +4,7 @@
 
 use crate::files::{f32_bytes, safetensors_bytes, write_atomic};
 use crate::model::{Mode, Model, Workspace, forward};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::tensor::{Dtype, TensorView};
 use std::ops::Range;
@@ -17,15 +17,6 @@ pub struct Features {
     pub values: Vec<f32>,
     pub labels: Vec<i64>,
     pub names: Vec<String>,
-}
-
-/// The index of the layer named `name` (as `summary` and the run's messages name it).
-pub fn layer_index(model: &Model, name: &str) -> Result<usize> {
-    let names = model.layer_names();
-    names
-        .iter()
-        .position(|n| n == name)
-        .with_context(|| format!("no layer '{name}' in model {} (its layers: {})", model.arch.name, names.join(", ")))
 }
 
 /// Layer `layer`'s output for `count` samples in batches of `batch`; `fill(range, input)` writes

@@ -371,7 +371,7 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
         }
         Command::Features { checkpoint: path, model, layer, data, batch_size, out, images } => {
             let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
-            let layer_at = alexnet::features::layer_index(&model, &layer)?;
+            let layer_at = model.layer_index(&layer)?;
             let recipe = alexnet::architectures::recipe(&model.arch.name);
             let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
             if batch == 0 {
@@ -387,10 +387,9 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
                 (source.eval_names(), labels, extracted)
             } else {
                 let inputs = prepare_images(&model, &images, data.as_deref())?;
-                let extracted = alexnet::features::extract(&model, layer_at, inputs.len(), batch, |r, input| {
-                    for (dst, d) in input.chunks_exact_mut(model.input_len()).zip(&inputs[r]) {
-                        dst.copy_from_slice(d);
-                    }
+                let il = model.input_len();
+                let extracted = alexnet::features::extract(&model, layer_at, images.len(), batch, |r, input| {
+                    input[..r.len() * il].copy_from_slice(&inputs[r.start * il..r.end * il]);
                     Ok(())
                 })?;
                 (images.iter().map(|p| p.display().to_string()).collect(), vec![-1; images.len()], extracted)
@@ -438,8 +437,8 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
                 let model = checkpoint::load(&file, None)?;
                 let (png, (w, h)) = match (activations, layer) {
                     (Some(image), Some(layer)) => {
-                        let at = alexnet::features::layer_index(&model, &layer)?;
-                        let input = prepare_images(&model, &[image], data.as_deref())?.remove(0);
+                        let at = model.layer_index(&layer)?;
+                        let input = prepare_images(&model, &[image], data.as_deref())?;
                         let (_, output) = alexnet::features::extract(&model, at, 1, 1, |_, dst| {
                             dst[..input.len()].copy_from_slice(&input);
                             Ok(())
@@ -597,23 +596,21 @@ fn finish_training(outcome: train::TrainOutcome) -> Result<ExitCode> {
     })
 }
 
-/// Images as `model` takes them: digits prepared as `predict` does for the seed model; for the
-/// ImageNet models, centre-cropped and less the mean image of the ImageFolder `data`.
-fn prepare_images(model: &Model, images: &[PathBuf], data: Option<&std::path::Path>) -> Result<Vec<Vec<f32>>> {
-    if model.arch.input == [28, 28, 1] {
-        return images.iter().map(|p| predict::load_digit(p)).collect();
-    }
-    let Some(dir) = data else {
-        bail!("model {} needs --data DIR: the ImageFolder dataset whose mean image prepares the images", model.arch.name)
-    };
+/// Image files as `model` takes them (`predict::prepare_images`), the ImageNet models' with the
+/// mean image of the ImageFolder dataset `data`.
+fn prepare_images(model: &Model, images: &[PathBuf], data: Option<&std::path::Path>) -> Result<Vec<f32>> {
     let cache = alexnet::cache_dir::default_cache_dir();
     let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
-    let Source::Folder { data, .. } = Source::open(Some(dir), model.arch.input, model.arch.input_scale, &options)? else {
-        bail!("{} is not an ImageFolder dataset (train/ and val/)", dir.display())
+    let folder = match data {
+        Some(dir) if model.arch.input != [28, 28, 1] => {
+            match Source::open(Some(dir), model.arch.input, model.arch.input_scale, &options)? {
+                Source::Folder { data, .. } => Some(data),
+                _ => bail!("{} is not an ImageFolder dataset (train/ and val/)", dir.display()),
+            }
+        }
+        _ => None,
     };
-    let mut inputs = vec![0.0; images.len() * model.input_len()];
-    data.fill_files(images, &mut inputs)?;
-    Ok(inputs.chunks_exact(model.input_len()).map(<[f32]>::to_vec).collect())
+    predict::prepare_images(model, images, folder.as_ref())
 }
 
 /// The data or image size must be the model's input size.

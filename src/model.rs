@@ -222,16 +222,20 @@ impl Model {
         Ok(Model { arch: arch.clone(), layers, params, shapes })
     }
 
+    /// The index of the layer named `name` (as `summary` and the run's messages name it).
+    pub fn layer_index(&self, name: &str) -> Result<usize> {
+        let names = self.layer_names();
+        names
+            .iter()
+            .position(|n| n == name)
+            .with_context(|| format!("no layer '{name}' in model {} (its layers: {})", self.arch.name, names.join(", ")))
+    }
+
     /// Freeze every layer up to and including `freeze_through` (a layer's display name) and
     /// scale the learning rate of the layers in `lr_mults`; returns a line saying what trains.
     pub fn set_trainable(&mut self, freeze_through: Option<&str>, lr_mults: &[LrMult]) -> Result<String> {
         let names = self.layer_names();
-        let index = |name: &str| {
-            names
-                .iter()
-                .position(|n| n == name)
-                .with_context(|| format!("no layer '{name}' in model {} (its layers: {})", self.arch.name, names.join(", ")))
-        };
+        let index = |name: &str| self.layer_index(name);
         let frozen_through = freeze_through.map(index).transpose()?;
         let mut mult = vec![1.0f32; self.layers.len()];
         for m in lr_mults {

@@ -118,7 +118,7 @@ pub struct Request<'a> {
 pub fn figure(model: &Model, req: &Request) -> Result<(Vec<u8>, (u32, u32))> {
     let names = model.layer_names();
     let layer = match req.layer {
-        Some(name) => crate::features::layer_index(model, name)?,
+        Some(name) => model.layer_index(name)?,
         None => {
             let linear: Vec<usize> =
                 model.layers.iter().enumerate().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(i, _)| i).collect();
@@ -133,17 +133,11 @@ pub fn figure(model: &Model, req: &Request) -> Result<(Vec<u8>, (u32, u32))> {
     // The queries' inputs: the files, then the first evaluation images.
     let mut queries = Vec::new();
     if !req.files.is_empty() {
-        let mut buf = vec![0.0; req.files.len() * il];
-        match req.source {
-            Source::Folder { data, .. } => data.fill_files(req.files, &mut buf)?,
-            _ if model.arch.input == [28, 28, 1] => {
-                for (dst, p) in buf.chunks_exact_mut(il).zip(req.files) {
-                    dst.copy_from_slice(&crate::predict::load_digit(p)?);
-                }
-            }
-            _ => bail!("query images need an ImageFolder dataset (its mean image) or the 28x28 seed model"),
-        }
-        queries.extend(buf);
+        let folder = match req.source {
+            Source::Folder { data, .. } => Some(data),
+            _ => None,
+        };
+        queries.extend(crate::predict::prepare_images(model, req.files, folder)?);
     }
     let from_test = req.test_queries.min(req.source.eval_labels().len());
     let mut buf = vec![0.0; from_test * il];

@@ -1,14 +1,32 @@
 //! Turning an arbitrary photo or scan of a digit into an MNIST-style input: MNIST digits are
 //! light on dark, size-normalised to fit a 20x20 box (aspect kept), and placed in a 28x28
-//! field with their centre of mass at the centre (LeCun et al.'s preprocessing).
+//! field with their centre of mass at the centre (LeCun et al.'s preprocessing). And image files
+//! in general as a model takes them (`prepare_images`).
 
+use crate::data::pipeline::FolderData;
+use crate::model::Model;
 use anyhow::{Context, Result, bail};
 use image::imageops::{FilterType, resize};
 use image::{GrayImage, Luma};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Pixels above this (in [0, 1], after making ink light) count as ink for the bounding box.
 const INK: f32 = 0.2;
+
+/// Image files as `model` takes them, one after another: digits prepared as `load_digit` does
+/// for the 28x28 seed model; for the ImageNet models as an ImageFolder dataset prepares its
+/// validation images (centre crop, less `folder`'s mean image), so they need `folder`.
+pub fn prepare_images(model: &Model, images: &[PathBuf], folder: Option<&FolderData>) -> Result<Vec<f32>> {
+    if model.arch.input == [28, 28, 1] {
+        return Ok(images.iter().map(|p| load_digit(p)).collect::<Result<Vec<_>>>()?.concat());
+    }
+    let Some(folder) = folder else {
+        bail!("model {} prepares images with an ImageFolder dataset's mean image: give --data DIR", model.arch.name)
+    };
+    let mut inputs = vec![0.0; images.len() * model.input_len()];
+    folder.fill_files(images, &mut inputs)?;
+    Ok(inputs)
+}
 
 /// Load `path` and return 28x28 pixels in [0, 1], row-major.
 pub fn load_digit(path: &Path) -> Result<Vec<f32>> {
