@@ -55,7 +55,7 @@ impl Conv {
                     taps.iter()
                         .flat_map(move |&(tap, i)| (0..cin_g).map(move |ci| (x[i * self.in_c + xg + ci], (tap * cin_g + ci) * oc + wg)))
                 };
-                let into = Into::Overwrite { bias: &bias[wg..wg + cout_g], relu: self.relu };
+                let into = SumInto::Overwrite { bias: &bias[wg..wg + cout_g], relu: self.relu };
                 sum_scaled_rows(terms, weight, &mut y[o * oc + wg..o * oc + wg + cout_g], into);
             }
         });
@@ -81,7 +81,7 @@ impl Conv {
                     let w_row = (tap * cin_g + ci) * oc + g * cout_g;
                     if let Some(dw) = dw.as_deref_mut() {
                         let terms = || pairs.iter().map(|&(o, i)| (x[i * self.in_c + c], o * oc + g * cout_g));
-                        sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], Into::Add);
+                        sum_scaled_rows(terms, dy, &mut dw[w_row..w_row + cout_g], SumInto::Add);
                     }
                     if let Some(dx) = dx.as_deref_mut() {
                         let wr = &weight[w_row..w_row + cout_g];
@@ -156,7 +156,7 @@ impl Conv {
 /// Where `sum_scaled_rows` puts its sums: over `out` after adding the bias and applying the
 /// ReLU (the forward pass, fused so the output is written once), or added into `out`.
 #[derive(Clone, Copy)]
-enum Into<'a> {
+enum SumInto<'a> {
     Overwrite { bias: &'a [f32], relu: bool },
     Add,
 }
@@ -166,7 +166,7 @@ enum Into<'a> {
 /// chains hide the FMA latency. The direct convolution's forward (terms: input value, weight
 /// row) and weight gradient (terms: input value, output-gradient row) are both this.
 #[inline(always)]
-fn sum_scaled_rows<I: Iterator<Item = (f32, usize)>>(terms: impl Fn() -> I, b: &[f32], out: &mut [f32], into: Into) {
+fn sum_scaled_rows<I: Iterator<Item = (f32, usize)>>(terms: impl Fn() -> I, b: &[f32], out: &mut [f32], into: SumInto) {
     let mut c = 0;
     while c < out.len() {
         c += match out.len() - c {
@@ -183,7 +183,7 @@ fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
     b: &[f32],
     c: usize,
     out: &mut [f32],
-    into: Into,
+    into: SumInto,
 ) -> usize {
     let mut acc = [0.0f32; N];
     for (a, at) in terms {
@@ -194,12 +194,12 @@ fn scaled_rows_block<const N: usize, I: Iterator<Item = (f32, usize)>>(
     }
     let out = &mut out[c..c + N];
     match into {
-        Into::Overwrite { bias, relu } => {
+        SumInto::Overwrite { bias, relu } => {
             for ((o, a), b) in out.iter_mut().zip(acc).zip(&bias[c..c + N]) {
                 *o = if relu { (a + b).max(0.0) } else { a + b };
             }
         }
-        Into::Add => out.iter_mut().zip(acc).for_each(|(o, a)| *o += a),
+        SumInto::Add => out.iter_mut().zip(acc).for_each(|(o, a)| *o += a),
     }
     N
 }
