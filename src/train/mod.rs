@@ -487,6 +487,9 @@ mod tests {
             (cfg.model, cfg.lr, cfg.keep_prob, cfg.augment_shift) = ("alexnet-owt".into(), 1e-4, 0.5, 0);
             (cfg.batch_size, cfg.epochs, cfg.eval_batch, cfg.checkpoint_every) = (4, Some(epochs), 4, 0);
             cfg.optimizer = crate::optim::OptimizerKind::Adam;
+            // One algorithm, not measured ones: the same arithmetic on any machine and under any
+            // load, so the outcome of these few steps is the same every time.
+            cfg.conv.conv_algo = crate::autotune::ConvAlgoPolicy::Im2col;
             if init_from.is_some() {
                 (cfg.init_from, cfg.freeze_through) = (init_from, Some("features.10".into()));
             }
