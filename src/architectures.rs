@@ -1,7 +1,12 @@
 //! The model zoo: each network as a stack of layer specs. `Model::new` resolves the shapes.
 
 use crate::layers::Padding;
+use crate::layers::adaptive_avg_pool::AdaptiveAvgPoolSpec;
+use crate::layers::convolution::ConvSpec;
+use crate::layers::dropout::DropoutSpec;
+use crate::layers::linear::LinearSpec;
 use crate::layers::lrn::LrnParams;
+use crate::layers::pool::MaxPoolSpec;
 use crate::model::{Architecture, Init, LayerSpec};
 use crate::optim::OptimizerKind;
 use anyhow::{Result, bail};
@@ -44,11 +49,20 @@ pub fn recipe(name: &str) -> Recipe {
 }
 
 fn conv(name: &str, out_c: usize, kernel: usize, stride: usize, padding: Padding, groups: usize) -> LayerSpec {
-    LayerSpec::Conv { name: name.into(), out_c, kernel, stride, padding, groups, relu: true }
+    LayerSpec::Conv(ConvSpec { name: name.into(), out_c, kernel, stride, padding, groups, relu: true })
 }
 
 fn linear(name: &str, out: usize, relu: bool) -> LayerSpec {
-    LayerSpec::Linear { name: name.into(), out, relu }
+    LayerSpec::Linear(LinearSpec { name: name.into(), out, relu })
+}
+
+/// Every model's pooling: overlapping 3x3 windows at stride 2 (the paper's section 3.4).
+fn max_pool(padding: Padding) -> LayerSpec {
+    LayerSpec::MaxPool(MaxPoolSpec { kernel: 3, stride: 2, padding })
+}
+
+fn dropout() -> LayerSpec {
+    LayerSpec::Dropout(DropoutSpec {})
 }
 
 /// The notebook's AlexNet for 28x28 MNIST: 3 x [conv 3x3 SAME + ReLU -> max-pool 3x3/2 SAME ->
@@ -58,9 +72,9 @@ pub fn alexnet_mnist() -> Architecture {
     let mut layers = Vec::new();
     for (i, out_c) in [64, 128, 256].into_iter().enumerate() {
         layers.push(conv(&format!("conv{}", i + 1), out_c, 3, 1, Padding::Same, 1));
-        layers.push(LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Same });
+        layers.push(max_pool(Padding::Same));
         layers.push(LayerSpec::Lrn(lrn));
-        layers.push(LayerSpec::Dropout {});
+        layers.push(dropout());
     }
     layers.extend([linear("fc1", 1024, true), linear("fc2", 1024, true), linear("fc3", 10, false)]);
     Architecture { name: "alexnet-mnist".into(), input: [28, 28, 1], layers, init: Init::He, input_scale: 1.0 }
@@ -78,7 +92,7 @@ pub fn alexnet_mnist() -> Architecture {
 /// across towers (60,965,224 parameters with 1000 classes, as Caffe's bvlc_alexnet).
 pub fn alexnet(towers: usize, classes: usize) -> Architecture {
     let lrn = LrnParams { depth_radius: 2, bias: 2.0, alpha: 1e-4, beta: 0.75 };
-    let pool = LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Valid };
+    let pool = max_pool(Padding::Valid);
     let layers = vec![
         conv("conv1", 96, 11, 4, Padding::Valid, 1),
         LayerSpec::Lrn(lrn),
@@ -90,9 +104,9 @@ pub fn alexnet(towers: usize, classes: usize) -> Architecture {
         conv("conv4", 384, 3, 1, Padding::Explicit(1), towers),
         conv("conv5", 256, 3, 1, Padding::Explicit(1), towers),
         pool,
-        LayerSpec::Dropout {},
+        dropout(),
         linear("fc6", 4096, true),
-        LayerSpec::Dropout {},
+        dropout(),
         linear("fc7", 4096, true),
         linear("fc8", classes, false),
     ];
@@ -105,9 +119,10 @@ pub fn alexnet(towers: usize, classes: usize) -> Architecture {
 
 /// torchvision's `alexnet` ("one weird trick" single-tower variant): 64/192/384/256/256
 /// channels, padding 2 on conv1, no LRN, 224x224 input, 61,100,840 parameters. Layers carry
-/// torchvision's module names, so its state dict loads unchanged.
+/// torchvision's module names, so its state dict loads unchanged. Its adaptive average pooling
+/// to 6x6 lets it take any input from 63x63 up (`with_input_size`); at 224 it is the identity.
 pub fn alexnet_owt(classes: usize) -> Architecture {
-    let pool = LayerSpec::MaxPool { kernel: 3, stride: 2, padding: Padding::Valid };
+    let pool = max_pool(Padding::Valid);
     let layers = vec![
         conv("features.0", 64, 11, 4, Padding::Explicit(2), 1),
         pool.clone(),
@@ -117,13 +132,26 @@ pub fn alexnet_owt(classes: usize) -> Architecture {
         conv("features.8", 256, 3, 1, Padding::Explicit(1), 1),
         conv("features.10", 256, 3, 1, Padding::Explicit(1), 1),
         pool,
-        LayerSpec::Dropout {},
+        LayerSpec::AdaptiveAvgPool(AdaptiveAvgPoolSpec { output: [6, 6] }),
+        dropout(),
         linear("classifier.1", 4096, true),
-        LayerSpec::Dropout {},
+        dropout(),
         linear("classifier.4", 4096, true),
         linear("classifier.6", classes, false),
     ];
     Architecture { name: "alexnet-owt".into(), input: [224, 224, 3], layers, init: Init::He, input_scale: 1.0 / 58.4 }
+}
+
+/// `arch` at a square input of `side` pixels (`--input-size`; `None` keeps its own): any size
+/// from 63 for alexnet-owt, whose adaptive pooling keeps the classifier's shape; the other
+/// models' first FC layer changes width with the input.
+pub fn with_input_size(mut arch: Architecture, side: Option<usize>) -> Result<Architecture> {
+    let Some(side) = side else { return Ok(arch) };
+    arch.input = [side, side, arch.input[2]];
+    if let Err(e) = crate::model::Model::parameter_count(&arch) {
+        bail!("--input-size {side}: {} does not take {side}x{side} inputs ({e:#})", arch.name);
+    }
+    Ok(arch)
 }
 
 /// Look up an architecture by its command-line name; `classes` overrides the model's own
@@ -139,8 +167,8 @@ pub fn architecture(name: &str, classes: Option<usize>) -> Result<Architecture> 
         "alexnet-owt" => alexnet_owt(1000),
         other => bail!("unknown model '{other}' (known: {})", MODEL_NAMES.join(", ")),
     };
-    if let (Some(n), Some(LayerSpec::Linear { out, .. })) = (classes, arch.layers.last_mut()) {
-        *out = n;
+    if let (Some(n), Some(LayerSpec::Linear(fc))) = (classes, arch.layers.last_mut()) {
+        fc.out = n;
     }
     Ok(arch)
 }

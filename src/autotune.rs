@@ -10,7 +10,7 @@ use crate::layers::conv::{Conv, relu_bias_backward};
 use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
 use crate::layers::winograd;
-use crate::model::{ConvPlan, Layer, Model};
+use crate::model::{ConvPlan, Model};
 use crate::roofline::best_of_three_ms;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -64,25 +64,18 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
         ConvAlgoPolicy::Winograd => Some(ConvAlgo::Winograd),
     };
     if let Some(algo) = forced {
-        let plan = model.layers.iter().map(|l| matches!(l, Layer::Conv { .. }).then_some(ConvAlgos::all(algo))).collect();
+        let plan = model.layers.iter().map(|l| l.conv().map(|_| ConvAlgos::all(algo))).collect();
         return Ok(Tuned { plan, source: format!("--conv-algo {}", algo.name()), times: Vec::new() });
     }
     let cache_file = cache_dir.map(|d| d.join(CACHE_FILE));
     let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
     let names = model.layer_names();
     let machine = format!("{} | {L} lanes | {} threads | kernels v{KERNELS}", cpu_model(), rayon::current_num_threads());
-    let keys: Vec<Option<String>> = model
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| match l {
-            Layer::Conv { conv, .. } => Some(cache_key(&machine, conv, batch, training, i > 0)),
-            _ => None,
-        })
-        .collect();
+    let keys: Vec<Option<String>> =
+        model.layers.iter().enumerate().map(|(i, l)| l.conv().map(|conv| cache_key(&machine, conv, batch, training, i > 0))).collect();
     let (mut plan, mut times, mut new_entries) = (Vec::new(), Vec::new(), BTreeMap::new());
     for (i, (layer, key)) in model.layers.iter().zip(&keys).enumerate() {
-        let (Layer::Conv { conv, .. }, Some(key)) = (layer, key) else {
+        let (Some(conv), Some(key)) = (layer.conv(), key) else {
             plan.push(None);
             continue;
         };
@@ -300,7 +293,7 @@ pub fn named_plan(model: &Model, plan: &ConvPlan) -> BTreeMap<String, ConvAlgos>
 /// Back from `named_plan` (layers it does not name keep the heuristic choice).
 pub fn plan_from_names(model: &Model, named: &BTreeMap<String, ConvAlgos>) -> ConvPlan {
     let names = model.layer_names();
-    model.layers.iter().zip(names).map(|(l, n)| matches!(l, Layer::Conv { .. }).then(|| named.get(&n).copied()).flatten()).collect()
+    model.layers.iter().zip(names).map(|(l, n)| l.conv().and_then(|_| named.get(&n).copied())).collect()
 }
 
 /// The file in a run directory that records the algorithms the run uses.

@@ -6,8 +6,9 @@ use crate::cluster::Single;
 use crate::data::batch::{epoch_order, fill_batch};
 use crate::data::mnist::Dataset;
 use crate::layers::conv_algo::ConvAlgos;
+use crate::layers::linear::FullyConnected;
 use crate::layers::linear::linear_forward;
-use crate::model::{Layer, Mode, Model, Workspace, forward, train_step_gradients};
+use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::roofline::{self, Roofline};
 use std::time::Instant;
@@ -247,10 +248,8 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
 /// over the same on inputs of 1.0, best of three each: the cost of denormals that flush-to-zero
 /// removes (trained weights and late activations hold such values).
 fn denormal_slowdown(model: &Model) -> f64 {
-    let Some((linear, param)) = model.layers.iter().find_map(|l| match l {
-        Layer::Linear { linear, param, .. } => Some((*linear, *param)),
-        _ => None,
-    }) else {
+    let Some((linear, param)) = model.layers.iter().find_map(|l| l.op.downcast::<FullyConnected>().map(|fc| (fc.linear, l.params.start)))
+    else {
         return 1.0;
     };
     let (w, b) = (&model.params[param].value, &model.params[param + 1].value);

@@ -4,7 +4,8 @@
 //! architecture travels in the file's metadata, so `eval` and `predict` need only the file.
 
 use crate::files::{f32_bytes, f32s_from_bytes, metadata, safetensors_bytes, write_atomic};
-use crate::model::{Architecture, Layer, Model, Param};
+use crate::layers::layer::ParamLayout;
+use crate::model::{Architecture, Model, Param};
 use crate::optim::Optimizer;
 use anyhow::{Context, Result, bail};
 use safetensors::SafeTensors;
@@ -14,45 +15,11 @@ use std::path::Path;
 
 const ARCH_KEY: &str = "alexnet.architecture";
 
-/// How one parameter maps between our layout and PyTorch's.
-enum Layout {
-    Same,
-    /// Conv weight: ours [k][k][cin_g][out], PyTorch [out][cin_g][k][k].
-    Hwio {
-        k: usize,
-        cin_g: usize,
-        out: usize,
-    },
-    /// FC weight after a spatial layer: column (y*w + x)*c + ch, PyTorch ch*h*w + y*w + x.
-    FlattenHwc {
-        out: usize,
-        h: usize,
-        w: usize,
-        c: usize,
-    },
-}
-
-fn layouts(model: &Model) -> Vec<Layout> {
-    let mut v: Vec<Layout> = model.params.iter().map(|_| Layout::Same).collect();
-    for layer in &model.layers {
-        match layer {
-            Layer::Conv { conv, param, .. } => {
-                v[*param] = Layout::Hwio { k: conv.win.kernel, cin_g: conv.in_c / conv.groups, out: conv.out_c };
-            }
-            Layer::Linear { linear, param, from: [h, w, c] } if h * w > 1 => {
-                v[*param] = Layout::FlattenHwc { out: linear.out_len, h: *h, w: *w, c: *c };
-            }
-            _ => {}
-        }
-    }
-    v
-}
-
 /// Index in our layout of each PyTorch-layout element: `ours[map[i]] = torch[i]`.
-fn torch_to_ours(layout: &Layout, len: usize) -> Option<Vec<usize>> {
+fn torch_to_ours(layout: &ParamLayout, len: usize) -> Option<Vec<usize>> {
     match *layout {
-        Layout::Same => None,
-        Layout::Hwio { k, cin_g, out } => Some(
+        ParamLayout::Same => None,
+        ParamLayout::Hwio { k, cin_g, out } => Some(
             (0..len)
                 .map(|i| {
                     let (o, rest) = (i / (cin_g * k * k), i % (cin_g * k * k));
@@ -61,7 +28,7 @@ fn torch_to_ours(layout: &Layout, len: usize) -> Option<Vec<usize>> {
                 })
                 .collect(),
         ),
-        Layout::FlattenHwc { out, h, w, c } => {
+        ParamLayout::FlattenHwc { out, h, w, c } => {
             let inn = h * w * c;
             debug_assert_eq!(len, out * inn);
             Some(
@@ -85,10 +52,9 @@ fn to_torch(model: &Model, prefix: &str, values: &[Vec<f32>]) -> Vec<(String, Ve
         .params
         .iter()
         .zip(values)
-        .zip(layouts(model))
-        .filter(|((p, v), _)| !v.is_empty() || p.value.is_empty())
-        .map(|((p, v), layout)| {
-            let data = match torch_to_ours(&layout, v.len()) {
+        .filter(|(p, v)| !v.is_empty() || p.value.is_empty())
+        .map(|(p, v)| {
+            let data = match torch_to_ours(&p.layout, v.len()) {
                 None => v.clone(),
                 Some(map) => map.iter().map(|&j| v[j]).collect(),
             };
@@ -157,7 +123,7 @@ pub fn read_architecture(path: &Path, bytes: &[u8]) -> Result<Architecture> {
 }
 
 /// One tensor of the file, checked against the expected shape and converted to our layout.
-fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize], layout: &Layout) -> std::result::Result<Vec<f32>, String> {
+fn read_tensor(st: &SafeTensors, name: &str, shape: &[usize], layout: &ParamLayout) -> std::result::Result<Vec<f32>, String> {
     let t = st.tensor(name).map_err(|_| format!("missing tensor {name} {shape:?}"))?;
     if t.dtype() != Dtype::F32 {
         return Err(format!("{name}: dtype {:?}, expected F32", t.dtype()));
@@ -185,9 +151,8 @@ fn read_all(st: &SafeTensors, model: &Model, prefix: &str, wanted: impl Fn(&Para
     model
         .params
         .iter()
-        .zip(layouts(model))
-        .map(|(p, layout)| match wanted(p) {
-            true => read_tensor(st, &format!("{prefix}{}", p.name), &p.torch_shape, &layout).unwrap_or_else(|e| {
+        .map(|p| match wanted(p) {
+            true => read_tensor(st, &format!("{prefix}{}", p.name), &p.torch_shape, &p.layout).unwrap_or_else(|e| {
                 problems.push(e);
                 Vec::new()
             }),
@@ -276,15 +241,14 @@ pub fn init_from(model: &mut Model, path: &Path) -> Result<InitReport> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut report = InitReport::default();
-    let layouts = layouts(model);
-    for (p, layout) in model.params.iter_mut().zip(&layouts) {
+    for p in &mut model.params {
         match st.tensor(&p.name) {
             Err(_) => report.reinitialised.push(format!("{} (not in the file)", p.name)),
             Ok(t) if t.shape() != p.torch_shape => {
                 report.reinitialised.push(format!("{} (file {:?}, model {:?})", p.name, t.shape(), p.torch_shape))
             }
             Ok(_) => {
-                p.value = read_tensor(&st, &p.name, &p.torch_shape, layout).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                p.value = read_tensor(&st, &p.name, &p.torch_shape, &p.layout).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 report.loaded.push(p.name.clone());
             }
         }
@@ -363,8 +327,8 @@ mod tests {
     #[test]
     fn mismatched_checkpoint_lists_every_problem_and_leaves_model_untouched() {
         let mut small = alexnet_mnist();
-        if let crate::model::LayerSpec::Linear { out, .. } = &mut small.layers[12] {
-            *out = 512;
+        if let crate::model::LayerSpec::Linear(fc) = &mut small.layers[12] {
+            fc.out = 512;
         }
         let mut m = Model::new(&small).unwrap();
         m.init(1, 0.0);
@@ -414,8 +378,8 @@ mod tests {
         write_torch_file(&source, &[("num_batches_tracked", vec![1.0])], &path);
 
         let mut arch = alexnet_mnist();
-        let Some(LayerSpec::Linear { out, .. }) = arch.layers.last_mut() else { panic!("a classifier") };
-        *out = 7;
+        let Some(LayerSpec::Linear(fc)) = arch.layers.last_mut() else { panic!("a classifier") };
+        fc.out = 7;
         let mut target = Model::new(&arch).unwrap();
         target.init(1, 0.0);
         let fresh = target.clone();

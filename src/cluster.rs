@@ -137,6 +137,7 @@ mod tests {
             .map(|v| Param {
                 name: "p".into(),
                 torch_shape: vec![v.len()],
+                layout: crate::layers::layer::ParamLayout::Same,
                 value: v.to_vec(),
                 grad: vec![0.0; v.len()],
                 decay: true,

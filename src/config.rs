@@ -18,6 +18,11 @@ pub struct TrainConfig {
     /// and two-tower nets), alexnet-owt (torchvision's).
     #[arg(long, default_value = "alexnet-mnist")]
     pub model: String,
+    /// Train at this input size (square; default: the model's own, 28, 227 or 224):
+    /// alexnet-owt takes any size from 63 as torchvision's does.
+    #[serde(default)]
+    #[arg(long, value_name = "PIXELS")]
+    pub input_size: Option<usize>,
     #[arg(skip)]
     pub batch_size: usize,
     /// Training samples to process (the notebook's training_iters), unless --epochs is set.
@@ -215,6 +220,11 @@ fn default_histogram_every() -> usize {
 }
 
 impl TrainConfig {
+    /// The run's network: its model at its input size, with `classes` outputs (default: the model's own).
+    pub fn architecture(&self, classes: Option<usize>) -> Result<crate::model::Architecture> {
+        crate::architectures::with_input_size(crate::architectures::architecture(&self.model, classes)?, self.input_size)
+    }
+
     /// Where this run caches what it measures or computes: `cache_dir`, else the user's.
     pub fn resolved_cache_dir(&self) -> Option<PathBuf> {
         self.conv.cache_dir.clone().or_else(crate::cache_dir::default_cache_dir)

@@ -79,6 +79,7 @@ pub fn evaluate_source(model: &Model, ws: &mut Workspace, source: &Source) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::linear::LinearSpec;
     use crate::model::{Architecture, LayerSpec};
 
     #[test]
@@ -88,7 +89,7 @@ mod tests {
         let arch = Architecture {
             name: "t".into(),
             input: [1, 1, 1],
-            layers: vec![LayerSpec::Linear { name: "fc".into(), out: 6, relu: false }],
+            layers: vec![LayerSpec::Linear(LinearSpec { name: "fc".into(), out: 6, relu: false })],
             init: Default::default(),
             input_scale: 1.0,
         };

@@ -1,4 +1,4 @@
-use alexnet::architectures::{MODEL_NAMES, architecture};
+use alexnet::architectures::{MODEL_NAMES, architecture, with_input_size};
 use alexnet::bench::{self, BenchPlan};
 use alexnet::cluster::{self, Cluster};
 use alexnet::config::{ConvFlags, ModelDefaults, TrainConfig};
@@ -165,6 +165,9 @@ enum Command {
         /// Output classes (default: the model's own, 10 for MNIST, 1000 for ImageNet).
         #[arg(long, conflicts_with = "checkpoint")]
         classes: Option<usize>,
+        /// Square input size (default: the model's own; alexnet-owt takes 63 and up).
+        #[arg(long, value_name = "PIXELS", conflicts_with = "checkpoint")]
+        input_size: Option<usize>,
         /// The model in this file (its architecture from the file), with the file's SHA-256:
         /// model files are byte-reproducible, so equal checksums mean equal models.
         #[arg(long, value_name = "FILE")]
@@ -175,6 +178,9 @@ enum Command {
     Bench {
         #[arg(long, default_value = "alexnet-mnist")]
         model: String,
+        /// Square input size (default: the model's own).
+        #[arg(long, value_name = "PIXELS")]
+        input_size: Option<usize>,
         #[arg(long, visible_alias = "batch", default_value_t = 64)]
         batch_size: usize,
         /// Inference batch (default: 1000 for the seed model, else the training batch).
@@ -452,7 +458,7 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
             }
             _ => unreachable!("clap requires RUN_DIR, or --filters or --activations with --checkpoint and --out"),
         },
-        Command::Summary { model, classes, checkpoint: file } => {
+        Command::Summary { model, classes, input_size, checkpoint: file } => {
             let m = match &file {
                 Some(path) => {
                     let m = checkpoint::load(path, None)?;
@@ -461,14 +467,28 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
                     println!("{}: {} bytes, SHA-256 {sha}", path.display(), bytes.len());
                     m
                 }
-                None => Model::new(&architecture(&model, classes)?)?,
+                None => Model::new(&with_input_size(architecture(&model, classes)?, input_size)?)?,
             };
             print!("{}", summary::table(&m));
         }
-        Command::Bench { model, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline, checkpoint: weights, conv } => {
+        Command::Bench {
+            model,
+            input_size,
+            batch_size,
+            infer_batch,
+            dummy,
+            runs,
+            steps,
+            data,
+            json,
+            layers,
+            roofline,
+            checkpoint: weights,
+            conv,
+        } => {
             // The model trains as `alexnet train` would: its recipe's optimiser and dropout.
             let defaults = TrainConfig::defaults(&model);
-            let arch = architecture(&model, None)?;
+            let arch = with_input_size(architecture(&model, None)?, input_size)?;
             let mut m = match &weights {
                 Some(path) => checkpoint::load(path, Some(arch.clone()))?,
                 None => {

@@ -2,49 +2,20 @@
 //! every shape once, owns the parameters, and runs forward and backward over a `Workspace`
 //! whose buffers are all allocated up front for one batch size.
 
+pub use crate::layers::LayerSpec;
 use crate::layers::conv::Conv;
-use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
-use crate::layers::dropout::{dropout_backward, dropout_forward};
-use crate::layers::linear::{Linear, linear_backward, linear_forward};
-use crate::layers::lrn::{LrnParams, lrn_backward, lrn_forward};
-use crate::layers::pool::{MaxPool, max_pool_backward, max_pool_forward};
+use crate::layers::conv_algo::{ConvAlgo, ConvAlgos};
+use crate::layers::convolution::Convolution;
+use crate::layers::layer::{Backward, Forward, Layer, Saved, shape_len};
+pub use crate::layers::layer::{Mode, Param};
 use crate::layers::softmax::softmax_cross_entropy;
-use crate::layers::winograd;
-use crate::layers::{Padding, Window};
-use crate::rng::stream_id;
 use anyhow::{Context, Result, bail};
 use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use rand_xoshiro::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum LayerSpec {
-    Conv {
-        name: String,
-        out_c: usize,
-        kernel: usize,
-        stride: usize,
-        padding: Padding,
-        groups: usize,
-        relu: bool,
-    },
-    MaxPool {
-        kernel: usize,
-        stride: usize,
-        padding: Padding,
-    },
-    Lrn(LrnParams),
-    /// Dropout; its keep probability is training configuration (`Mode::Train`), not part
-    /// of the architecture. (Files from before carry a `keep` field here, ignored.)
-    Dropout {},
-    /// Fully connected; flattens its input (H, W, C in our layout, C, H, W in checkpoints).
-    Linear {
-        name: String,
-        out: usize,
-        relu: bool,
-    },
-}
+use std::ops::Range;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
@@ -69,7 +40,7 @@ impl Architecture {
     /// Output classes: the last layer's width.
     pub fn classes(&self) -> Result<usize> {
         match self.layers.last() {
-            Some(LayerSpec::Linear { out, .. }) => Ok(*out),
+            Some(LayerSpec::Linear(fc)) => Ok(fc.out),
             _ => bail!("model {} does not end in a classifier layer", self.name),
         }
     }
@@ -92,14 +63,21 @@ pub enum Init {
     Gaussian { std: f32, unit_bias: Vec<String> },
 }
 
-/// A resolved layer: geometry plus the index of its weight in `Model::params` (bias follows).
+/// A layer of a model: what it computes, where its parameters are in `Model::params`, and
+/// its display name.
 #[derive(Clone, Debug)]
-pub enum Layer {
-    Conv { conv: Conv, param: usize },
-    Pool(MaxPool),
-    Lrn { params: LrnParams, channels: usize },
-    Dropout,
-    Linear { linear: Linear, param: usize, from: [usize; 3] },
+pub struct ModelLayer {
+    pub op: Arc<dyn Layer>,
+    pub params: Range<usize>,
+    /// As `summary` and the run's messages name it: conv1, pool1, lrn1, dropout1, ..., fc3.
+    pub name: String,
+}
+
+impl ModelLayer {
+    /// The convolution's geometry, if the layer is one.
+    pub fn conv(&self) -> Option<&Conv> {
+        self.op.downcast::<Convolution>().map(|c| &c.conv)
+    }
 }
 
 /// `--lr-mult LAYER=X`: that layer's learning rate is X times the run's.
@@ -118,31 +96,10 @@ impl std::str::FromStr for LrMult {
     }
 }
 
-/// A trainable tensor. `value` is in the engine's layout; `torch_shape` is the PyTorch shape
-/// it is saved under (see `checkpoint` for the layout conversion).
-#[derive(Clone, Debug)]
-pub struct Param {
-    pub name: String,
-    pub torch_shape: Vec<usize>,
-    pub value: Vec<f32>,
-    pub grad: Vec<f32>,
-    /// Weight decay applies to weights, not biases.
-    pub decay: bool,
-    /// This parameter's learning rate over the run's (`--lr-mult`); 0: frozen (`--freeze-through`):
-    /// no gradient, no optimiser state, never updated.
-    pub lr_mult: f32,
-}
-
-impl Param {
-    pub fn trainable(&self) -> bool {
-        self.lr_mult > 0.0
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Model {
     pub arch: Architecture,
-    pub layers: Vec<Layer>,
+    pub layers: Vec<ModelLayer>,
     pub params: Vec<Param>,
     /// Per-sample element count of each layer's output (`shapes[0]` is the input).
     pub shapes: Vec<[usize; 3]>,
@@ -169,55 +126,41 @@ impl Model {
     /// bounded, so no architecture (from a file, say) can overflow or ask for absurd memory.
     fn resolve(arch: &Architecture) -> Result<Model> {
         const MAX_ELEMENTS: usize = 1 << 30;
-        let mut shape = arch.input;
-        let (mut layers, mut params, mut shapes) = (Vec::new(), Vec::new(), vec![shape]);
-        let mut total = 0usize;
-        let mut param = |name: &str, torch_shape: Vec<usize>, decay: bool| -> Result<usize> {
-            let len = torch_shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= MAX_ELEMENTS);
-            total = len.and_then(|n| total.checked_add(n)).filter(|&n| n <= MAX_ELEMENTS).with_context(|| {
-                format!("model {}: {name} {torch_shape:?} makes the model larger than {MAX_ELEMENTS} parameters", arch.name)
-            })?;
-            params.push(Param { name: name.to_string(), torch_shape, value: Vec::new(), grad: Vec::new(), decay, lr_mult: 1.0 });
-            Ok(params.len() - 1)
-        };
-        let within = |s: [usize; 3]| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n > 0 && n <= MAX_ELEMENTS);
-        if !within(shape) || arch.layers.is_empty() {
-            bail!("model {}: input {shape:?} is empty or too large, or there are no layers", arch.name);
+        if shape_len(&arch.input, MAX_ELEMENTS).is_none() || arch.layers.is_empty() {
+            bail!("model {}: input {:?} is empty or too large, or there are no layers", arch.name, arch.input);
         }
+        let (mut layers, mut params, mut shapes) = (Vec::new(), Vec::<Param>::new(), vec![arch.input]);
+        let (mut total, mut counts) = (0usize, std::collections::HashMap::new());
         for spec in &arch.layers {
-            let [h, w, c] = shape;
-            let bad = |what: &str| anyhow::anyhow!("model {}: {what} does not fit input {h}x{w}x{c}", arch.name);
-            match spec {
-                LayerSpec::Conv { name, out_c, kernel, stride, padding, groups, relu } => {
-                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad(name))?;
-                    if *groups == 0 || c % groups != 0 || out_c % groups != 0 {
-                        bail!("model {}: {name}: channels {c} -> {out_c} not divisible by groups {groups}", arch.name);
-                    }
-                    let conv = Conv { win, in_c: c, out_c: *out_c, groups: *groups, relu: *relu };
-                    let p = param(&format!("{name}.weight"), vec![*out_c, c / groups, *kernel, *kernel], true)?;
-                    param(&format!("{name}.bias"), vec![*out_c], false)?;
-                    layers.push(Layer::Conv { conv, param: p });
-                    shape = [win.h.output, win.w.output, *out_c];
-                }
-                LayerSpec::MaxPool { kernel, stride, padding } => {
-                    let win = Window::new(h, w, *kernel, *stride, *padding).ok_or_else(|| bad("max-pool"))?;
-                    layers.push(Layer::Pool(MaxPool { win, channels: c }));
-                    shape = [win.h.output, win.w.output, c];
-                }
-                LayerSpec::Lrn(params) => layers.push(Layer::Lrn { params: *params, channels: c }),
-                LayerSpec::Dropout {} => layers.push(Layer::Dropout),
-                LayerSpec::Linear { name, out, relu } => {
-                    let linear = Linear { in_len: h * w * c, out_len: *out, relu: *relu };
-                    let p = param(&format!("{name}.weight"), vec![*out, h * w * c], true)?;
-                    param(&format!("{name}.bias"), vec![*out], false)?;
-                    layers.push(Layer::Linear { linear, param: p, from: shape });
-                    shape = [1, 1, *out];
-                }
+            let op = spec.resolve(*shapes.last().expect("the input")).map_err(|e| anyhow::anyhow!("model {}: {e}", arch.name))?;
+            let first = params.len();
+            for p in op.params() {
+                let len = shape_len(&p.torch_shape, MAX_ELEMENTS);
+                total = len.and_then(|n| total.checked_add(n)).filter(|&n| n <= MAX_ELEMENTS).with_context(|| {
+                    format!("model {}: {} {:?} makes the model larger than {MAX_ELEMENTS} parameters", arch.name, p.name, p.torch_shape)
+                })?;
+                let (value, grad) = (Vec::new(), Vec::new());
+                params.push(Param {
+                    name: p.name,
+                    torch_shape: p.torch_shape,
+                    layout: p.layout,
+                    value,
+                    grad,
+                    decay: p.decay,
+                    lr_mult: 1.0,
+                });
             }
-            if !within(shape) {
-                bail!("model {}: layer output {shape:?} is empty or too large", arch.name);
+            let name = op.name().map(str::to_string).unwrap_or_else(|| {
+                let n = counts.entry(op.kind()).or_insert(0);
+                *n += 1;
+                format!("{}{n}", op.kind())
+            });
+            let shape = op.output_shape();
+            if shape_len(&shape, MAX_ELEMENTS).is_none() {
+                bail!("model {}: the output of {name}, {shape:?}, is empty or too large", arch.name);
             }
             shapes.push(shape);
+            layers.push(ModelLayer { op, params: first..params.len(), name });
         }
         Ok(Model { arch: arch.clone(), layers, params, shapes })
     }
@@ -245,11 +188,9 @@ impl Model {
             mult[index(&m.layer)?] = m.mult;
         }
         let mut trains = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (Layer::Conv { param, .. } | Layer::Linear { param, .. }) = layer else { continue };
+        for (i, layer) in self.layers.iter().enumerate().filter(|(_, l)| !l.params.is_empty()) {
             let m = if frozen_through.is_some_and(|f| i <= f) { 0.0 } else { mult[i] };
-            self.params[*param].lr_mult = m;
-            self.params[param + 1].lr_mult = m;
+            self.params[layer.params.clone()].iter_mut().for_each(|p| p.lr_mult = m);
             trains.push(match m {
                 0.0 => format!("{} frozen", names[i]),
                 1.0 => names[i].clone(),
@@ -264,31 +205,12 @@ impl Model {
 
     /// The lowest layer with a trainable parameter: backward stops there.
     pub fn lowest_trainable_layer(&self) -> usize {
-        self.layers
-            .iter()
-            .position(|l| matches!(l, Layer::Conv { param, .. } | Layer::Linear { param, .. } if self.params[*param].trainable()))
-            .unwrap_or(self.layers.len())
+        self.layers.iter().position(|l| self.params[l.params.clone()].iter().any(Param::trainable)).unwrap_or(self.layers.len())
     }
 
     /// Display names of the layers: conv1, pool1, lrn1, dropout1, ..., fc3.
     pub fn layer_names(&self) -> Vec<String> {
-        let mut counts = std::collections::HashMap::new();
-        self.layers
-            .iter()
-            .map(|layer| match layer {
-                Layer::Conv { param, .. } | Layer::Linear { param, .. } => self.params[*param].name.trim_end_matches(".weight").to_string(),
-                other => {
-                    let kind = match other {
-                        Layer::Pool(_) => "pool",
-                        Layer::Lrn { .. } => "lrn",
-                        _ => "dropout",
-                    };
-                    let n = counts.entry(kind).or_insert(0);
-                    *n += 1;
-                    format!("{kind}{n}")
-                }
-            })
-            .collect()
+        self.layers.iter().map(|l| l.name.clone()).collect()
     }
 
     pub fn classes(&self) -> usize {
@@ -306,7 +228,7 @@ impl Model {
 
     /// Each convolution's algorithms chosen without measuring (`ConvAlgos::heuristic`).
     pub fn heuristic_conv_plan(&self) -> ConvPlan {
-        self.layers.iter().map(|l| if let Layer::Conv { conv, .. } = l { Some(ConvAlgos::heuristic(conv)) } else { None }).collect()
+        self.layers.iter().map(|l| l.conv().map(ConvAlgos::heuristic)).collect()
     }
 
     /// Draw the parameters per the architecture's `Init`; `bias` is the constant bias of `He`.
@@ -337,14 +259,6 @@ impl Model {
 
 /// The algorithms of each layer that is a convolution (`None` for the others), by layer index.
 pub type ConvPlan = Vec<Option<ConvAlgos>>;
-
-/// What a layer keeps from forward for backward, beyond its input and output.
-#[derive(Debug)]
-enum Saved {
-    None,
-    Argmax(Vec<u32>),
-    Values(Vec<f32>),
-}
 
 /// Every buffer a forward/backward pass at `batch` samples needs.
 pub struct Workspace {
@@ -380,8 +294,8 @@ impl Workspace {
             .layers
             .iter()
             .zip(plan.into_iter().chain(std::iter::repeat(None)))
-            .map(|(l, chosen)| match l {
-                Layer::Conv { conv, .. } => {
+            .map(|(l, chosen)| match l.conv() {
+                Some(conv) => {
                     let fallback = ConvAlgos::heuristic(conv);
                     let pick = |a: Option<ConvAlgo>, f: ConvAlgo| a.filter(|a| a.applies(conv)).unwrap_or(f);
                     Some(ConvAlgos {
@@ -395,25 +309,11 @@ impl Workspace {
             .collect();
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
-        let skipped = |i: usize| !training && i > 0 && matches!(model.layers[i - 1], Layer::Dropout);
+        let skipped = |i: usize| !training && i > 0 && model.layers[i - 1].op.is_identity(Mode::Eval);
         let acts: Vec<Vec<f32>> =
             model.shapes.iter().enumerate().map(|(i, s)| if skipped(i) { Vec::new() } else { vec![0.0; len(s)] }).collect();
         let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
-        let saved = model
-            .layers
-            .iter()
-            .zip(&model.shapes[1..])
-            .enumerate()
-            .map(|(i, (l, s))| match l {
-                Layer::Pool(_) if training => Saved::Argmax(vec![0; len(s)]),
-                Layer::Lrn { .. } if training => Saved::Values(vec![0.0; len(s)]),
-                Layer::Dropout if training => Saved::Values(vec![0.0; len(s)]),
-                Layer::Conv { conv, .. } if training && conv_plan[i].is_some_and(|a| a.keeps_winograd_transforms()) => {
-                    Saved::Values(vec![0.0; winograd::saved_len(conv, batch)])
-                }
-                _ => Saved::None,
-            })
-            .collect();
+        let saved = model.layers.iter().zip(&conv_plan).map(|(l, algos)| l.op.saved(batch, training, *algos)).collect();
         let classes = model.classes();
         Workspace {
             batch,
@@ -446,78 +346,29 @@ impl Workspace {
     }
 }
 
-/// How a forward pass treats dropout.
-#[derive(Clone, Copy, Debug)]
-pub enum Mode {
-    Eval,
-    /// Training, with the dropout masks drawn from this stream (see `rng::stream_id`), one
-    /// generator per sample keyed by `first_sample` + its index in the batch: a batch split
-    /// over data-parallel ranks draws the masks one whole batch would.
-    Train {
-        stream: u64,
-        first_sample: usize,
-        /// Dropout's keep probability (1: no dropout).
-        keep: f32,
-    },
-}
-
 /// Run the first `n` samples of the workspace's input through the network.
 pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
     assert!(n <= ws.batch, "batch {n} exceeds workspace {}", ws.batch);
     assert!(ws.training || matches!(mode, Mode::Eval), "training forward on an evaluation workspace");
     let mut cur = 0;
     for (i, layer) in model.layers.iter().enumerate() {
-        let started = ws.layer_seconds.is_some().then(std::time::Instant::now);
         ws.inputs_at[i] = cur;
-        let (before, after) = ws.acts.split_at_mut(i + 1);
-        let (x, y) = (&before[cur][..], &mut after[0][..]);
-        let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
-        match layer {
-            Layer::Conv { conv, param } => {
-                let (w, b) = (&model.params[*param].value, &model.params[param + 1].value);
-                let algo = ws.conv_plan[i].expect("a plan for every convolution").forward;
-                let saved = match &mut ws.saved[i] {
-                    Saved::Values(v) => Some(v),
-                    _ => None,
-                };
-                conv_algo::forward(conv, algo, n, x, w, b, y, saved);
-            }
-            // An evaluation workspace keeps nothing for backward.
-            Layer::Pool(p) => {
-                let argmax = match &mut ws.saved[i] {
-                    Saved::Argmax(idx) => Some(&mut idx[..]),
-                    _ => None,
-                };
-                max_pool_forward(p, n, x, y, argmax);
-            }
-            Layer::Lrn { params, channels } => {
-                let scale = match &mut ws.saved[i] {
-                    Saved::Values(scale) => Some(&mut scale[..out_len]),
-                    _ => None,
-                };
-                lrn_forward(params, *channels, &x[..out_len], &mut y[..out_len], scale);
-            }
-            Layer::Dropout => match mode {
-                Mode::Train { stream, first_sample, keep } if keep < 1.0 => {
-                    let Saved::Values(mask) = &mut ws.saved[i] else { unreachable!("dropout saves its mask") };
-                    let per_sample = out_len / n.max(1);
-                    dropout_forward(
-                        keep,
-                        per_sample,
-                        stream_id(&[stream, i as u64]),
-                        first_sample,
-                        &x[..out_len],
-                        &mut y[..out_len],
-                        &mut mask[..out_len],
-                    );
-                }
-                // Identity: keep reading the previous buffer instead of copying it.
-                _ => continue,
-            },
-            Layer::Linear { linear, param, .. } => {
-                linear_forward(linear, n, x, &model.params[*param].value, &model.params[param + 1].value, y);
-            }
+        if layer.op.is_identity(mode) {
+            // Keep reading the previous buffer instead of copying it.
+            continue;
         }
+        let started = ws.layer_seconds.is_some().then(std::time::Instant::now);
+        let (before, after) = ws.acts.split_at_mut(i + 1);
+        layer.op.forward(Forward {
+            n,
+            x: &before[cur],
+            y: &mut after[0],
+            params: &model.params[layer.params.clone()],
+            saved: &mut ws.saved[i],
+            algos: ws.conv_plan[i],
+            mode,
+            index: i,
+        });
         if let (Some(t), Some(times)) = (started, ws.layer_seconds.as_mut()) {
             times[i].0 += t.elapsed().as_secs_f64();
         }
@@ -594,12 +445,8 @@ pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<Strin
         }
     }
     for (i, (layer, name)) in model.layers.iter().zip(&names).enumerate().rev() {
-        if let Layer::Conv { param, .. } | Layer::Linear { param, .. } = layer {
-            for p in [&model.params[*param], &model.params[param + 1]] {
-                if !all_finite(&p.grad) {
-                    return Some(format!("the gradient of {}", p.name));
-                }
-            }
+        if let Some(p) = model.params[layer.params.clone()].iter().find(|p| !all_finite(&p.grad)) {
+            return Some(format!("the gradient of {}", p.name));
         }
         let input_at = ws.inputs_at[i];
         if input_at > 0 && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
@@ -624,47 +471,20 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
         }
         let started = ws.layer_seconds.is_some().then(std::time::Instant::now);
         let (lower, upper) = ws.grads.split_at_mut(i + 1);
-        let dy = &mut upper[0];
         let need_dx = input_at > 0 && i > lowest;
-        let dx = &mut lower[input_at];
-        let (x, y) = (&ws.acts[input_at][..], &ws.acts[i + 1][..]);
-        let out_len = model.shapes[i + 1].iter().product::<usize>() * n;
-        match layer {
-            Layer::Conv { conv, param } => {
-                let (wp, bp) = model.params.split_at_mut(param + 1);
-                let (w, b) = (&mut wp[*param], &mut bp[0]);
-                let dx = if need_dx { Some(&mut dx[..]) } else { None };
-                let algos = ws.conv_plan[i].expect("a plan for every convolution");
-                let saved = match &mut ws.saved[i] {
-                    Saved::Values(v) => Some(&mut v[..]),
-                    _ => None,
-                };
-                let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-                conv_algo::backward(conv, algos, n, x, &w.value, y, dy, dx, dw, &mut b.grad, saved);
-                hook.ready(*param, w);
-                hook.ready(param + 1, b);
-            }
-            Layer::Pool(p) => {
-                let Saved::Argmax(idx) = &ws.saved[i] else { unreachable!() };
-                max_pool_backward(p, n, dy, idx, dx);
-            }
-            Layer::Lrn { params, channels } => {
-                let Saved::Values(scale) = &ws.saved[i] else { unreachable!() };
-                lrn_backward(params, *channels, &x[..out_len], &y[..out_len], &scale[..out_len], &dy[..out_len], &mut dx[..out_len]);
-            }
-            Layer::Dropout => {
-                let Saved::Values(mask) = &ws.saved[i] else { unreachable!() };
-                dropout_backward(&mask[..out_len], &dy[..out_len], &mut dx[..out_len]);
-            }
-            Layer::Linear { linear, param, .. } => {
-                let (wp, bp) = model.params.split_at_mut(param + 1);
-                let (w, b) = (&mut wp[*param], &mut bp[0]);
-                let dx = if need_dx { Some(&mut dx[..]) } else { None };
-                let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-                linear_backward(linear, n, x, &w.value, y, dy, dx, dw, &mut b.grad);
-                hook.ready(*param, w);
-                hook.ready(param + 1, b);
-            }
+        let params = &mut model.params[layer.params.clone()];
+        layer.op.backward(Backward {
+            n,
+            x: &ws.acts[input_at],
+            y: &ws.acts[i + 1],
+            dy: &mut upper[0],
+            dx: if need_dx { Some(&mut lower[input_at][..]) } else { None },
+            params,
+            saved: &mut ws.saved[i],
+            algos: ws.conv_plan[i],
+        });
+        for (index, p) in layer.params.clone().zip(model.params[layer.params.clone()].iter_mut()) {
+            hook.ready(index, p);
         }
         hook.layer_done();
         if let (Some(t), Some(times)) = (started, ws.layer_seconds.as_mut()) {
@@ -687,8 +507,8 @@ mod tests {
         let mut arch = alexnet_mnist();
         for l in &mut arch.layers {
             match l {
-                LayerSpec::Conv { out_c, .. } => *out_c /= 16,
-                LayerSpec::Linear { out, relu: true, .. } => *out = 24,
+                LayerSpec::Conv(conv) => conv.out_c /= 16,
+                LayerSpec::Linear(fc) if fc.relu => fc.out = 24,
                 _ => {}
             }
         }
@@ -785,8 +605,9 @@ mod tests {
     #[test]
     fn old_architectures_with_a_dropout_keep_prob_still_load() {
         let old: LayerSpec = serde_json::from_str(r#"{"Dropout":{"keep":0.8}}"#).unwrap();
-        assert_eq!(old, LayerSpec::Dropout {});
-        assert_eq!(serde_json::to_string(&LayerSpec::Dropout {}).unwrap(), r#"{"Dropout":{}}"#);
+        let dropout = LayerSpec::Dropout(crate::layers::dropout::DropoutSpec {});
+        assert_eq!(old, dropout);
+        assert_eq!(serde_json::to_string(&dropout).unwrap(), r#"{"Dropout":{}}"#);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! with the query's predicted top-5 classes, as one PNG.
 
 use crate::data::source::Source;
+use crate::layers::linear::FullyConnected;
 use crate::layers::softmax::softmax;
-use crate::model::{Layer, Mode, Model, Workspace, forward};
+use crate::model::{Mode, Model, Workspace, forward};
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -121,7 +122,7 @@ pub fn figure(model: &Model, req: &Request) -> Result<(Vec<u8>, (u32, u32))> {
         Some(name) => model.layer_index(name)?,
         None => {
             let linear: Vec<usize> =
-                model.layers.iter().enumerate().filter(|(_, l)| matches!(l, Layer::Linear { .. })).map(|(i, _)| i).collect();
+                model.layers.iter().enumerate().filter(|(_, l)| l.op.downcast::<FullyConnected>().is_some()).map(|(i, _)| i).collect();
             *linear
                 .iter()
                 .rev()

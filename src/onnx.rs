@@ -3,9 +3,10 @@
 //! `prost`: no protoc, no generated code. The graph is NCHW with PyTorch-layout weights (the
 //! checkpoint's tensors), so every op is the standard one with exact attributes: TF SAME
 //! padding becomes explicit, possibly asymmetric `pads`; LRN's alpha is ours times `size`.
+//! Each layer kind writes its own nodes (`Layer::onnx`) through `OnnxGraph`.
 
 use crate::checkpoint::torch_tensors;
-use crate::model::{Layer, Model};
+use crate::model::Model;
 use anyhow::Result;
 use prost::Message;
 use std::path::Path;
@@ -15,6 +16,7 @@ pub const OPSET: i64 = 13;
 /// IR version 7 is the one that introduced opset 13 support.
 const IR_VERSION: i64 = 7;
 const FLOAT: i32 = 1;
+const INT64: i32 = 7;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct ModelProto {
@@ -131,26 +133,16 @@ pub struct Dimension {
     pub dim_param: Option<String>,
 }
 
-fn int(name: &str, v: i64) -> AttributeProto {
+pub fn int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(2), ..Default::default() }
 }
 
-fn ints(name: &str, v: &[usize]) -> AttributeProto {
+pub fn ints(name: &str, v: &[usize]) -> AttributeProto {
     AttributeProto { name: Some(name.into()), ints: v.iter().map(|&x| x as i64).collect(), r#type: Some(7), ..Default::default() }
 }
 
-fn float(name: &str, v: f32) -> AttributeProto {
+pub fn float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: Some(name.into()), f: Some(v), r#type: Some(1), ..Default::default() }
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: Some(name.into()),
-        op_type: Some(op.into()),
-        attribute,
-    }
 }
 
 /// A float tensor value with a symbolic batch dimension `N`.
@@ -163,90 +155,78 @@ fn batched(name: &str, dims: &[usize]) -> ValueInfoProto {
 
 /// ONNX `pads` for a window: [top, left, bottom, right], the end pads being whatever the
 /// output size needs (TF SAME puts the odd one there).
-fn pads(win: &crate::layers::Window) -> Vec<usize> {
+pub fn pads(win: &crate::layers::Window) -> Vec<usize> {
     let after = |a: &crate::layers::Axis| ((a.output - 1) * win.stride + win.kernel).saturating_sub(a.input + a.pad_before);
     vec![win.h.pad_before, win.w.pad_before, after(&win.h), after(&win.w)]
 }
 
-/// Append a node whose output is named after it; returns that name.
-fn push(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: Vec<String>, attrs: Vec<AttributeProto>) -> String {
-    let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    nodes.push(node(op, name, &refs, name, attrs));
-    name.to_string()
+/// The graph as the layers write it (`Layer::onnx`): nodes and constant tensors.
+#[derive(Default)]
+pub struct OnnxGraph {
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    /// Whether the current value has been flattened to [N, features] already.
+    flat: bool,
+}
+
+impl OnnxGraph {
+    /// Append a node whose one output is named after it; returns that name.
+    pub fn node(&mut self, op: &str, name: &str, input: Vec<String>, attribute: Vec<AttributeProto>) -> String {
+        let output = vec![name.to_string()];
+        self.nodes.push(NodeProto { input, output, name: Some(name.into()), op_type: Some(op.into()), attribute });
+        name.to_string()
+    }
+
+    /// A constant tensor (an initialiser); returns its name.
+    pub fn constant(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        self.tensor(name, dims, FLOAT, crate::files::f32_bytes(data))
+    }
+
+    /// A constant int64 vector (shapes for `Reshape`); returns its name.
+    pub fn constant_i64(&mut self, name: &str, values: &[i64]) -> String {
+        self.tensor(name, &[values.len()], INT64, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn tensor(&mut self, name: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> String {
+        self.initializers.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(data_type),
+            name: Some(name.into()),
+            raw_data: Some(raw),
+        });
+        name.to_string()
+    }
+
+    /// `input` as [N, features]: a `Flatten` node the first time a layer needs it.
+    pub fn flattened(&mut self, name: &str, input: String) -> String {
+        if self.flat {
+            return input;
+        }
+        self.flat = true;
+        self.node("Flatten", &format!("{name}.flatten"), vec![input], vec![int("axis", 1)])
+    }
 }
 
 /// The inference graph of `model`: input `input` [N, C, H, W], outputs `logits` [N, classes]
-/// and `probabilities` (their softmax). Dropout is the identity at inference and is omitted.
+/// and `probabilities` (their softmax). Each layer writes its own nodes (`Layer::onnx`).
 pub fn to_model(model: &Model) -> ModelProto {
-    let names = model.layer_names();
-    let mut nodes = Vec::new();
-    let mut cur = "input".to_string();
-    let mut spatial = true;
-    for (layer, name) in model.layers.iter().zip(&names) {
-        match layer {
-            Layer::Conv { conv, param, .. } => {
-                let (w, b) = (&model.params[*param].name, &model.params[param + 1].name);
-                let attrs = vec![
-                    ints("kernel_shape", &[conv.win.kernel, conv.win.kernel]),
-                    ints("strides", &[conv.win.stride, conv.win.stride]),
-                    ints("pads", &pads(&conv.win)),
-                    int("group", conv.groups as i64),
-                ];
-                cur = push(&mut nodes, "Conv", name, vec![cur, w.clone(), b.clone()], attrs);
-                if conv.relu {
-                    cur = push(&mut nodes, "Relu", &format!("{name}.relu"), vec![cur], vec![]);
-                }
-            }
-            Layer::Pool(p) => {
-                let attrs = vec![
-                    ints("kernel_shape", &[p.win.kernel, p.win.kernel]),
-                    ints("strides", &[p.win.stride, p.win.stride]),
-                    ints("pads", &pads(&p.win)),
-                ];
-                cur = push(&mut nodes, "MaxPool", name, vec![cur], attrs);
-            }
-            Layer::Lrn { params, .. } => {
-                let size = 2 * params.depth_radius + 1;
-                let attrs = vec![
-                    int("size", size as i64),
-                    float("alpha", params.alpha * size as f32),
-                    float("beta", params.beta),
-                    float("bias", params.bias),
-                ];
-                cur = push(&mut nodes, "LRN", name, vec![cur], attrs);
-            }
-            Layer::Dropout => {}
-            Layer::Linear { linear, param, .. } => {
-                if spatial {
-                    // NCHW flattening is C, H, W order: the order of the checkpoint's fc1 columns.
-                    cur = push(&mut nodes, "Flatten", &format!("{name}.flatten"), vec![cur], vec![int("axis", 1)]);
-                    spatial = false;
-                }
-                let (w, b) = (&model.params[*param].name, &model.params[param + 1].name);
-                cur = push(&mut nodes, "Gemm", name, vec![cur, w.clone(), b.clone()], vec![int("transB", 1)]);
-                if linear.relu {
-                    cur = push(&mut nodes, "Relu", &format!("{name}.relu"), vec![cur], vec![]);
-                }
-            }
-        }
+    let mut graph = OnnxGraph::default();
+    for (name, shape, data) in torch_tensors(model) {
+        graph.constant(&name, &shape, &data);
     }
-    nodes.push(node("Identity", "logits", &[&cur], "logits", vec![]));
-    nodes.push(node("Softmax", "softmax", &["logits"], "probabilities", vec![int("axis", 1)]));
-    let initializer = torch_tensors(model)
-        .into_iter()
-        .map(|(name, shape, data)| TensorProto {
-            dims: shape.iter().map(|&d| d as i64).collect(),
-            data_type: Some(FLOAT),
-            name: Some(name),
-            raw_data: Some(crate::files::f32_bytes(&data)),
-        })
-        .collect();
+    let mut cur = "input".to_string();
+    for layer in &model.layers {
+        let params: Vec<&str> = model.params[layer.params.clone()].iter().map(|p| p.name.as_str()).collect();
+        cur = layer.op.onnx(&mut graph, &layer.name, cur, &params);
+    }
+    graph.node("Identity", "logits", vec![cur], vec![]);
+    graph.node("Softmax", "probabilities", vec!["logits".into()], vec![int("axis", 1)]);
     let [h, w, c] = model.arch.input;
     let classes = model.classes();
     let graph = GraphProto {
-        node: nodes,
+        node: graph.nodes,
         name: Some(model.arch.name.clone()),
-        initializer,
+        initializer: graph.initializers,
         input: vec![batched("input", &[c, h, w])],
         output: vec![batched("logits", &[classes]), batched("probabilities", &[classes])],
     };

@@ -89,9 +89,18 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::layer::ParamLayout;
 
     fn param(w: f32, g: f32) -> Vec<Param> {
-        vec![Param { name: "w".into(), torch_shape: vec![1], value: vec![w], grad: vec![g], decay: true, lr_mult: 1.0 }]
+        vec![Param {
+            name: "w".into(),
+            torch_shape: vec![1],
+            layout: ParamLayout::Same,
+            value: vec![w],
+            grad: vec![g],
+            decay: true,
+            lr_mult: 1.0,
+        }]
     }
 
     fn config(kind: OptimizerKind) -> OptimizerConfig {

@@ -3,7 +3,7 @@
 //! compiled into the binary, so plots look the same on machines without system fonts. And a
 //! model's first-layer kernels as a picture (`filters_png`).
 
-use crate::model::{Layer, Model};
+use crate::model::Model;
 use crate::run_dir::METRICS_FILE;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
@@ -186,10 +186,7 @@ pub fn filters_png(model: &Model) -> Result<(Vec<u8>, (u32, u32))> {
     let (conv, param) = model
         .layers
         .iter()
-        .find_map(|l| match l {
-            Layer::Conv { conv, param } => Some((conv, *param)),
-            _ => None,
-        })
+        .find_map(|l| l.conv().map(|conv| (conv, l.params.start)))
         .with_context(|| format!("model {} has no convolution", model.arch.name))?;
     let (k, cin, out) = (conv.win.kernel, conv.in_c / conv.groups, conv.out_c);
     if cin != 1 && cin != 3 {
@@ -313,9 +310,19 @@ mod tests {
     #[test]
     fn filters_are_tiles_of_kernels_each_scaled_to_its_range() {
         use crate::layers::Padding;
+        use crate::layers::convolution::ConvSpec;
+        use crate::layers::linear::LinearSpec;
         use crate::model::{Architecture, Init, LayerSpec};
-        let conv = LayerSpec::Conv { name: "conv1".into(), out_c: 5, kernel: 4, stride: 1, padding: Padding::Valid, groups: 1, relu: true };
-        let fc = LayerSpec::Linear { name: "fc".into(), out: 2, relu: false };
+        let conv = LayerSpec::Conv(ConvSpec {
+            name: "conv1".into(),
+            out_c: 5,
+            kernel: 4,
+            stride: 1,
+            padding: Padding::Valid,
+            groups: 1,
+            relu: true,
+        });
+        let fc = LayerSpec::Linear(LinearSpec { name: "fc".into(), out: 2, relu: false });
         let arch = Architecture { name: "tiny".into(), input: [6, 6, 3], layers: vec![conv, fc], init: Init::He, input_scale: 1.0 };
         let mut m = Model::new(&arch).unwrap();
         m.init(1, 0.0);

@@ -6,7 +6,7 @@
 //! does every framework's throughput.
 
 use crate::layers::gemm::{Operand, matmul};
-use crate::model::{Layer, Model};
+use crate::model::Model;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -136,11 +136,7 @@ struct Shape {
 fn im2col_gemms(model: &Model, batch: usize, training: bool) -> Vec<Shape> {
     let mut shapes = Vec::new();
     for (i, layer) in model.layers.iter().enumerate() {
-        let (groups, rows, n, k) = match layer {
-            Layer::Conv { conv, .. } => (conv.groups, batch * conv.win.out_pixels(), conv.out_c / conv.groups, conv.patch_len()),
-            Layer::Linear { linear, .. } => (1, batch, linear.out_len, linear.in_len),
-            _ => continue,
-        };
+        let Some([groups, rows, n, k]) = layer.op.gemm(batch) else { continue };
         let m = rows.min(MAX_ROWS);
         let repeat = (groups * rows) as f64 / m as f64;
         shapes.push(Shape { layer: i, m, n, k, repeat });

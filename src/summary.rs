@@ -1,6 +1,6 @@
 //! The layer table of a model: output shape, neurons, weight shape and parameter counts.
 
-use crate::model::{Layer, Model};
+use crate::model::Model;
 use std::fmt::Write;
 
 pub struct Totals {
@@ -14,12 +14,11 @@ pub struct Totals {
 
 pub fn totals(model: &Model) -> Totals {
     let mut t = Totals { neurons: 0, weights: 0, parameters: 0 };
-    for (layer, shape) in model.layers.iter().zip(&model.shapes[1..]) {
-        if let Layer::Conv { param, .. } | Layer::Linear { param, .. } = layer {
-            t.neurons += shape.iter().product::<usize>();
-            t.weights += model.params[*param].value.len();
-            t.parameters += model.params[*param].value.len() + model.params[param + 1].value.len();
-        }
+    for (layer, shape) in model.layers.iter().zip(&model.shapes[1..]).filter(|(l, _)| !l.params.is_empty()) {
+        let params = &model.params[layer.params.clone()];
+        t.neurons += shape.iter().product::<usize>();
+        t.weights += params.iter().filter(|p| p.decay).map(|p| p.value.len()).sum::<usize>();
+        t.parameters += params.iter().map(|p| p.value.len()).sum::<usize>();
     }
     t
 }
@@ -29,18 +28,16 @@ pub fn table(model: &Model) -> String {
     let [h, w, c] = model.arch.input;
     writeln!(s, "Model {}: input {h}x{w}x{c}", model.arch.name).unwrap();
     writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", "layer", "output", "neurons", "weight shape", "parameters").unwrap();
-    for ((layer, [h, w, c]), name) in model.layers.iter().zip(&model.shapes[1..]).zip(model.layer_names()) {
-        let weight = match layer {
-            Layer::Conv { param, .. } | Layer::Linear { param, .. } => {
-                let p = &model.params[*param];
-                Some((p.torch_shape.clone(), p.value.len() + model.params[param + 1].value.len()))
-            }
-            _ => None,
+    for (layer, [h, w, c]) in model.layers.iter().zip(&model.shapes[1..]) {
+        let params = &model.params[layer.params.clone()];
+        let (shape, count) = match params.first() {
+            Some(weight) => (
+                weight.torch_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
+                params.iter().map(|p| p.value.len()).sum::<usize>().to_string(),
+            ),
+            None => (String::new(), String::new()),
         };
-        let (shape, params) = weight.map_or((String::new(), String::new()), |(s, n)| {
-            (s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"), n.to_string())
-        });
-        writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", name, format!("{h}x{w}x{c}"), h * w * c, shape, params).unwrap();
+        writeln!(s, "{:<13} {:>14} {:>10} {:>18} {:>12}", layer.name, format!("{h}x{w}x{c}"), h * w * c, shape, count).unwrap();
     }
     let t = totals(model);
     writeln!(s, "total: {} neurons (conv and FC outputs), {} weights, {} parameters with biases", t.neurons, t.weights, t.parameters)
@@ -51,7 +48,7 @@ pub fn table(model: &Model) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::architectures::{alexnet_mnist, architecture};
+    use crate::architectures::{alexnet_mnist, architecture, with_input_size};
 
     #[test]
     fn seed_model_totals() {
@@ -73,6 +70,14 @@ mod tests {
         // The two-tower model as published (Caffe's bvlc_alexnet) and torchvision's alexnet.
         assert_eq!(count("alexnet-2gpu").parameters, 60_965_224);
         assert_eq!(count("alexnet-owt").parameters, 61_100_840);
+        // Its adaptive pooling keeps the classifier's shape from 63x63 up; 62 leaves pool5 nothing.
+        for side in [63, 100, 256, 320] {
+            let arch = with_input_size(architecture("alexnet-owt", None).unwrap(), Some(side)).unwrap();
+            assert_eq!(totals(&Model::new(&arch).unwrap()).parameters, 61_100_840, "{side}x{side}");
+        }
+        let err = format!("{:#}", with_input_size(architecture("alexnet-owt", None).unwrap(), Some(62)).unwrap_err());
+        assert!(err.contains("--input-size 62") && err.contains("does not fit input 2x2x256"), "{err}");
+        assert!(table(&Model::new(&architecture("alexnet-owt", None).unwrap()).unwrap()).contains("avgpool1"));
         let m = Model::new(&architecture("alexnet-owt", Some(37)).unwrap()).unwrap();
         assert_eq!(m.classes(), 37);
         let names: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();

@@ -3,7 +3,7 @@
 
 mod support;
 
-use alexnet::architectures::architecture;
+use alexnet::architectures::{architecture, with_input_size};
 use alexnet::checkpoint;
 use alexnet::data::mnist::Dataset;
 use alexnet::data::mnist::{self, Split};
@@ -49,10 +49,15 @@ fn onnxruntime_matches_our_outputs_on_1000_test_images() {
     assert!(report.contains("\"same_predictions\": 1000"), "{report}");
 
     // Every other model, freshly initialised, on random 3-channel images: grouped convs (the
-    // two towers), VALID pooling, the paper's LRN and torchvision's padding all map exactly.
-    for name in ["alexnet", "alexnet-2gpu", "alexnet-owt"] {
-        let mut model = Model::new(&architecture(name, Some(10)).unwrap()).unwrap();
+    // two towers), VALID pooling, the paper's LRN and torchvision's padding all map exactly;
+    // alexnet-owt also at 63x63 and 256x256, where its adaptive pooling repeats a 1x1 map and
+    // averages a 7x7 one into 6x6 (an identity at 224).
+    for (name, side) in
+        [("alexnet", None), ("alexnet-2gpu", None), ("alexnet-owt", None), ("alexnet-owt", Some(63)), ("alexnet-owt", Some(256))]
+    {
+        let mut model = Model::new(&with_input_size(architecture(name, Some(10)).unwrap(), side).unwrap()).unwrap();
         model.init(3, 0.0);
+        let name = format!("{name}-{}", model.arch.input[0]);
         let path = dir.path().join(format!("{name}.safetensors"));
         checkpoint::save(&model, &path, &[]).unwrap();
         let onnx = dir.path().join(format!("{name}.onnx"));

@@ -1,6 +1,7 @@
 //! The paper's input pipeline for ImageFolder data (sections 2 and 4.1): every image is
-//! rescaled so its shorter side is 256 and centre-cropped to 256x256; the mean image over the
-//! training set is subtracted; training takes random `crop`x`crop` patches and their
+//! rescaled so its shorter side is 256 and centre-cropped to 256x256 (for the paper's 227 and
+//! torchvision's 224 inputs; other input sizes keep that ratio, `prepared_side`); the mean
+//! image over the training set is subtracted; training takes random `crop`x`crop` patches and their
 //! reflections and adds PCA colour noise; evaluation takes the centre crop or ten crops.
 //! Images are decoded in parallel for each batch.
 
@@ -16,28 +17,31 @@ use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Side of the prepared (rescaled, centre-cropped) images.
-pub const PREPARED: usize = 256;
-const PREPARED_LEN: usize = PREPARED * PREPARED * 3;
+/// Side of the prepared (rescaled, centre-cropped) images for a model input of `crop`: the
+/// 256:224 of torchvision's recipe, rounded to a multiple of 16, so both the paper's 227 and
+/// torchvision's 224 crop from 256x256; 63 (alexnet-owt's smallest) from 80x80.
+pub fn prepared_side(crop: usize) -> usize {
+    ((crop + 7) / 14 * 16).max(crop)
+}
 /// The statistics caches' folder in the cache directory; each file is named by its key.
 pub const STATS_DIR: &str = "dataset-stats";
 
-/// Decode `bytes` and prepare it: shorter side rescaled to 256 (aspect kept), centre crop
-/// 256x256, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB. The
+/// Decode `bytes` and prepare it: shorter side rescaled to `side` (aspect kept), centre crop
+/// `side`x`side`, RGB as f32 in [0, 255] (HWC). Decoding is capped at 16384x16384 and 1 GiB. The
 /// centre square is cut before resizing, so only the crop is ever resized: resizing first let a
 /// 129-byte 16384x1 PNG ask for a 4194304x256 image (35 s, 3.4 GB).
-pub fn prepare(bytes: &[u8]) -> Result<Vec<f32>> {
+pub fn prepare(bytes: &[u8], side: usize) -> Result<Vec<f32>> {
     let img = super::decode_image(bytes, 1 << 14, 1 << 30)?.to_rgb8();
     let (w, h) = img.dimensions();
-    let side = w.min(h);
-    let square = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let resized = image::imageops::resize(&square, PREPARED as u32, PREPARED as u32, image::imageops::FilterType::Triangle);
+    let square_side = w.min(h);
+    let square = image::imageops::crop_imm(&img, (w - square_side) / 2, (h - square_side) / 2, square_side, square_side).to_image();
+    let resized = image::imageops::resize(&square, side as u32, side as u32, image::imageops::FilterType::Triangle);
     Ok(resized.pixels().flat_map(|p| p.0.map(f32::from)).collect())
 }
 
-fn prepare_file(path: &Path) -> Result<Vec<f32>> {
+fn prepare_file(path: &Path, side: usize) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    prepare(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+    prepare(&bytes, side).with_context(|| format!("cannot decode image {}", path.display()))
 }
 
 /// The training set's mean image and colour PCA, and the images that could not be read.
@@ -50,10 +54,10 @@ pub struct Stats {
 
 /// What the statistics depend on: every image's path within the dataset, size and modification
 /// time: the dataset's content, not how its root is spelled (relative, absolute, a mount point).
-fn stats_key(root: &Path, samples: &[&Sample]) -> String {
+fn stats_key(root: &Path, samples: &[&Sample], side: usize) -> String {
     let mut h = Sha256::new();
     // Bump when the statistics' definition changes, so old caches are recomputed.
-    h.update("alexnet-stats v3: centre square resized, mean 0-255, colour PCA of [0, 1] pixels\n");
+    h.update(format!("alexnet-stats v4: centre square resized to {side}, mean 0-255, colour PCA of [0, 1] pixels\n"));
     for s in samples {
         let meta = std::fs::metadata(&s.path).ok();
         let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
@@ -63,7 +67,7 @@ fn stats_key(root: &Path, samples: &[&Sample]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_cache(path: &Path, key: &str) -> Option<Stats> {
+fn read_cache(path: &Path, key: &str, side: usize) -> Option<Stats> {
     let bytes = std::fs::read(path).ok()?;
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
     let meta = crate::files::metadata(path, &bytes).ok()?;
@@ -72,7 +76,7 @@ fn read_cache(path: &Path, key: &str) -> Option<Stats> {
     }
     let floats = |name: &str| -> Option<Vec<f32>> { Some(f32s_from_bytes(st.tensor(name).ok()?.data())) };
     let (mean, values, vectors) = (floats("mean")?, floats("pca_eigenvalues")?, floats("pca_eigenvectors")?);
-    if mean.len() != PREPARED_LEN || values.len() != 3 || vectors.len() != 9 {
+    if mean.len() != side * side * 3 || values.len() != 3 || vectors.len() != 9 {
         return None;
     }
     let pca = ColourPca {
@@ -87,11 +91,11 @@ fn read_cache(path: &Path, key: &str) -> Option<Stats> {
 /// dataset, which may be read-only); recomputed when any image changes. Unreadable images are
 /// cached by their path within the dataset. The validation images are decoded in the same
 /// pass, so unreadable files on either side are known before training starts.
-pub fn stats(folder: &ImageFolder, cache_dir: Option<&Path>) -> Result<Stats> {
+pub fn stats(folder: &ImageFolder, side: usize, cache_dir: Option<&Path>) -> Result<Stats> {
     let all: Vec<&Sample> = folder.train.iter().chain(&folder.val).collect();
-    let key = stats_key(&folder.root, &all);
+    let key = stats_key(&folder.root, &all, side);
     let cache = cache_dir.map(|d| d.join(STATS_DIR).join(format!("{key}.safetensors")));
-    if let Some(mut s) = cache.as_deref().and_then(|c| read_cache(c, &key)) {
+    if let Some(mut s) = cache.as_deref().and_then(|c| read_cache(c, &key, side)) {
         s.unreadable = s.unreadable.iter().map(|p| folder.root.join(p)).collect();
         return Ok(s);
     }
@@ -102,12 +106,12 @@ pub fn stats(folder: &ImageFolder, cache_dir: Option<&Path>) -> Result<Stats> {
     );
     let train_len = folder.train.len();
     // Per-thread partial sums (pixel sums in f64 and RGB moments), merged at the end.
-    let partial = || (vec![0.0f64; PREPARED_LEN], RgbMoments::default(), 0usize, Vec::new());
+    let partial = || (vec![0.0f64; side * side * 3], RgbMoments::default(), 0usize, Vec::new());
     let (sum, moments, count, unreadable) = all
         .par_iter()
         .enumerate()
         .fold(partial, |(mut sum, mut moments, mut count, mut bad), (i, s)| {
-            match prepare_file(&s.path) {
+            match prepare_file(&s.path, side) {
                 Ok(px) if i < train_len => {
                     sum.iter_mut().zip(&px).for_each(|(a, &p)| *a += p as f64);
                     // Colour statistics of pixels in [0, 1] (see `FolderData::fill_train`).
@@ -140,7 +144,7 @@ pub fn stats(folder: &ImageFolder, cache_dir: Option<&Path>) -> Result<Stats> {
     let unreadable: Vec<PathBuf> = unreadable.into_iter().map(|(p, _)| p).collect();
     let (mean_b, values_b, vectors_b) = (f32_bytes(&mean), f32_bytes(&pca.eigenvalues), f32_bytes(pca.eigenvectors.as_flattened()));
     let views = vec![
-        ("mean", TensorView::new(Dtype::F32, vec![PREPARED, PREPARED, 3], &mean_b)?),
+        ("mean", TensorView::new(Dtype::F32, vec![side, side, 3], &mean_b)?),
         ("pca_eigenvalues", TensorView::new(Dtype::F32, vec![3], &values_b)?),
         ("pca_eigenvectors", TensorView::new(Dtype::F32, vec![3, 3], &vectors_b)?),
     ];
@@ -168,6 +172,8 @@ pub struct FolderData {
     pub stats: Stats,
     /// Side of the model's input (227 for the paper's model, 224 for torchvision's).
     pub crop: usize,
+    /// Side of the prepared images the crops are taken from (`prepared_side`).
+    pub side: usize,
     /// Multiplier of the mean-subtracted 0-255 pixels (`Architecture::input_scale`).
     pub scale: f32,
 }
@@ -176,11 +182,9 @@ impl FolderData {
     /// Scan, compute (or load) the statistics, and drop unreadable images with a warning, or
     /// fail naming them if `strict`.
     pub fn open(root: &Path, crop: usize, scale: f32, strict: bool, cache_dir: Option<&Path>) -> Result<FolderData> {
-        if crop > PREPARED {
-            bail!("the model's {crop}x{crop} input is larger than the {PREPARED}x{PREPARED} prepared images");
-        }
+        let side = prepared_side(crop);
         let folder = super::folder::scan(root)?;
-        let stats = stats(&folder, cache_dir)?;
+        let stats = stats(&folder, side, cache_dir)?;
         if strict && !stats.unreadable.is_empty() {
             let list: Vec<String> = stats.unreadable.iter().map(|p| p.display().to_string()).collect();
             bail!("{} unreadable images (drop --strict-images to skip them):\n  {}", list.len(), list.join("\n  "));
@@ -191,7 +195,7 @@ impl FolderData {
         if train.is_empty() || val.is_empty() {
             bail!("{}: no readable training or validation images", root.display());
         }
-        Ok(FolderData { classes: folder.classes, train, val, stats, crop, scale })
+        Ok(FolderData { classes: folder.classes, train, val, stats, crop, side, scale })
     }
 
     pub fn input_len(&self) -> usize {
@@ -200,7 +204,7 @@ impl FolderData {
 
     /// A prepared image minus the mean image, scaled.
     fn centred(&self, s: &Sample) -> Result<Vec<f32>> {
-        let mut px = prepare_file(&s.path)?;
+        let mut px = prepare_file(&s.path, self.side)?;
         px.iter_mut().zip(&self.stats.mean).for_each(|(p, m)| *p = (*p - m) * self.scale);
         Ok(px)
     }
@@ -211,7 +215,7 @@ impl FolderData {
     /// thread scheduling.
     pub fn fill_train(&self, indices: &[u32], stream: u64, input: &mut [f32], labels: &mut Vec<u32>) -> Result<()> {
         let len = self.input_len();
-        let span = PREPARED - self.crop + 1;
+        let span = self.side - self.crop + 1;
         input[..indices.len() * len].par_chunks_mut(len).zip(indices).try_for_each(|(dst, &i)| -> Result<()> {
             let s = &self.train[i as usize];
             let mut px = self.centred(s)?;
@@ -225,7 +229,7 @@ impl FolderData {
             // ~0.2, 0.02, 0.005 on ImageNet): shifts of a few 0-255 levels.
             let shift = self.stats.pca.shift(std::array::from_fn(|_| normal.sample(&mut rng)));
             add_colour(&mut px, shift.map(|v| v * 255.0 * self.scale));
-            crop(&px, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
+            crop(&px, self.side, self.side, 3, top, left, self.crop, flip, dst);
             Ok(())
         })?;
         labels.clear();
@@ -253,12 +257,12 @@ impl FolderData {
     fn fill_views(&self, samples: &[Sample], view: usize, ten_crop: bool, input: &mut [f32]) -> Result<()> {
         let len = self.input_len();
         let (top, left, flip) = if ten_crop {
-            ten_crop_offsets(PREPARED, PREPARED, self.crop)[view]
+            ten_crop_offsets(self.side, self.side, self.crop)[view]
         } else {
-            ((PREPARED - self.crop) / 2, (PREPARED - self.crop) / 2, false)
+            ((self.side - self.crop) / 2, (self.side - self.crop) / 2, false)
         };
         input[..samples.len() * len].par_chunks_mut(len).zip(samples).try_for_each(|(dst, s)| -> Result<()> {
-            crop(&self.centred(s)?, PREPARED, PREPARED, 3, top, left, self.crop, flip, dst);
+            crop(&self.centred(s)?, self.side, self.side, 3, top, left, self.crop, flip, dst);
             Ok(())
         })
     }
@@ -280,7 +284,7 @@ mod tests {
         let img = image::RgbImage::from_fn(512, 300, |x, _| image::Rgb([if x < 256 { 0 } else { 255 }, 10, 20]));
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
-        let px = prepare(&png).unwrap();
+        let px = prepare(&png, 256).unwrap();
         assert_eq!(px.len(), 256 * 256 * 3);
         assert_eq!((px[0], px[1], px[2]), (0.0, 10.0, 20.0));
         assert_eq!(px[(255 * 256 + 255) * 3], 255.0);
@@ -320,7 +324,7 @@ mod tests {
         let mut png = Vec::new();
         thin.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
         let started = std::time::Instant::now();
-        assert_eq!(prepare(&png).unwrap().len(), PREPARED_LEN);
+        assert_eq!(prepare(&png, 256).unwrap().len(), 256 * 256 * 3);
         assert!(started.elapsed().as_secs_f64() < 5.0, "{:?}", started.elapsed());
 
         let (mut input, mut labels) = (vec![0.0; 2 * 227 * 227 * 3], Vec::new());
@@ -334,5 +338,17 @@ mod tests {
         for view in 0..10 {
             data.fill_val(0..2, view, true, &mut input).unwrap();
         }
+        // Another input size prepares images at its own side, with statistics of their own.
+        let small = FolderData::open(dir.path(), 63, 1.0, false, cache).unwrap();
+        assert_eq!((small.side, small.stats.mean.len()), (80, 80 * 80 * 3));
+        assert_eq!(listing(&cache_dir.path().join(STATS_DIR)).len(), 2);
+        small.fill_train(&[0, 5], 7, &mut input[..2 * 63 * 63 * 3], &mut labels).unwrap();
+    }
+
+    #[test]
+    fn prepared_sides_keep_the_paper_and_torchvision_at_256() {
+        let sides: Vec<usize> = [63, 64, 100, 128, 224, 227, 256, 320].map(prepared_side).to_vec();
+        assert_eq!(sides, [80, 80, 112, 144, 256, 256, 288, 368]);
+        assert!((1..2000).all(|crop| prepared_side(crop) >= crop));
     }
 }

@@ -168,7 +168,7 @@ mod tests {
     use crate::architectures::{MODEL_NAMES, architecture};
     use crate::layers::testing::random_vec;
     use crate::layers::{Padding, Window};
-    use crate::model::{Layer, Model};
+    use crate::model::Model;
 
     /// The independent reference, one element at a time (so the models' large layers can be
     /// checked at sampled positions): the output before bias and ReLU...
@@ -344,7 +344,7 @@ mod tests {
         for name in MODEL_NAMES {
             let model = Model::new(&architecture(name, None).unwrap()).unwrap();
             for layer in &model.layers {
-                if let Layer::Conv { conv, .. } = layer {
+                if let Some(conv) = layer.conv() {
                     check_every_algorithm(conv, 2, 24);
                 }
             }

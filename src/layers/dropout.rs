@@ -5,9 +5,70 @@
 //! seed, step and layer) and the sample's index in the batch: masks do not depend on how the
 //! batch is split across threads.
 
-use crate::rng::substream;
+use super::conv_algo::ConvAlgos;
+use super::layer::{Backward, Forward, Layer, Mode, Saved, Spec};
+use crate::onnx::OnnxGraph;
+use crate::rng::{stream_id, substream};
+use anyhow::Result;
 use rand_xoshiro::rand_core::Rng;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Dropout's spec. Its keep probability is training configuration (`Mode::Train`), not part of
+/// the architecture. (Files from before carry a `keep` field here, ignored.)
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DropoutSpec {}
+
+#[derive(Debug)]
+pub struct Dropout {
+    pub shape: [usize; 3],
+}
+
+impl Spec for DropoutSpec {
+    fn resolve(&self, shape: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Dropout { shape }))
+    }
+}
+
+impl Layer for Dropout {
+    fn kind(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    fn saved(&self, batch: usize, training: bool, _: Option<ConvAlgos>) -> Saved {
+        if training { Saved::Values(vec![0.0; batch * self.shape.iter().product::<usize>()]) } else { Saved::None }
+    }
+
+    /// Evaluation and keep 1 skip the layer rather than copy its input.
+    fn is_identity(&self, mode: Mode) -> bool {
+        !matches!(mode, Mode::Train { keep, .. } if keep < 1.0)
+    }
+
+    fn forward(&self, f: Forward) {
+        let Mode::Train { stream, first_sample, keep } = f.mode else { unreachable!("dropout is skipped at evaluation") };
+        let Saved::Values(mask) = f.saved else { unreachable!("a training workspace keeps the mask") };
+        let per_sample = self.shape.iter().product::<usize>();
+        let len = f.n * per_sample;
+        let stream = stream_id(&[stream, f.index as u64]);
+        dropout_forward(keep, per_sample, stream, first_sample, &f.x[..len], &mut f.y[..len], &mut mask[..len]);
+    }
+
+    fn backward(&self, b: Backward) {
+        let (Some(dx), Saved::Values(mask)) = (b.dx, &b.saved) else { return };
+        let len = b.n * self.shape.iter().product::<usize>();
+        dropout_backward(&mask[..len], &b.dy[..len], &mut dx[..len]);
+    }
+
+    /// The identity at inference.
+    fn onnx(&self, _: &mut OnnxGraph, _: &str, input: String, _: &[&str]) -> String {
+        input
+    }
+}
 
 /// `mask` receives 0 or 1/keep per element; `output = input * mask`. Sample `n` of the batch
 /// draws from generator `first_sample + n` of `stream`.

@@ -5,14 +5,90 @@
 
 use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul_par_cols, matmul_par_rows};
+use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Spec};
 use super::scratch::{give_back, take};
+use crate::onnx::{OnnxGraph, int};
+use anyhow::Result;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Fully connected; flattens its input (H, W, C in our layout, C, H, W in checkpoints).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearSpec {
+    /// Prefix of its parameters' names ("fc6" -> "fc6.weight", "fc6.bias").
+    pub name: String,
+    pub out: usize,
+    pub relu: bool,
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Linear {
     pub in_len: usize,
     pub out_len: usize,
     pub relu: bool,
+}
+
+#[derive(Debug)]
+pub struct FullyConnected {
+    pub name: String,
+    pub linear: Linear,
+    /// The input's height, width, channels (flattened in that order).
+    pub from: [usize; 3],
+}
+
+impl Spec for LinearSpec {
+    fn resolve(&self, from: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        let linear = Linear { in_len: from.iter().product(), out_len: self.out, relu: self.relu };
+        Ok(Arc::new(FullyConnected { name: self.name.clone(), linear, from }))
+    }
+}
+
+impl Layer for FullyConnected {
+    fn name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+
+    fn kind(&self) -> &'static str {
+        "fc"
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        [1, 1, self.linear.out_len]
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let [h, w, c] = self.from;
+        let out = self.linear.out_len;
+        // PyTorch flattens C, H, W; a 1x1 input is the same either way.
+        let layout = if h * w > 1 { ParamLayout::FlattenHwc { out, h, w, c } } else { ParamLayout::Same };
+        vec![
+            ParamSpec { name: format!("{}.weight", self.name), torch_shape: vec![out, h * w * c], layout, decay: true },
+            ParamSpec { name: format!("{}.bias", self.name), torch_shape: vec![out], layout: ParamLayout::Same, decay: false },
+        ]
+    }
+
+    fn forward(&self, f: Forward) {
+        let [w, b] = f.params else { unreachable!("weight and bias") };
+        linear_forward(&self.linear, f.n, f.x, &w.value, &b.value, f.y);
+    }
+
+    fn backward(&self, b: Backward) {
+        let [w, bias] = b.params else { unreachable!("weight and bias") };
+        let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
+        linear_backward(&self.linear, b.n, b.x, &w.value, b.y, b.dy, b.dx, dw, &mut bias.grad);
+    }
+
+    /// NCHW flattening is C, H, W order: the order of the checkpoint's columns.
+    fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {
+        let flat = graph.flattened(name, input);
+        let out = graph.node("Gemm", name, vec![flat, params[0].to_string(), params[1].to_string()], vec![int("transB", 1)]);
+        if self.linear.relu { graph.node("Relu", &format!("{name}.relu"), vec![out], vec![]) } else { out }
+    }
+
+    fn gemm(&self, batch: usize) -> Option<[usize; 4]> {
+        Some([1, batch, self.linear.out_len, self.linear.in_len])
+    }
 }
 
 /// `y = relu?(x W^T + b)`. The GEMM repacks whichever operand it reads transposed on every

@@ -9,15 +9,75 @@
 //! k = 2` is ours `r = 2, alpha = 1e-4, bias = 2` and PyTorch's `LocalResponseNorm(5, alpha=5e-4,
 //! beta=0.75, k=2)`.
 
+use super::conv_algo::ConvAlgos;
+use super::layer::{Backward, Forward, Layer, Saved, Spec};
+use crate::onnx::{OnnxGraph, float, int};
+use anyhow::Result;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
+/// The layer kind's spec (and the kernels' parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LrnParams {
     pub depth_radius: usize,
     pub bias: f32,
     pub alpha: f32,
     pub beta: f32,
+}
+
+#[derive(Debug)]
+pub struct Lrn {
+    pub params: LrnParams,
+    /// Per-sample height, width, channels (in and out).
+    pub shape: [usize; 3],
+}
+
+impl Spec for LrnParams {
+    fn resolve(&self, shape: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Lrn { params: *self, shape }))
+    }
+}
+
+impl Lrn {
+    fn len(&self, n: usize) -> usize {
+        n * self.shape.iter().product::<usize>()
+    }
+}
+
+impl Layer for Lrn {
+    fn kind(&self) -> &'static str {
+        "lrn"
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    fn saved(&self, batch: usize, training: bool, _: Option<ConvAlgos>) -> Saved {
+        if training { Saved::Values(vec![0.0; self.len(batch)]) } else { Saved::None }
+    }
+
+    fn forward(&self, f: Forward) {
+        let len = self.len(f.n);
+        let scale = f.saved.values().map(|s| &mut s[..len]);
+        lrn_forward(&self.params, self.shape[2], &f.x[..len], &mut f.y[..len], scale);
+    }
+
+    fn backward(&self, b: Backward) {
+        let (Some(dx), Saved::Values(scale)) = (b.dx, &b.saved) else { return };
+        let len = self.len(b.n);
+        lrn_backward(&self.params, self.shape[2], &b.x[..len], &b.y[..len], &scale[..len], &b.dy[..len], &mut dx[..len]);
+    }
+
+    /// ONNX's (and PyTorch's) alpha is ours times the window size.
+    fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, _: &[&str]) -> String {
+        let p = &self.params;
+        let size = 2 * p.depth_radius + 1;
+        let attrs =
+            vec![int("size", size as i64), float("alpha", p.alpha * size as f32), float("beta", p.beta), float("bias", p.bias)];
+        graph.node("LRN", name, vec![input], attrs)
+    }
 }
 
 /// Evaluate `$body` with `$f` bound to `s -> s^-beta`, the common exponents done by square

@@ -5,11 +5,8 @@
 pub mod bias_relu;
 pub mod conv;
 pub mod conv_algo;
-pub mod dropout;
 pub mod gemm;
-pub mod linear;
-pub mod lrn;
-pub mod pool;
+pub mod layer;
 pub mod scratch;
 pub mod simd;
 pub mod softmax;
@@ -19,6 +16,38 @@ pub mod winograd;
 pub(crate) mod testing;
 
 use serde::{Deserialize, Serialize};
+
+/// Declares the layer kinds' modules and `LayerSpec`, the serialised form of a layer in an
+/// architecture (`{"Conv": {...}}`), with one variant per kind.
+macro_rules! layer_kinds {
+    ($($variant:ident => $module:ident::$spec:ident,)*) => {
+        $(pub mod $module;)*
+
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub enum LayerSpec {
+            $($variant($module::$spec),)*
+        }
+
+        impl LayerSpec {
+            /// The layer this spec makes for an input of `input` (height, width, channels).
+            pub fn resolve(&self, input: [usize; 3]) -> anyhow::Result<std::sync::Arc<dyn layer::Layer>> {
+                match self {
+                    $(LayerSpec::$variant(spec) => layer::Spec::resolve(spec, input),)*
+                }
+            }
+        }
+    };
+}
+
+// The layer kinds: adding one is a file defining its spec and `Layer`, and a line here.
+layer_kinds! {
+    Conv => convolution::ConvSpec,
+    MaxPool => pool::MaxPoolSpec,
+    Lrn => lrn::LrnParams,
+    Dropout => dropout::DropoutSpec,
+    Linear => linear::LinearSpec,
+    AdaptiveAvgPool => adaptive_avg_pool::AdaptiveAvgPoolSpec,
+}
 
 /// How a sliding window is padded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

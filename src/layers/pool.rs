@@ -4,14 +4,70 @@
 //! them as zeros). The forward pass records each output's argmax so the backward pass routes
 //! the gradient to exactly that input, as TF and PyTorch do.
 
-use super::Window;
+use super::layer::{Backward, Forward, Layer, Saved, Spec};
 use super::simd::L;
+use super::{Padding, Window};
+use crate::onnx::{OnnxGraph, ints, pads};
+use anyhow::{Result, bail};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaxPoolSpec {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: Padding,
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct MaxPool {
     pub win: Window,
     pub channels: usize,
+}
+
+impl Spec for MaxPoolSpec {
+    fn resolve(&self, [h, w, c]: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        let Some(win) = Window::new(h, w, self.kernel, self.stride, self.padding) else {
+            bail!("a {0}x{0} max-pool does not fit input {h}x{w}x{c}", self.kernel);
+        };
+        Ok(Arc::new(MaxPool { win, channels: c }))
+    }
+}
+
+impl Layer for MaxPool {
+    fn kind(&self) -> &'static str {
+        "pool"
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        [self.win.h.output, self.win.w.output, self.channels]
+    }
+
+    fn saved(&self, batch: usize, training: bool, _: Option<super::conv_algo::ConvAlgos>) -> Saved {
+        if training { Saved::Argmax(vec![0; batch * self.out_len()]) } else { Saved::None }
+    }
+
+    fn forward(&self, f: Forward) {
+        // An evaluation workspace keeps no indices.
+        let argmax = match f.saved {
+            Saved::Argmax(idx) => Some(&mut idx[..]),
+            _ => None,
+        };
+        max_pool_forward(self, f.n, f.x, f.y, argmax);
+    }
+
+    fn backward(&self, b: Backward) {
+        let (Some(dx), Saved::Argmax(idx)) = (b.dx, &b.saved) else { return };
+        max_pool_backward(self, b.n, b.dy, idx, dx);
+    }
+
+    fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, _: &[&str]) -> String {
+        let win = &self.win;
+        let attrs =
+            vec![ints("kernel_shape", &[win.kernel, win.kernel]), ints("strides", &[win.stride, win.stride]), ints("pads", &pads(win))];
+        graph.node("MaxPool", name, vec![input], attrs)
+    }
 }
 
 impl MaxPool {

@@ -1,0 +1,112 @@
+//! The convolution layer kind: `relu?(conv(x, W) + b)` with any kernel, stride, padding and
+//! groups (the paper's two towers). The arithmetic is in `conv` (direct, im2col) and
+//! `winograd`; `conv_algo` runs whichever `autotune` chose for each pass.
+
+use super::conv::Conv;
+use super::conv_algo::{self, ConvAlgos};
+use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};
+use super::{Padding, Window, winograd};
+use crate::onnx::{OnnxGraph, int, ints, pads};
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConvSpec {
+    /// Prefix of its parameters' names ("conv1" -> "conv1.weight", "conv1.bias").
+    pub name: String,
+    pub out_c: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: Padding,
+    pub groups: usize,
+    pub relu: bool,
+}
+
+#[derive(Debug)]
+pub struct Convolution {
+    pub name: String,
+    pub conv: Conv,
+}
+
+impl Spec for ConvSpec {
+    fn resolve(&self, [h, w, c]: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        let Some(win) = Window::new(h, w, self.kernel, self.stride, self.padding) else {
+            bail!("{}: a {k}x{k} window does not fit input {h}x{w}x{c}", self.name, k = self.kernel);
+        };
+        let groups = self.groups;
+        if groups == 0 || !c.is_multiple_of(groups) || !self.out_c.is_multiple_of(groups) {
+            bail!("{}: channels {c} -> {} not divisible by groups {groups}", self.name, self.out_c);
+        }
+        let conv = Conv { win, in_c: c, out_c: self.out_c, groups, relu: self.relu };
+        Ok(Arc::new(Convolution { name: self.name.clone(), conv }))
+    }
+}
+
+impl Layer for Convolution {
+    fn name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+
+    fn kind(&self) -> &'static str {
+        "conv"
+    }
+
+    fn output_shape(&self) -> [usize; 3] {
+        [self.conv.win.h.output, self.conv.win.w.output, self.conv.out_c]
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let c = &self.conv;
+        let (k, cin_g, out) = (c.win.kernel, c.in_c / c.groups, c.out_c);
+        vec![
+            ParamSpec {
+                name: format!("{}.weight", self.name),
+                torch_shape: vec![out, cin_g, k, k],
+                layout: ParamLayout::Hwio { k, cin_g, out },
+                decay: true,
+            },
+            ParamSpec { name: format!("{}.bias", self.name), torch_shape: vec![out], layout: ParamLayout::Same, decay: false },
+        ]
+    }
+
+    fn saved(&self, batch: usize, training: bool, algos: Option<ConvAlgos>) -> Saved {
+        if training && algos.is_some_and(|a| a.keeps_winograd_transforms()) {
+            Saved::Values(vec![0.0; winograd::saved_len(&self.conv, batch)])
+        } else {
+            Saved::None
+        }
+    }
+
+    fn forward(&self, f: Forward) {
+        let [w, b] = f.params else { unreachable!("weight and bias") };
+        let algo = f.algos.expect("a plan for every convolution").forward;
+        conv_algo::forward(&self.conv, algo, f.n, f.x, &w.value, &b.value, f.y, f.saved.values());
+    }
+
+    fn backward(&self, b: Backward) {
+        let [w, bias] = b.params else { unreachable!("weight and bias") };
+        let algos = b.algos.expect("a plan for every convolution");
+        let saved = b.saved.values().map(|v| &mut v[..]);
+        let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
+        conv_algo::backward(&self.conv, algos, b.n, b.x, &w.value, b.y, b.dy, b.dx, dw, &mut bias.grad, saved);
+    }
+
+    fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {
+        let win = &self.conv.win;
+        let attrs = vec![
+            ints("kernel_shape", &[win.kernel, win.kernel]),
+            ints("strides", &[win.stride, win.stride]),
+            ints("pads", &pads(win)),
+            int("group", self.conv.groups as i64),
+        ];
+        let inputs = vec![input, params[0].to_string(), params[1].to_string()];
+        let out = graph.node("Conv", name, inputs, attrs);
+        if self.conv.relu { graph.node("Relu", &format!("{name}.relu"), vec![out], vec![]) } else { out }
+    }
+
+    fn gemm(&self, batch: usize) -> Option<[usize; 4]> {
+        let c = &self.conv;
+        Some([c.groups, batch * c.win.out_pixels(), c.out_c / c.groups, c.patch_len()])
+    }
+}
