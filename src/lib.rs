@@ -20,6 +20,7 @@ pub mod layers;
 pub mod model;
 pub mod neighbours;
 pub mod onnx;
+pub mod onnx_graph;
 pub mod optim;
 pub mod plot;
 pub mod predict;

@@ -34,185 +34,24 @@ enum Command {
     /// Train a model (defaults: the notebook's AlexNet-for-MNIST run).
     Train(Box<TrainArgs>),
     /// Test-set accuracy and loss of a model file.
-    Eval {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
-        #[arg(long)]
-        model: Option<String>,
-        /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
-        /// dataset, evaluated on its val/ images.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Default: the model's evaluation batch (1000 for alexnet-mnist, 128 for the others).
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// ImageFolder data: average the softmax over ten crops.
-        #[arg(long)]
-        ten_crop: bool,
-        /// Also print the confusion matrix and per-class accuracy.
-        #[arg(long)]
-        confusion: bool,
-    },
+    Eval(EvalArgs),
     /// Classify digit images (PNG or JPEG, any size).
-    Predict {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
-        #[arg(long)]
-        model: Option<String>,
-        /// Print all class probabilities per image as JSON lines.
-        #[arg(long)]
-        json: bool,
-        /// How many of the most likely classes to print.
-        #[arg(long, default_value_t = 3)]
-        top: usize,
-        #[arg(required = true)]
-        images: Vec<PathBuf>,
-    },
+    Predict(PredictArgs),
     /// Write a layer's activations (embeddings) for a dataset's evaluation images or for image
     /// files, with labels and names, as .safetensors or .npy.
-    Features {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
-        #[arg(long)]
-        model: Option<String>,
-        /// The layer, as `summary` names it (e.g. fc7 for the paper's models, fc2 for alexnet-mnist).
-        #[arg(long)]
-        layer: String,
-        /// A dataset: MNIST IDX files (its test images; default: the vendored MNIST) or an
-        /// ImageFolder dataset (its val/ images; with IMAGES, the mean image that prepares them).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Default: the model's evaluation batch.
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// FILE.safetensors (features [N, D], labels [N], names in the metadata), or FILE.npy
-        /// (with FILE.labels.npy and FILE.names.txt beside it).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
-        /// Image files instead (PNG or JPEG): digits for alexnet-mnist, prepared as `predict`
-        /// does; for the ImageNet models centre-cropped, less --data's mean image.
-        images: Vec<PathBuf>,
-    },
+    Features(FeaturesArgs),
     /// The paper's figure 4: query images beside the training images whose features are
     /// nearest, with the queries' predicted top-5 classes, as one PNG.
-    Neighbours {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The training images to search: MNIST IDX files (default: the vendored MNIST) or an
-        /// ImageFolder dataset (its train/ images, centre-cropped).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Default: the last hidden layer (fc7 for the paper's models, fc2 for alexnet-mnist).
-        #[arg(long)]
-        layer: Option<String>,
-        /// Neighbours per query.
-        #[arg(long, default_value_t = 6)]
-        k: usize,
-        /// Also the first N evaluation images (MNIST's test digits, an ImageFolder's val/) as queries.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        test_queries: usize,
-        /// Default: the model's evaluation batch.
-        #[arg(long)]
-        batch_size: Option<usize>,
-        #[arg(long, value_name = "FILE.png")]
-        out: PathBuf,
-        /// Query images (PNG or JPEG).
-        #[arg(long = "query", value_name = "IMAGE", num_args = 1..)]
-        query: Vec<PathBuf>,
-    },
+    Neighbours(NeighboursArgs),
     /// Write a model file as ONNX (inputs NCHW in [0, 1]; outputs logits and probabilities).
-    Export {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
-        #[arg(long)]
-        model: Option<String>,
-        #[arg(long, value_name = "OUT.onnx")]
-        onnx: PathBuf,
-        /// Replace OUT.onnx if it exists.
-        #[arg(long)]
-        force: bool,
-    },
+    Export(ExportArgs),
     /// Draw a run's loss and accuracy curves and its test confusion matrix as PNGs.
-    Plot {
-        #[arg(value_name = "RUN_DIR", required_unless_present_any = ["filters", "activations"])]
-        run: Option<PathBuf>,
-        /// Instead: the first layer's kernels of --checkpoint as an image grid (the paper's
-        /// figure 3), each kernel scaled to its own range, written to --out.
-        #[arg(long, requires_all = ["checkpoint", "out"], conflicts_with_all = ["run", "activations"])]
-        filters: bool,
-        /// Instead: --layer's feature maps for this image (a digit for alexnet-mnist; for the
-        /// ImageNet models, prepared with --data's mean image), one tile per channel.
-        #[arg(long, value_name = "IMAGE", requires_all = ["checkpoint", "out", "layer"], conflicts_with = "run")]
-        activations: Option<PathBuf>,
-        #[arg(long)]
-        layer: Option<String>,
-        /// The ImageFolder dataset whose mean image prepares the --activations image.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
-        #[arg(long, value_name = "FILE.png")]
-        out: Option<PathBuf>,
-    },
+    Plot(PlotArgs),
     /// Print a model's layer table.
-    Summary {
-        #[arg(long, default_value = "alexnet-mnist", conflicts_with = "checkpoint")]
-        model: String,
-        /// Output classes (default: the model's own, 10 for MNIST, 1000 for ImageNet).
-        #[arg(long, conflicts_with = "checkpoint")]
-        classes: Option<usize>,
-        /// Square input size (default: the model's own; alexnet-owt takes 63 and up).
-        #[arg(long, value_name = "PIXELS", conflicts_with = "checkpoint")]
-        input_size: Option<usize>,
-        /// The model in this file (its architecture from the file), with the file's SHA-256:
-        /// model files are byte-reproducible, so equal checksums mean equal models.
-        #[arg(long, value_name = "FILE")]
-        checkpoint: Option<PathBuf>,
-    },
+    Summary(SummaryArgs),
     /// Measure training and inference throughput: real MNIST batches for the seed model,
     /// random images (--dummy) for the ImageNet models.
-    Bench {
-        #[arg(long, default_value = "alexnet-mnist")]
-        model: String,
-        /// Square input size (default: the model's own).
-        #[arg(long, value_name = "PIXELS")]
-        input_size: Option<usize>,
-        #[arg(long, visible_alias = "batch", default_value_t = 64)]
-        batch_size: usize,
-        /// Inference batch (default: 1000 for the seed model, else the training batch).
-        #[arg(long)]
-        infer_batch: Option<usize>,
-        /// Random images with fixed labels instead of MNIST (implied for models that do not
-        /// take 28x28 grayscale).
-        #[arg(long)]
-        dummy: bool,
-        /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 7)]
-        runs: usize,
-        /// Training steps per timed run.
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        #[arg(long)]
-        data: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        /// Also print the time of each layer's forward and backward pass.
-        #[arg(long)]
-        layers: bool,
-        /// Also measure the GEMM ceiling: the step's GEMMs as plain im2col, timed on one core.
-        #[arg(long)]
-        roofline: bool,
-        /// Time with these weights (a model or checkpoint file) instead of fresh ones: trained
-        /// weights are where denormal floats appear.
-        #[arg(long, value_name = "FILE")]
-        checkpoint: Option<PathBuf>,
-        #[command(flatten)]
-        conv: ConvFlags,
-    },
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -230,6 +69,191 @@ struct TrainArgs {
     /// solo phase: evaluation plus writing a checkpoint.
     #[arg(long, default_value_t = 600.0, value_name = "SECS")]
     mpi_timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+    #[arg(long)]
+    model: Option<String>,
+    /// MNIST IDX files (default: $ALEXNET_DATA or the vendored copy), or an ImageFolder
+    /// dataset, evaluated on its val/ images.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Default: the model's evaluation batch (1000 for alexnet-mnist, 128 for the others).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// ImageFolder data: average the softmax over ten crops.
+    #[arg(long)]
+    ten_crop: bool,
+    /// Also print the confusion matrix and per-class accuracy.
+    #[arg(long)]
+    confusion: bool,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+    #[arg(long)]
+    model: Option<String>,
+    /// Print all class probabilities per image as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// How many of the most likely classes to print.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct FeaturesArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+    #[arg(long)]
+    model: Option<String>,
+    /// The layer, as `summary` names it (e.g. fc7 for the paper's models, fc2 for alexnet-mnist).
+    #[arg(long)]
+    layer: String,
+    /// A dataset: MNIST IDX files (its test images; default: the vendored MNIST) or an
+    /// ImageFolder dataset (its val/ images; with IMAGES, the mean image that prepares them).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Default: the model's evaluation batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// FILE.safetensors (features [N, D], labels [N], names in the metadata), or FILE.npy
+    /// (with FILE.labels.npy and FILE.names.txt beside it).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Image files instead (PNG or JPEG): digits for alexnet-mnist, prepared as `predict`
+    /// does; for the ImageNet models centre-cropped, less --data's mean image.
+    images: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct NeighboursArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The training images to search: MNIST IDX files (default: the vendored MNIST) or an
+    /// ImageFolder dataset (its train/ images, centre-cropped).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Default: the last hidden layer (fc7 for the paper's models, fc2 for alexnet-mnist).
+    #[arg(long)]
+    layer: Option<String>,
+    /// Neighbours per query.
+    #[arg(long, default_value_t = 6)]
+    k: usize,
+    /// Also the first N evaluation images (MNIST's test digits, an ImageFolder's val/) as queries.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    test_queries: usize,
+    /// Default: the model's evaluation batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, value_name = "FILE.png")]
+    out: PathBuf,
+    /// Query images (PNG or JPEG).
+    #[arg(long = "query", value_name = "IMAGE", num_args = 1..)]
+    query: Vec<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Architecture, for model files without alexnet's metadata (e.g. saved from PyTorch).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_name = "OUT.onnx")]
+    onnx: PathBuf,
+    /// Replace OUT.onnx if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    #[arg(value_name = "RUN_DIR", required_unless_present_any = ["filters", "activations"])]
+    run: Option<PathBuf>,
+    /// Instead: the first layer's kernels of --checkpoint as an image grid (the paper's
+    /// figure 3), each kernel scaled to its own range, written to --out.
+    #[arg(long, requires_all = ["checkpoint", "out"], conflicts_with_all = ["run", "activations"])]
+    filters: bool,
+    /// Instead: --layer's feature maps for this image (a digit for alexnet-mnist; for the
+    /// ImageNet models, prepared with --data's mean image), one tile per channel.
+    #[arg(long, value_name = "IMAGE", requires_all = ["checkpoint", "out", "layer"], conflicts_with = "run")]
+    activations: Option<PathBuf>,
+    #[arg(long)]
+    layer: Option<String>,
+    /// The ImageFolder dataset whose mean image prepares the --activations image.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, value_name = "FILE.png")]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct SummaryArgs {
+    #[arg(long, default_value = "alexnet-mnist", conflicts_with = "checkpoint")]
+    model: String,
+    /// Output classes (default: the model's own, 10 for MNIST, 1000 for ImageNet).
+    #[arg(long, conflicts_with = "checkpoint")]
+    classes: Option<usize>,
+    /// Square input size (default: the model's own; alexnet-owt takes 63 and up).
+    #[arg(long, value_name = "PIXELS", conflicts_with = "checkpoint")]
+    input_size: Option<usize>,
+    /// The model in this file (its architecture from the file), with the file's SHA-256:
+    /// model files are byte-reproducible, so equal checksums mean equal models.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "alexnet-mnist")]
+    model: String,
+    /// Square input size (default: the model's own).
+    #[arg(long, value_name = "PIXELS")]
+    input_size: Option<usize>,
+    #[arg(long, visible_alias = "batch", default_value_t = 64)]
+    batch_size: usize,
+    /// Inference batch (default: 1000 for the seed model, else the training batch).
+    #[arg(long)]
+    infer_batch: Option<usize>,
+    /// Random images with fixed labels instead of MNIST (implied for models that do not
+    /// take 28x28 grayscale).
+    #[arg(long)]
+    dummy: bool,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Training steps per timed run.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    /// Also print the time of each layer's forward and backward pass.
+    #[arg(long)]
+    layers: bool,
+    /// Also measure the GEMM ceiling: the step's GEMMs as plain im2col, timed on one core.
+    #[arg(long)]
+    roofline: bool,
+    /// Time with these weights (a model or checkpoint file) instead of fresh ones: trained
+    /// weights are where denormal floats appear.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    conv: ConvFlags,
 }
 
 /// The flags `train --resume` takes besides the run directory: how to run, not what to train.
@@ -302,238 +326,251 @@ fn run(cli: Cli, given: &[String]) -> Result<ExitCode> {
     start_thread_pool(threads)?;
     match command {
         Command::Train(_) => unreachable!("handled above"),
-        Command::Eval { checkpoint: path, model, data, batch_size, ten_crop, confusion } => {
-            if batch_size == Some(0) {
-                bail!("--batch-size must be at least 1");
+        Command::Eval(args) => eval_command(args)?,
+        Command::Predict(args) => predict_command(args)?,
+        Command::Features(args) => features_command(args)?,
+        Command::Neighbours(args) => neighbours_command(args)?,
+        Command::Export(args) => export_command(args)?,
+        Command::Plot(args) => plot_command(args)?,
+        Command::Summary(args) => summary_command(args)?,
+        Command::Bench(args) => bench_command(args)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_command(EvalArgs { checkpoint: path, model, data, batch_size, ten_crop, confusion }: EvalArgs) -> Result<()> {
+    if batch_size == Some(0) {
+        bail!("--batch-size must be at least 1");
+    }
+    let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+    let recipe = alexnet::architectures::recipe(&model.arch.name);
+    let batch_size = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
+    let cache = alexnet::cache_dir::default_cache_dir();
+    let options = OpenOptions { ten_crop, cache_dir: cache.as_deref(), ..Default::default() };
+    let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
+    if source.classes() != model.classes() {
+        bail!("{} has {} classes, the model {}", data.unwrap_or_default().display(), source.classes(), model.classes());
+    }
+    let mut ws = Workspace::new(&model, batch_size, false);
+    let r = alexnet::eval::evaluate_source(&model, &mut ws, &source)?;
+    println!(
+        "{}: {} {} images, loss {:.4}, accuracy {:.2}% (top-5 {:.2}%)",
+        path.display(),
+        r.samples,
+        source.eval_split(),
+        r.loss,
+        100.0 * r.accuracy,
+        100.0 * r.top5_accuracy
+    );
+    if confusion {
+        print!("true\\pred");
+        (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));
+        println!("  accuracy");
+        for (i, row) in r.confusion.iter().enumerate() {
+            print!("{i:>9}");
+            row.iter().for_each(|c| print!("{c:>6}"));
+            println!("  {:.2}%", 100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32);
+        }
+    }
+    Ok(())
+}
+
+fn predict_command(PredictArgs { checkpoint: path, model, json, top, images }: PredictArgs) -> Result<()> {
+    if top == 0 {
+        bail!("--top must be at least 1");
+    }
+    let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+    check_input(&model, 28, 28)?;
+    let classes = model.classes();
+    let mut ws = Workspace::new(&model, 1, false);
+    let mut failed = 0;
+    for img in &images {
+        let pixels = match predict::load_digit(img) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed += 1;
+                continue;
             }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
-            let recipe = alexnet::architectures::recipe(&model.arch.name);
-            let batch_size = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
-            let cache = alexnet::cache_dir::default_cache_dir();
-            let options = OpenOptions { ten_crop, cache_dir: cache.as_deref(), ..Default::default() };
-            let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
-            if source.classes() != model.classes() {
-                bail!("{} has {} classes, the model {}", data.unwrap_or_default().display(), source.classes(), model.classes());
-            }
-            let mut ws = Workspace::new(&model, batch_size, false);
-            let r = alexnet::eval::evaluate_source(&model, &mut ws, &source)?;
-            println!(
-                "{}: {} {} images, loss {:.4}, accuracy {:.2}% (top-5 {:.2}%)",
-                path.display(),
-                r.samples,
-                source.eval_split(),
-                r.loss,
-                100.0 * r.accuracy,
-                100.0 * r.top5_accuracy
-            );
-            if confusion {
-                print!("true\\pred");
-                (0..r.confusion.len()).for_each(|j| print!("{j:>6}"));
-                println!("  accuracy");
-                for (i, row) in r.confusion.iter().enumerate() {
-                    print!("{i:>9}");
-                    row.iter().for_each(|c| print!("{c:>6}"));
-                    println!("  {:.2}%", 100.0 * row[i] as f32 / row.iter().sum::<usize>().max(1) as f32);
-                }
+        };
+        ws.input_mut().copy_from_slice(&pixels);
+        forward(&model, &mut ws, 1, Mode::Eval);
+        let mut probs = vec![0.0; classes];
+        softmax(ws.logits(1, classes), classes, &mut probs);
+        let mut ranked: Vec<usize> = (0..classes).collect();
+        ranked.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        if json {
+            println!("{}", serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs}));
+        } else {
+            let best: Vec<String> = ranked.iter().take(top).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
+            println!("{}: {}", img.display(), best.join(", "));
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+fn features_command(FeaturesArgs { checkpoint: path, model, layer, data, batch_size, out, images }: FeaturesArgs) -> Result<()> {
+    let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+    let layer_at = model.layer_index(&layer)?;
+    let recipe = alexnet::architectures::recipe(&model.arch.name);
+    let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
+    if batch == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let (names, labels, (dim, values)) = if images.is_empty() {
+        let cache = alexnet::cache_dir::default_cache_dir();
+        let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
+        let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
+        let labels: Vec<i64> = source.eval_labels().iter().map(|&l| l as i64).collect();
+        let extracted = alexnet::features::extract(&model, layer_at, labels.len(), batch, |r, input| source.fill_eval(r, 0, input))?;
+        (source.eval_names(), labels, extracted)
+    } else {
+        let inputs = prepare_images(&model, &images, data.as_deref())?;
+        let il = model.input_len();
+        let extracted = alexnet::features::extract(&model, layer_at, images.len(), batch, |r, input| {
+            input[..r.len() * il].copy_from_slice(&inputs[r.start * il..r.end * il]);
+            Ok(())
+        })?;
+        (images.iter().map(|p| p.display().to_string()).collect(), vec![-1; images.len()], extracted)
+    };
+    let f = alexnet::features::Features { layer, dim, values, labels, names };
+    let written = alexnet::features::write(&f, &out)?;
+    let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("{} x {} features of {} written to {}", f.labels.len(), f.dim, f.layer, paths.join(", "));
+    Ok(())
+}
+
+fn neighbours_command(
+    NeighboursArgs { checkpoint: path, data, layer, k, test_queries, batch_size, out, query }: NeighboursArgs,
+) -> Result<()> {
+    let model = checkpoint::load(&path, None)?;
+    let recipe = alexnet::architectures::recipe(&model.arch.name);
+    let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
+    if batch == 0 || k == 0 {
+        bail!("--batch-size and --k must be at least 1");
+    }
+    let cache = alexnet::cache_dir::default_cache_dir();
+    let options = OpenOptions { for_training: true, cache_dir: cache.as_deref(), ..Default::default() };
+    let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
+    let request = alexnet::neighbours::Request { source: &source, layer: layer.as_deref(), k, files: &query, test_queries, batch };
+    let (png, (w, h)) = alexnet::neighbours::figure(&model, &request)?;
+    alexnet::files::write_atomic(&out, &png)?;
+    println!("{} ({w}x{h})", out.display());
+    Ok(())
+}
+
+fn export_command(ExportArgs { checkpoint: path, model, onnx, force }: ExportArgs) -> Result<()> {
+    if onnx.exists() {
+        if std::fs::canonicalize(&onnx).ok() == std::fs::canonicalize(&path).ok() {
+            bail!("{} is the model being exported: writing the ONNX file there would destroy it", onnx.display());
+        }
+        if !force {
+            bail!("{} already exists: pass --force to replace it", onnx.display());
+        }
+    }
+    let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
+    alexnet::onnx::export(&model, &onnx)?;
+    println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
+    Ok(())
+}
+
+fn plot_command(PlotArgs { run, filters: _, activations, layer, data, checkpoint: file, out }: PlotArgs) -> Result<()> {
+    match (run, file, out) {
+        (Some(run), _, _) => {
+            for path in alexnet::plot::write_run_plots(&run)? {
+                println!("{}", path.display());
             }
         }
-        Command::Predict { checkpoint: path, model, json, top, images } => {
-            if top == 0 {
-                bail!("--top must be at least 1");
-            }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
-            check_input(&model, 28, 28)?;
-            let classes = model.classes();
-            let mut ws = Workspace::new(&model, 1, false);
-            let mut failed = 0;
-            for img in &images {
-                let pixels = match predict::load_digit(img) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        failed += 1;
-                        continue;
-                    }
-                };
-                ws.input_mut().copy_from_slice(&pixels);
-                forward(&model, &mut ws, 1, Mode::Eval);
-                let mut probs = vec![0.0; classes];
-                softmax(ws.logits(1, classes), classes, &mut probs);
-                let mut ranked: Vec<usize> = (0..classes).collect();
-                ranked.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"image": img.display().to_string(), "prediction": ranked[0], "probabilities": probs})
-                    );
-                } else {
-                    let best: Vec<String> = ranked.iter().take(top).map(|&c| format!("{c} ({:.2}%)", 100.0 * probs[c])).collect();
-                    println!("{}: {}", img.display(), best.join(", "));
+        (None, Some(file), Some(out)) => {
+            let model = checkpoint::load(&file, None)?;
+            let (png, (w, h)) = match (activations, layer) {
+                (Some(image), Some(layer)) => {
+                    let at = model.layer_index(&layer)?;
+                    let input = prepare_images(&model, &[image], data.as_deref())?;
+                    let (_, output) = alexnet::features::extract(&model, at, 1, 1, |_, dst| {
+                        dst[..input.len()].copy_from_slice(&input);
+                        Ok(())
+                    })?;
+                    alexnet::plot::activations_png(&model, at, &output)?
                 }
-            }
-            if failed > 0 {
-                bail!("{failed} of {} images could not be read", images.len());
-            }
-        }
-        Command::Features { checkpoint: path, model, layer, data, batch_size, out, images } => {
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
-            let layer_at = model.layer_index(&layer)?;
-            let recipe = alexnet::architectures::recipe(&model.arch.name);
-            let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
-            if batch == 0 {
-                bail!("--batch-size must be at least 1");
-            }
-            let (names, labels, (dim, values)) = if images.is_empty() {
-                let cache = alexnet::cache_dir::default_cache_dir();
-                let options = OpenOptions { cache_dir: cache.as_deref(), ..Default::default() };
-                let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
-                let labels: Vec<i64> = source.eval_labels().iter().map(|&l| l as i64).collect();
-                let extracted =
-                    alexnet::features::extract(&model, layer_at, labels.len(), batch, |r, input| source.fill_eval(r, 0, input))?;
-                (source.eval_names(), labels, extracted)
-            } else {
-                let inputs = prepare_images(&model, &images, data.as_deref())?;
-                let il = model.input_len();
-                let extracted = alexnet::features::extract(&model, layer_at, images.len(), batch, |r, input| {
-                    input[..r.len() * il].copy_from_slice(&inputs[r.start * il..r.end * il]);
-                    Ok(())
-                })?;
-                (images.iter().map(|p| p.display().to_string()).collect(), vec![-1; images.len()], extracted)
+                _ => alexnet::plot::filters_png(&model)?,
             };
-            let f = alexnet::features::Features { layer, dim, values, labels, names };
-            let written = alexnet::features::write(&f, &out)?;
-            let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-            println!("{} x {} features of {} written to {}", f.labels.len(), f.dim, f.layer, paths.join(", "));
-        }
-        Command::Neighbours { checkpoint: path, data, layer, k, test_queries, batch_size, out, query } => {
-            let model = checkpoint::load(&path, None)?;
-            let recipe = alexnet::architectures::recipe(&model.arch.name);
-            let batch = batch_size.or(recipe.eval_batch).unwrap_or(recipe.batch_size);
-            if batch == 0 || k == 0 {
-                bail!("--batch-size and --k must be at least 1");
-            }
-            let cache = alexnet::cache_dir::default_cache_dir();
-            let options = OpenOptions { for_training: true, cache_dir: cache.as_deref(), ..Default::default() };
-            let source = Source::open(data.as_deref(), model.arch.input, model.arch.input_scale, &options)?;
-            let request = alexnet::neighbours::Request { source: &source, layer: layer.as_deref(), k, files: &query, test_queries, batch };
-            let (png, (w, h)) = alexnet::neighbours::figure(&model, &request)?;
             alexnet::files::write_atomic(&out, &png)?;
             println!("{} ({w}x{h})", out.display());
         }
-        Command::Export { checkpoint: path, model, onnx, force } => {
-            if onnx.exists() {
-                if std::fs::canonicalize(&onnx).ok() == std::fs::canonicalize(&path).ok() {
-                    bail!("{} is the model being exported: writing the ONNX file there would destroy it", onnx.display());
-                }
-                if !force {
-                    bail!("{} already exists: pass --force to replace it", onnx.display());
-                }
-            }
-            let model = checkpoint::load(&path, model.map(|m| architecture(&m, None)).transpose()?)?;
-            alexnet::onnx::export(&model, &onnx)?;
-            println!("{} -> {} (ONNX opset {})", path.display(), onnx.display(), alexnet::onnx::OPSET);
+        _ => unreachable!("clap requires RUN_DIR, or --filters or --activations with --checkpoint and --out"),
+    }
+    Ok(())
+}
+
+fn summary_command(SummaryArgs { model, classes, input_size, checkpoint: file }: SummaryArgs) -> Result<()> {
+    let m = match &file {
+        Some(path) => {
+            let m = checkpoint::load(path, None)?;
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            println!("{}: {} bytes, SHA-256 {sha}", path.display(), bytes.len());
+            m
         }
-        Command::Plot { run, filters: _, activations, layer, data, checkpoint: file, out } => match (run, file, out) {
-            (Some(run), _, _) => {
-                for path in alexnet::plot::write_run_plots(&run)? {
-                    println!("{}", path.display());
-                }
-            }
-            (None, Some(file), Some(out)) => {
-                let model = checkpoint::load(&file, None)?;
-                let (png, (w, h)) = match (activations, layer) {
-                    (Some(image), Some(layer)) => {
-                        let at = model.layer_index(&layer)?;
-                        let input = prepare_images(&model, &[image], data.as_deref())?;
-                        let (_, output) = alexnet::features::extract(&model, at, 1, 1, |_, dst| {
-                            dst[..input.len()].copy_from_slice(&input);
-                            Ok(())
-                        })?;
-                        alexnet::plot::activations_png(&model, at, &output)?
-                    }
-                    _ => alexnet::plot::filters_png(&model)?,
-                };
-                alexnet::files::write_atomic(&out, &png)?;
-                println!("{} ({w}x{h})", out.display());
-            }
-            _ => unreachable!("clap requires RUN_DIR, or --filters or --activations with --checkpoint and --out"),
-        },
-        Command::Summary { model, classes, input_size, checkpoint: file } => {
-            let m = match &file {
-                Some(path) => {
-                    let m = checkpoint::load(path, None)?;
-                    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-                    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-                    println!("{}: {} bytes, SHA-256 {sha}", path.display(), bytes.len());
-                    m
-                }
-                None => Model::new(&with_input_size(architecture(&model, classes)?, input_size)?)?,
-            };
-            print!("{}", summary::table(&m));
+        None => Model::new(&with_input_size(architecture(&model, classes)?, input_size)?)?,
+    };
+    print!("{}", summary::table(&m));
+    Ok(())
+}
+
+fn bench_command(
+    BenchArgs { model, input_size, batch_size, infer_batch, dummy, runs, steps, data, json, layers, roofline, checkpoint: weights, conv }: BenchArgs,
+) -> Result<()> {
+    // The model trains as `alexnet train` would: its recipe's optimiser and dropout.
+    let defaults = TrainConfig::defaults(&model);
+    let arch = with_input_size(architecture(&model, None)?, input_size)?;
+    let mut m = match &weights {
+        Some(path) => checkpoint::load(path, Some(arch.clone()))?,
+        None => {
+            let mut m = Model::new(&arch)?;
+            m.init(1, 0.0);
+            m
         }
-        Command::Bench {
-            model,
-            input_size,
-            batch_size,
+    };
+    // The recipe's evaluation batch (the seed model's 1000), else the training batch.
+    let infer_batch = infer_batch.or(alexnet::architectures::recipe(&model).eval_batch).unwrap_or(batch_size);
+    if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
+        bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
+    }
+    // MNIST batches where the model takes digits; random images of its input shape otherwise.
+    let train_set = if dummy || m.arch.input != [28, 28, 1] {
+        mnist::Dataset::dummy(2 * batch_size.max(infer_batch), m.arch.input, m.classes())
+    } else {
+        let (dir, strict) = mnist::resolve_dir(data.as_deref());
+        mnist::load(&dir, Split::Train, strict)?
+    };
+    let r = bench::run(
+        &mut m,
+        defaults.optimizer_config(),
+        &train_set,
+        &BenchPlan {
+            train_batch: batch_size,
+            keep_prob: defaults.keep_prob,
             infer_batch,
-            dummy,
             runs,
-            steps,
-            data,
-            json,
+            steps_per_run: steps,
             layers,
             roofline,
-            checkpoint: weights,
-            conv,
-        } => {
-            // The model trains as `alexnet train` would: its recipe's optimiser and dropout.
-            let defaults = TrainConfig::defaults(&model);
-            let arch = with_input_size(architecture(&model, None)?, input_size)?;
-            let mut m = match &weights {
-                Some(path) => checkpoint::load(path, Some(arch.clone()))?,
-                None => {
-                    let mut m = Model::new(&arch)?;
-                    m.init(1, 0.0);
-                    m
-                }
-            };
-            let mnist_shaped = m.arch.input == [28, 28, 1];
-            let infer_batch = infer_batch.unwrap_or(if mnist_shaped { 1000 } else { batch_size });
-            if batch_size == 0 || infer_batch == 0 || runs == 0 || steps == 0 {
-                bail!("--batch-size, --infer-batch, --runs and --steps must be at least 1");
-            }
-            let train_set = if dummy || !mnist_shaped {
-                mnist::Dataset::dummy(2 * batch_size.max(infer_batch), m.arch.input, m.classes())
-            } else {
-                let (dir, strict) = mnist::resolve_dir(data.as_deref());
-                mnist::load(&dir, Split::Train, strict)?
-            };
-            let r = bench::run(
-                &mut m,
-                defaults.optimizer_config(),
-                &train_set,
-                &BenchPlan {
-                    train_batch: batch_size,
-                    keep_prob: defaults.keep_prob,
-                    infer_batch,
-                    runs,
-                    steps_per_run: steps,
-                    layers,
-                    roofline,
-                    conv_algo: conv.conv_algo,
-                    cache_dir: conv.cache_dir.or_else(alexnet::cache_dir::default_cache_dir),
-                },
-            )?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                let source = if train_set.channels == 1 && !dummy { "MNIST" } else { "random images" };
-                let weights = weights.map_or("fresh weights".to_string(), |p| format!("weights of {}", p.display()));
-                print!("{}", bench::report(&r, &m, &format!("{source}, {weights}"), runs, steps, layers));
-            }
-        }
+            conv_algo: conv.conv_algo,
+            cache_dir: conv.cache_dir.or_else(alexnet::cache_dir::default_cache_dir),
+        },
+    )?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let source = if train_set.channels == 1 && !dummy { "MNIST" } else { "random images" };
+        let weights = weights.map_or("fresh weights".to_string(), |p| format!("weights of {}", p.display()));
+        print!("{}", bench::report(&r, &m, &format!("{source}, {weights}"), runs, steps, layers));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// All cores, shared out among the ranks `mpirun` put on this machine (one without it).

@@ -8,7 +8,7 @@
 
 use super::conv_algo::ConvAlgos;
 use super::layer::{Backward, Forward, Layer, Mode, Saved, Spec};
-use crate::onnx::OnnxGraph;
+use crate::onnx_graph::OnnxGraph;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

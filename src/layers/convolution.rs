@@ -6,7 +6,7 @@ use super::conv::Conv;
 use super::conv_algo::{self, ConvAlgos};
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};
 use super::{Padding, Window, winograd};
-use crate::onnx::{OnnxGraph, int, ints, pads};
+use crate::onnx_graph::{OnnxGraph, int, ints};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -97,7 +97,7 @@ impl Layer for Convolution {
         let attrs = vec![
             ints("kernel_shape", &[win.kernel, win.kernel]),
             ints("strides", &[win.stride, win.stride]),
-            ints("pads", &pads(win)),
+            ints("pads", &win.onnx_pads()),
             int("group", self.conv.groups as i64),
         ];
         let inputs = vec![input, params[0].to_string(), params[1].to_string()];

@@ -7,7 +7,7 @@
 
 use super::conv_algo::ConvAlgos;
 use super::layer::{Backward, Forward, Layer, Mode, Saved, Spec};
-use crate::onnx::OnnxGraph;
+use crate::onnx_graph::OnnxGraph;
 use crate::rng::{stream_id, substream};
 use anyhow::Result;
 use rand_xoshiro::rand_core::Rng;

@@ -4,7 +4,7 @@
 //! its `Layer`: forward, backward, ONNX node. The list of kinds is `layer_kinds!` in `mod.rs`.
 
 use super::conv_algo::ConvAlgos;
-use crate::onnx::OnnxGraph;
+use crate::onnx_graph::OnnxGraph;
 use anyhow::Result;
 use std::any::Any;
 use std::fmt::Debug;

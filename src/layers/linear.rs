@@ -7,7 +7,7 @@ use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul_par_cols, matmul_par_rows};
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Spec};
 use super::scratch::{give_back, take};
-use crate::onnx::{OnnxGraph, int};
+use crate::onnx_graph::{OnnxGraph, int};
 use anyhow::Result;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

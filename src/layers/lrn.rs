@@ -11,7 +11,7 @@
 
 use super::conv_algo::ConvAlgos;
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use crate::onnx::{OnnxGraph, float, int};
+use crate::onnx_graph::{OnnxGraph, float, int};
 use anyhow::Result;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

@@ -151,6 +151,13 @@ impl Window {
         }
     }
 
+    /// ONNX `pads`: [top, left, bottom, right], the end pads being whatever the output size
+    /// needs (TF SAME puts the odd one there).
+    pub fn onnx_pads(&self) -> Vec<usize> {
+        let after = |a: &Axis| ((a.output - 1) * self.stride + self.kernel).saturating_sub(a.input + a.pad_before);
+        vec![self.h.pad_before, self.w.pad_before, after(&self.h), after(&self.w)]
+    }
+
     /// The same pairs grouped by tap: `pairs[tap]` lists (output pixel, input pixel).
     pub fn pairs_by_tap(&self) -> Vec<Vec<(usize, usize)>> {
         let mut pairs = vec![Vec::new(); self.kernel * self.kernel];

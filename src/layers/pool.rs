@@ -7,7 +7,7 @@
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
 use super::simd::L;
 use super::{Padding, Window};
-use crate::onnx::{OnnxGraph, ints, pads};
+use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -65,7 +65,7 @@ impl Layer for MaxPool {
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, _: &[&str]) -> String {
         let win = &self.win;
         let attrs =
-            vec![ints("kernel_shape", &[win.kernel, win.kernel]), ints("strides", &[win.stride, win.stride]), ints("pads", &pads(win))];
+            vec![ints("kernel_shape", &[win.kernel, win.kernel]), ints("strides", &[win.stride, win.stride]), ints("pads", &win.onnx_pads())];
         graph.node("MaxPool", name, vec![input], attrs)
     }
 }
