@@ -14,6 +14,12 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
     echo "== fuzzing $t for ${seconds}s"
+    # Built first on its own: the run below filters its output and tolerates its exit status
+    # (a crash is judged by the artifacts), which would let a target that no longer compiles pass.
+    if ! cargo fuzz build --sanitizer none -O --debug-assertions "$t" >/dev/null 2>&1; then
+        echo "!! $t does not build: cargo fuzz build --sanitizer none -O --debug-assertions $t"
+        exit 1
+    fi
     # -rss_limit_mb: a hostile input must not make us allocate gigabytes.
     cargo fuzz run --sanitizer none -O --debug-assertions "$t" "corpus/$t" -- \
         -max_total_time="$seconds" -max_len=16384 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 2>&1 |

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(pixels) = alexnet::data::pipeline::prepare(data) {
+    if let Ok(pixels) = alexnet::data::pipeline::prepare(data, 256) {
         assert_eq!(pixels.len(), 256 * 256 * 3);
         assert!(pixels.iter().all(|p| (0.0..=255.0).contains(p)));
     }
