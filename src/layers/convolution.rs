@@ -59,15 +59,7 @@ impl Layer for Convolution {
     fn params(&self) -> Vec<ParamSpec> {
         let c = &self.conv;
         let (k, cin_g, out) = (c.win.kernel, c.in_c / c.groups, c.out_c);
-        vec![
-            ParamSpec {
-                name: format!("{}.weight", self.name),
-                torch_shape: vec![out, cin_g, k, k],
-                layout: ParamLayout::Hwio { k, cin_g, out },
-                decay: true,
-            },
-            ParamSpec { name: format!("{}.bias", self.name), torch_shape: vec![out], layout: ParamLayout::Same, decay: false },
-        ]
+        ParamSpec::weight_and_bias(&self.name, vec![out, cin_g, k, k], ParamLayout::Hwio { k, cin_g, out })
     }
 
     fn saved(&self, batch: usize, training: bool, algos: Option<ConvAlgos>) -> Saved {

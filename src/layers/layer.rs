@@ -73,6 +73,14 @@ pub struct ParamSpec {
     pub decay: bool,
 }
 
+impl ParamSpec {
+    /// A layer's `NAME.weight` (decayed, in `layout`) and its `NAME.bias` of `torch_shape[0]` outputs.
+    pub fn weight_and_bias(name: &str, torch_shape: Vec<usize>, layout: ParamLayout) -> Vec<ParamSpec> {
+        let bias = ParamSpec { name: format!("{name}.bias"), torch_shape: vec![torch_shape[0]], layout: ParamLayout::Same, decay: false };
+        vec![ParamSpec { name: format!("{name}.weight"), torch_shape, layout, decay: true }, bias]
+    }
+}
+
 /// How one parameter maps between our layout and PyTorch's (see `checkpoint`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamLayout {

@@ -62,10 +62,7 @@ impl Layer for FullyConnected {
         let out = self.linear.out_len;
         // PyTorch flattens C, H, W; a 1x1 input is the same either way.
         let layout = if h * w > 1 { ParamLayout::FlattenHwc { out, h, w, c } } else { ParamLayout::Same };
-        vec![
-            ParamSpec { name: format!("{}.weight", self.name), torch_shape: vec![out, h * w * c], layout, decay: true },
-            ParamSpec { name: format!("{}.bias", self.name), torch_shape: vec![out], layout: ParamLayout::Same, decay: false },
-        ]
+        ParamSpec::weight_and_bias(&self.name, vec![out, h * w * c], layout)
     }
 
     fn forward(&self, f: Forward) {
