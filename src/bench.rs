@@ -46,6 +46,8 @@ pub struct BenchResult {
     /// Each convolution's algorithms for training and for inference, and how they were chosen.
     pub conv_algos_training: std::collections::BTreeMap<String, ConvAlgos>,
     pub conv_algos_inference: std::collections::BTreeMap<String, ConvAlgos>,
+    /// The layers a training step runs in one pass with the layer after them (`Layer::fuses_with`).
+    pub fused: Vec<String>,
     pub conv_algo_source: String,
     /// The measurements behind a choice made now: per layer, ms per pass and algorithm.
     pub conv_algo_times: Vec<(String, LayerTimes)>,
@@ -136,6 +138,9 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
             (plan.steps_per_run * plan.train_batch) as f64 / t.elapsed().as_secs_f64()
         })
         .collect();
+    // What the training steps ran (a fused pair runs direct loops whatever the plan said).
+    let conv_algos_training = autotune::named_plan(model, &ws.conv_plan);
+    let fused = model.layers.iter().zip(&ws.fused).filter(|(_, f)| **f).map(|(l, _)| l.name.clone()).collect();
     drop(ws);
 
     let mut ews = Workspace::with_conv_plan(model, plan.infer_batch, false, tuned_infer.plan.clone());
@@ -176,7 +181,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         kernel_lanes: crate::layers::simd::L,
         denormals_flushed: crate::denormals::denormals_flushed(),
         denormal_slowdown: denormal_slowdown(model),
-        conv_algos_training: autotune::named_plan(model, &tuned_train.plan),
+        conv_algos_training,
+        fused,
         conv_algos_inference: autotune::named_plan(model, &tuned_infer.plan),
         conv_algo_source: tuned_train.source,
         conv_algo_times: tuned_train.times.into_iter().chain(tuned_infer.times).collect(),
@@ -201,6 +207,10 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
     for (what, plan) in [("training", &r.conv_algos_training), ("inference", &r.conv_algos_inference)] {
         let m_plan = crate::autotune::plan_from_names(model, plan);
         writeln!(out, "  {what}: {}", crate::autotune::describe(model, &m_plan)).unwrap();
+    }
+    for name in &r.fused {
+        let next = model.layer_index(name).map_or(String::new(), |i| model.layers[i + 1].name.clone());
+        writeln!(out, "  training runs {name} and {next} in one pass, sample by sample (timed as {name})").unwrap();
     }
     writeln!(out, "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch)
         .unwrap();

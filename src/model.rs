@@ -278,6 +278,9 @@ pub struct Workspace {
     pub layer_seconds: Option<Vec<(f64, f64)>>,
     /// The convolutions' algorithms (chosen for this batch size, see `autotune`).
     pub conv_plan: ConvPlan,
+    /// `fused[i]`: a training pass runs layer i and layer i + 1 as one (`Layer::fuses_with`);
+    /// layer i's own output buffer is then not written.
+    pub fused: Vec<bool>,
 }
 
 impl Workspace {
@@ -290,7 +293,7 @@ impl Workspace {
     /// As `new`, with each convolution's algorithms given (an algorithm that does not apply
     /// to its layer falls back to the heuristic choice).
     pub fn with_conv_plan(model: &Model, batch: usize, training: bool, plan: ConvPlan) -> Workspace {
-        let conv_plan: ConvPlan = model
+        let mut conv_plan: ConvPlan = model
             .layers
             .iter()
             .zip(plan.into_iter().chain(std::iter::repeat(None)))
@@ -307,6 +310,18 @@ impl Workspace {
                 _ => None,
             })
             .collect();
+        let mut fused = vec![false; model.layers.len()];
+        for i in 1..model.layers.len() {
+            if training
+                && !fused[i - 1]
+                && (i < 2 || !fused[i - 2])
+                && model.layers[i - 1].op.fuses_with(&*model.layers[i].op, conv_plan[i - 1])
+            {
+                fused[i - 1] = true;
+                // The pair's backward runs the convolution's direct loops for both gradients.
+                conv_plan[i - 1] = Some(ConvAlgos::all(ConvAlgo::Direct));
+            }
+        }
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
         let skipped = |i: usize| !training && i > 0 && model.layers[i - 1].op.is_identity(Mode::Eval);
@@ -326,7 +341,17 @@ impl Workspace {
             inputs_at: vec![0; model.layers.len()],
             layer_seconds: None,
             conv_plan,
+            fused,
         }
+    }
+
+    /// What each convolution runs: "conv1 fwd direct, dx direct, dw direct, fused with pool1; ...".
+    pub fn describe_algorithms(&self, model: &Model) -> String {
+        let described = model.layers.iter().enumerate().filter_map(|(i, l)| {
+            let fused = if self.fused[i] { format!(", fused with {}", model.layers[i + 1].name) } else { String::new() };
+            Some(format!("{} {}{fused}", l.name, self.conv_plan[i]?.describe()))
+        });
+        described.collect::<Vec<_>>().join("; ")
     }
 
     /// The input buffer, `batch x H x W x C`.
@@ -352,27 +377,39 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
     assert!(ws.training || matches!(mode, Mode::Eval), "training forward on an evaluation workspace");
     let mut cur = 0;
     for (i, layer) in model.layers.iter().enumerate() {
+        if i > 0 && ws.fused[i - 1] {
+            // Ran with the layer below; it nominally read that layer's (unwritten) output.
+            ws.inputs_at[i] = i;
+            continue;
+        }
         ws.inputs_at[i] = cur;
         if layer.op.is_identity(mode) {
             // Keep reading the previous buffer instead of copying it.
             continue;
         }
         let started = ws.layer_seconds.is_some().then(std::time::Instant::now);
+        // The buffer this step writes: its own output, or the next layer's when fused.
+        let top = if ws.fused[i] { i + 2 } else { i + 1 };
         let (before, after) = ws.acts.split_at_mut(i + 1);
-        layer.op.forward(Forward {
+        let (saved, next_saved) = ws.saved.split_at_mut(i + 1);
+        let pass = Forward {
             n,
             x: &before[cur],
-            y: &mut after[0],
+            y: &mut after[top - i - 1],
             params: &model.params[layer.params.clone()],
-            saved: &mut ws.saved[i],
+            saved: &mut saved[i],
             algos: ws.conv_plan[i],
             mode,
             index: i,
-        });
+        };
+        match ws.fused[i] {
+            true => layer.op.forward_with_next(&*model.layers[i + 1].op, pass, &mut next_saved[0]),
+            false => layer.op.forward(pass),
+        }
         if let (Some(t), Some(times)) = (started, ws.layer_seconds.as_mut()) {
             times[i].0 += t.elapsed().as_secs_f64();
         }
-        cur = i + 1;
+        cur = top;
     }
     ws.logits_at = cur;
 }
@@ -437,8 +474,8 @@ pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<Strin
         return Some("the input batch".into());
     }
     for (i, name) in names.iter().enumerate() {
-        if ws.inputs_at.get(i + 1).is_some_and(|&at| at != i + 1) && ws.logits_at != i + 1 {
-            continue; // skipped in forward (dropout at keep 1): its buffer was not written
+        if ws.fused.get(i) == Some(&true) || ws.inputs_at.get(i + 1).is_some_and(|&at| at != i + 1) && ws.logits_at != i + 1 {
+            continue; // not written: fused with the next layer, or skipped (dropout at keep 1)
         }
         if !all_finite(&ws.acts[i + 1][..len(i + 1)]) {
             return Some(format!("the output of {name}"));
@@ -449,7 +486,8 @@ pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<Strin
             return Some(format!("the gradient of {}", p.name));
         }
         let input_at = ws.inputs_at[i];
-        if input_at > 0 && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
+        let fused_below = i > 0 && ws.fused[i - 1]; // its input gradient was never formed
+        if input_at > 0 && !fused_below && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
             return Some(format!("the gradient flowing out of {name}"));
         }
     }
@@ -464,8 +502,12 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
     // Below the lowest trainable layer no gradient is needed (fine-tuning a frozen stack).
     let lowest = model.lowest_trainable_layer();
     for (i, layer) in model.layers.iter().enumerate().rev().take_while(|&(i, _)| i >= lowest) {
+        if i > 0 && ws.fused[i - 1] {
+            continue; // runs with the layer below
+        }
         let input_at = ws.inputs_at[i];
-        if grad_at != i + 1 {
+        let top = if ws.fused[i] { i + 2 } else { i + 1 };
+        if grad_at != top {
             // This layer was skipped in forward; its output gradient is already in place.
             continue;
         }
@@ -473,16 +515,21 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
         let (lower, upper) = ws.grads.split_at_mut(i + 1);
         let need_dx = input_at > 0 && i > lowest;
         let params = &mut model.params[layer.params.clone()];
-        layer.op.backward(Backward {
+        let (saved, next_saved) = ws.saved.split_at_mut(i + 1);
+        let pass = Backward {
             n,
             x: &ws.acts[input_at],
-            y: &ws.acts[i + 1],
-            dy: &mut upper[0],
+            y: &ws.acts[top],
+            dy: &mut upper[top - i - 1],
             dx: if need_dx { Some(&mut lower[input_at][..]) } else { None },
             params,
-            saved: &mut ws.saved[i],
+            saved: &mut saved[i],
             algos: ws.conv_plan[i],
-        });
+        };
+        match ws.fused[i] {
+            true => layer.op.backward_with_next(&*model.layers[i + 1].op, pass, &next_saved[0]),
+            false => layer.op.backward(pass),
+        }
         for (index, p) in layer.params.clone().zip(model.params[layer.params.clone()].iter_mut()) {
             hook.ready(index, p);
         }
@@ -598,6 +645,39 @@ mod tests {
             let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
             assert!((analytic - numeric).abs() < 5e-2 * numeric.abs() + 5e-3, "keep {keep} {}: {analytic} vs {numeric}", p.name);
         }
+    }
+
+    /// A training step with each direct convolution and its max-pool fused (the seed model has
+    /// three such pairs when every convolution runs direct loops) gives the same bits as the
+    /// layers one after the other: the loss, the logits and every gradient. The heuristic plan
+    /// fuses conv1 and pool1, so the finite-difference check above runs fused as well.
+    #[test]
+    fn fused_convolution_and_pool_give_the_bits_of_the_layers_unfused() {
+        let mut model = Model::new(&small_seed_model()).unwrap();
+        model.init(3, 0.2);
+        let batch = 5;
+        let x: Vec<f32> = random_vec(batch * 784, 4).iter().map(|v| v.abs()).collect();
+        let labels = [7u32, 1, 4, 0, 9];
+        let direct: ConvPlan = model.layers.iter().map(|l| l.conv().map(|_| ConvAlgos::all(ConvAlgo::Direct))).collect();
+        let mut fused = Workspace::with_conv_plan(&model, batch, true, direct.clone());
+        assert_eq!(fused.fused.iter().filter(|&&f| f).count(), 3);
+        assert!(
+            fused.fused[0] && fused.describe_algorithms(&model).starts_with("conv1 fwd direct, dx direct, dw direct, fused with pool1")
+        );
+        assert!(Workspace::new(&model, batch, true).fused[0], "the heuristic plan runs conv1 direct: fused");
+        assert!(!Workspace::new(&model, batch, false).fused.contains(&true), "evaluation keeps every output");
+        let mut separate = Workspace::with_conv_plan(&model, batch, true, direct);
+        separate.fused.fill(false);
+        let step = |ws: &mut Workspace| {
+            let mut m = model.clone();
+            ws.input_mut().copy_from_slice(&x);
+            let mode = Mode::Train { stream: 9, first_sample: 0, keep: 0.7 };
+            let (loss, correct) = train_step_gradients(&mut m, ws, &labels, mode, &mut Single);
+            (loss, correct, ws.logits(batch, 10).to_vec(), m.params.into_iter().map(|p| p.grad).collect::<Vec<_>>())
+        };
+        let (a, b) = (step(&mut fused), step(&mut separate));
+        assert!(a.3.iter().all(|g| g.iter().any(|&v| v != 0.0)), "every parameter has a gradient");
+        assert_eq!(a, b);
     }
 
     /// Model files from before keep-prob left the architecture carry `{"Dropout":{"keep":0.8}}`:

@@ -2,8 +2,9 @@
 //! groups (the paper's two towers). The arithmetic is in `conv` (direct, im2col) and
 //! `winograd`; `conv_algo` runs whichever `autotune` chose for each pass.
 
-use super::conv::Conv;
-use super::conv_algo::{self, ConvAlgos};
+use super::conv::{Conv, direct_pooled_backward, direct_pooled_forward};
+use super::conv_algo::{self, ConvAlgo, ConvAlgos};
+use super::pool::MaxPool;
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};
 use super::{Padding, Window, winograd};
 use crate::onnx_graph::{OnnxGraph, int, ints};
@@ -82,6 +83,29 @@ impl Layer for Convolution {
         let saved = b.saved.values().map(|v| &mut v[..]);
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
         conv_algo::backward(&self.conv, algos, b.n, b.x, &w.value, b.y, b.dy, b.dx, dw, &mut bias.grad, saved);
+    }
+
+    /// A max-pool after a convolution whose forward runs direct loops: both sample by sample,
+    /// the convolution's output never leaving the cache (the seed model's conv1 and pool1).
+    fn fuses_with(&self, next: &dyn Layer, algos: Option<ConvAlgos>) -> bool {
+        next.downcast::<MaxPool>().is_some() && algos.is_some_and(|a| a.forward == ConvAlgo::Direct)
+    }
+
+    fn forward_with_next(&self, next: &dyn Layer, f: Forward, next_saved: &mut Saved) {
+        let (Some(pool), Saved::Argmax(argmax)) = (next.downcast::<MaxPool>(), next_saved) else {
+            unreachable!("fused with a max-pool that keeps its argmax")
+        };
+        let [w, b] = f.params else { unreachable!("weight and bias") };
+        direct_pooled_forward(&self.conv, pool, f.n, f.x, &w.value, &b.value, f.y, argmax);
+    }
+
+    fn backward_with_next(&self, next: &dyn Layer, b: Backward, next_saved: &Saved) {
+        let (Some(pool), Saved::Argmax(argmax)) = (next.downcast::<MaxPool>(), next_saved) else {
+            unreachable!("fused with a max-pool that keeps its argmax")
+        };
+        let [w, bias] = b.params else { unreachable!("weight and bias") };
+        let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
+        direct_pooled_backward(&self.conv, pool, b.n, b.x, &w.value, b.y, b.dy, argmax, b.dx, dw, &mut bias.grad);
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {

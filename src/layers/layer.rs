@@ -45,6 +45,20 @@ pub trait Layer: Debug + Send + Sync + Any {
     fn forward(&self, pass: Forward);
     /// Fills the parameters' gradients (trainable ones) and `dx` when given; may overwrite `dy`.
     fn backward(&self, pass: Backward);
+    /// Whether a training pass runs this layer and `next` (the layer after it) as one, with
+    /// these algorithms: `forward_with_next` and `backward_with_next`, which never write this
+    /// layer's own output. (A direct convolution and its max-pool, sample by sample in cache.)
+    fn fuses_with(&self, _next: &dyn Layer, _algos: Option<ConvAlgos>) -> bool {
+        false
+    }
+    /// This layer and `next` forward: `pass.y` is `next`'s output, `next_saved` what it keeps.
+    fn forward_with_next(&self, _next: &dyn Layer, _pass: Forward, _next_saved: &mut Saved) {
+        unreachable!("{} fuses with no layer", self.kind())
+    }
+    /// Backward of `forward_with_next`: `pass.y` and `pass.dy` are `next`'s output and its gradient.
+    fn backward_with_next(&self, _next: &dyn Layer, _pass: Backward, _next_saved: &Saved) {
+        unreachable!("{} fuses with no layer", self.kind())
+    }
     /// Appends the layer's inference nodes reading `input` (NCHW); returns its output's name.
     /// Takes `params`' names (the graph's initialisers).
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String;

@@ -158,11 +158,40 @@ impl Window {
         vec![self.h.pad_before, self.w.pad_before, after(&self.h), after(&self.w)]
     }
 
+    /// `for_each_window`'s windows listed once, for loops that visit them for every sample.
+    pub fn table(&self) -> WindowTable {
+        let mut table = WindowTable { ends: Vec::with_capacity(self.out_pixels()), taps: Vec::new() };
+        self.for_each_window(|_, taps| {
+            table.taps.extend_from_slice(taps);
+            table.ends.push(table.taps.len());
+        });
+        table
+    }
+
     /// The same pairs grouped by tap: `pairs[tap]` lists (output pixel, input pixel).
     pub fn pairs_by_tap(&self) -> Vec<Vec<(usize, usize)>> {
         let mut pairs = vec![Vec::new(); self.kernel * self.kernel];
         self.for_each_window(|o, taps| taps.iter().for_each(|&(tap, i)| pairs[tap].push((o, i))));
         pairs
+    }
+}
+
+/// Every output pixel's (tap, input pixel) pairs (`Window::table`): the padding checks done
+/// once per layer instead of once per pixel of every sample.
+pub struct WindowTable {
+    ends: Vec<usize>,
+    taps: Vec<(usize, usize)>,
+}
+
+impl WindowTable {
+    /// `f(output pixel, taps)` for every output pixel, in order.
+    #[inline(always)]
+    pub fn for_each(&self, mut f: impl FnMut(usize, &[(usize, usize)])) {
+        let mut start = 0;
+        for (o, &end) in self.ends.iter().enumerate() {
+            f(o, &self.taps[start..end]);
+            start = end;
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
 use super::simd::L;
-use super::{Padding, Window};
+use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
 use rayon::prelude::*;
@@ -85,22 +85,21 @@ impl MaxPool {
 /// that costs memory bandwidth (50 MB for the seed model's pool1 at batch 1000).
 pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [f32], argmax: Option<&mut [u32]>) {
     let y = &mut output[..batch * p.out_len()];
+    let windows = p.win.table();
+    let sample = |n: usize, y: &mut [f32], idx: &mut [u32]| pool_sample(p, &windows, &input[n * p.in_len()..(n + 1) * p.in_len()], y, idx);
     match argmax {
         Some(a) => y
             .par_chunks_mut(p.out_len())
             .zip(a[..batch * p.out_len()].par_chunks_mut(p.out_len()))
             .enumerate()
-            .for_each(|(n, (y, idx))| pool_sample(p, &input[n * p.in_len()..(n + 1) * p.in_len()], y, idx)),
-        None => y
-            .par_chunks_mut(p.out_len())
-            .enumerate()
-            .for_each_init(|| vec![0u32; p.out_len()], |idx, (n, y)| pool_sample(p, &input[n * p.in_len()..(n + 1) * p.in_len()], y, idx)),
+            .for_each(|(n, (y, idx))| sample(n, y, idx)),
+        None => y.par_chunks_mut(p.out_len()).enumerate().for_each_init(|| vec![0u32; p.out_len()], |idx, (n, y)| sample(n, y, idx)),
     }
 }
 
-fn pool_sample(p: &MaxPool, x: &[f32], y: &mut [f32], idx: &mut [u32]) {
+pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut [f32], idx: &mut [u32]) {
     let c = p.channels;
-    p.win.for_each_window(|o, taps| {
+    windows.for_each(|o, taps| {
         let o = o * c;
         // L channels at a time in registers (max and argmax as lane-wise selects), stored
         // once: conditional stores would become slow masked moves.

@@ -8,7 +8,7 @@
 mod ranks;
 mod trainer;
 
-use crate::autotune::{self, plan_from_names};
+use crate::autotune::plan_from_names;
 use crate::checkpoint;
 use crate::cluster::Cluster;
 use crate::config::TrainConfig;
@@ -222,8 +222,8 @@ fn setup<'a>(cfg: &'a TrainConfig, resume: bool, cluster: &'a mut dyn Cluster) -
     ));
     let (plans, plans_source) = conv_plans(cfg, resume, &model, local_batch, cluster)?;
     let train_plan = plan_from_names(&model, &plans.training);
-    say(format!("Convolution algorithms for training ({plans_source}): {}", autotune::describe(&model, &train_plan)));
     let ws = Workspace::with_conv_plan(&model, local_batch, true, train_plan);
+    say(format!("Convolution algorithms for training ({plans_source}): {}", ws.describe_algorithms(&model)));
     let eval_ws = if lead {
         Workspace::with_conv_plan(&model, cfg.eval_batch, false, plan_from_names(&model, &plans.evaluation))
     } else {
