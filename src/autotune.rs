@@ -320,12 +320,6 @@ impl RunPlans {
     }
 }
 
-/// One line, in layer order: "conv1 fwd direct, dx im2col, dw direct; conv2 ...".
-pub fn describe(model: &Model, plan: &ConvPlan) -> String {
-    let names = model.layer_names();
-    names.iter().zip(plan).filter_map(|(n, a)| a.map(|a| format!("{n} {}", a.describe()))).collect::<Vec<_>>().join("; ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

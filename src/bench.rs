@@ -204,13 +204,11 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
     )
     .unwrap();
     writeln!(out, "convolution algorithms ({}):", r.conv_algo_source).unwrap();
-    for (what, plan) in [("training", &r.conv_algos_training), ("inference", &r.conv_algos_inference)] {
+    // A fused pair runs in one pass, sample by sample; `--layers` times it as its first layer.
+    let fused: Vec<bool> = model.layers.iter().map(|l| r.fused.contains(&l.name)).collect();
+    for (what, plan, fused) in [("training", &r.conv_algos_training, &fused[..]), ("inference", &r.conv_algos_inference, &[][..])] {
         let m_plan = crate::autotune::plan_from_names(model, plan);
-        writeln!(out, "  {what}: {}", crate::autotune::describe(model, &m_plan)).unwrap();
-    }
-    for name in &r.fused {
-        let next = model.layer_index(name).map_or(String::new(), |i| model.layers[i + 1].name.clone());
-        writeln!(out, "  training runs {name} and {next} in one pass, sample by sample (timed as {name})").unwrap();
+        writeln!(out, "  {what}: {}", model.describe_plan(&m_plan, fused)).unwrap();
     }
     writeln!(out, "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch)
         .unwrap();

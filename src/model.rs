@@ -226,6 +226,20 @@ impl Model {
         self.params.iter().map(|p| p.value.len()).sum()
     }
 
+    /// One line, in layer order: "conv1 fwd direct, dx direct, dw direct, fused with pool1;
+    /// conv2 ...": each convolution's algorithms in `plan`, and the layer it runs with where
+    /// `fused` (by layer index; shorter or empty: none) says so.
+    pub fn describe_plan(&self, plan: &ConvPlan, fused: &[bool]) -> String {
+        let described = self.layers.iter().enumerate().filter_map(|(i, l)| {
+            let with = match fused.get(i) {
+                Some(true) => format!(", fused with {}", self.layers[i + 1].name),
+                _ => String::new(),
+            };
+            Some(format!("{} {}{with}", l.name, plan.get(i).copied().flatten()?.describe()))
+        });
+        described.collect::<Vec<_>>().join("; ")
+    }
+
     /// Each convolution's algorithms chosen without measuring (`ConvAlgos::heuristic`).
     pub fn heuristic_conv_plan(&self) -> ConvPlan {
         self.layers.iter().map(|l| l.conv().map(ConvAlgos::heuristic)).collect()
@@ -312,11 +326,9 @@ impl Workspace {
             .collect();
         let mut fused = vec![false; model.layers.len()];
         for i in 1..model.layers.len() {
-            if training
-                && !fused[i - 1]
-                && (i < 2 || !fused[i - 2])
-                && model.layers[i - 1].op.fuses_with(&*model.layers[i].op, conv_plan[i - 1])
-            {
+            // Layer i - 1 must not itself be the second of a fused pair.
+            let free = i < 2 || !fused[i - 2];
+            if training && free && model.layers[i - 1].op.fuses_with(&*model.layers[i].op, conv_plan[i - 1]) {
                 fused[i - 1] = true;
                 // The pair's backward runs the convolution's direct loops for both gradients.
                 conv_plan[i - 1] = Some(ConvAlgos::all(ConvAlgo::Direct));
@@ -345,13 +357,9 @@ impl Workspace {
         }
     }
 
-    /// What each convolution runs: "conv1 fwd direct, dx direct, dw direct, fused with pool1; ...".
-    pub fn describe_algorithms(&self, model: &Model) -> String {
-        let described = model.layers.iter().enumerate().filter_map(|(i, l)| {
-            let fused = if self.fused[i] { format!(", fused with {}", model.layers[i + 1].name) } else { String::new() };
-            Some(format!("{} {}{fused}", l.name, self.conv_plan[i]?.describe()))
-        });
-        described.collect::<Vec<_>>().join("; ")
+    /// Whether layer `i` ran with the layer below it (`fused[i - 1]`), in that layer's step.
+    pub fn fused_with_previous(&self, i: usize) -> bool {
+        i > 0 && self.fused[i - 1]
     }
 
     /// The input buffer, `batch x H x W x C`.
@@ -377,7 +385,7 @@ pub fn forward(model: &Model, ws: &mut Workspace, n: usize, mode: Mode) {
     assert!(ws.training || matches!(mode, Mode::Eval), "training forward on an evaluation workspace");
     let mut cur = 0;
     for (i, layer) in model.layers.iter().enumerate() {
-        if i > 0 && ws.fused[i - 1] {
+        if ws.fused_with_previous(i) {
             // Ran with the layer below; it nominally read that layer's (unwritten) output.
             ws.inputs_at[i] = i;
             continue;
@@ -486,8 +494,8 @@ pub fn first_non_finite(model: &Model, ws: &Workspace, n: usize) -> Option<Strin
             return Some(format!("the gradient of {}", p.name));
         }
         let input_at = ws.inputs_at[i];
-        let fused_below = i > 0 && ws.fused[i - 1]; // its input gradient was never formed
-        if input_at > 0 && !fused_below && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
+        // A layer fused with the one below never formed its input gradient.
+        if input_at > 0 && !ws.fused_with_previous(i) && !ws.grads.is_empty() && !all_finite(&ws.grads[input_at][..len(input_at)]) {
             return Some(format!("the gradient flowing out of {name}"));
         }
     }
@@ -502,7 +510,7 @@ fn backward(model: &mut Model, ws: &mut Workspace, n: usize, hook: &mut dyn Grad
     // Below the lowest trainable layer no gradient is needed (fine-tuning a frozen stack).
     let lowest = model.lowest_trainable_layer();
     for (i, layer) in model.layers.iter().enumerate().rev().take_while(|&(i, _)| i >= lowest) {
-        if i > 0 && ws.fused[i - 1] {
+        if ws.fused_with_previous(i) {
             continue; // runs with the layer below
         }
         let input_at = ws.inputs_at[i];
@@ -662,7 +670,10 @@ mod tests {
         let mut fused = Workspace::with_conv_plan(&model, batch, true, direct.clone());
         assert_eq!(fused.fused.iter().filter(|&&f| f).count(), 3);
         assert!(
-            fused.fused[0] && fused.describe_algorithms(&model).starts_with("conv1 fwd direct, dx direct, dw direct, fused with pool1")
+            fused.fused[0]
+                && model
+                    .describe_plan(&fused.conv_plan, &fused.fused)
+                    .starts_with("conv1 fwd direct, dx direct, dw direct, fused with pool1")
         );
         assert!(Workspace::new(&model, batch, true).fused[0], "the heuristic plan runs conv1 direct: fused");
         assert!(!Workspace::new(&model, batch, false).fused.contains(&true), "evaluation keeps every output");

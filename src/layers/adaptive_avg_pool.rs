@@ -6,8 +6,7 @@
 //! `floor(i * input / output) .. ceil((i + 1) * input / output)`: PyTorch's windows, which
 //! overlap when the sizes do not divide and repeat the input when it is smaller than the output.
 
-use super::conv_algo::ConvAlgos;
-use super::layer::{Backward, Forward, Layer, Mode, Saved, Spec};
+use super::layer::{Backward, Forward, Layer, Mode, Spec};
 use crate::onnx_graph::OnnxGraph;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
@@ -66,10 +65,6 @@ impl Layer for AdaptiveAvgPool {
 
     fn output_shape(&self) -> [usize; 3] {
         [self.output[0], self.output[1], self.input[2]]
-    }
-
-    fn saved(&self, _: usize, _: bool, _: Option<ConvAlgos>) -> Saved {
-        Saved::None
     }
 
     /// An input already of the output's size passes through (torchvision's AlexNet at 224x224).
@@ -144,7 +139,7 @@ impl Layer for AdaptiveAvgPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::layer::Param;
+    use crate::layers::layer::{Param, Saved};
     use crate::layers::testing::{check_grad, random_vec};
 
     fn pool(input: [usize; 3], output: [usize; 2]) -> AdaptiveAvgPool {

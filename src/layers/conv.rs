@@ -359,17 +359,10 @@ pub fn direct_pooled_backward(
 ) {
     let (il, pl, c) = (conv.in_len(), pool.out_len(), pool.channels);
     let pairs = conv.win.pairs_by_tap();
-    let ranges = sample_ranges(batch);
-    let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
-        Some(dx) => split_by_ranges(&mut dx[..batch * il], &ranges, il).into_iter().map(Some).collect(),
-        None => ranges.iter().map(|_| None).collect(),
-    };
-    let want_dw = d_weight.is_some();
-    let mut dws: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take_zeroed(conv.weight_len()) } else { Vec::new() }).collect();
-    let mut dbs: Vec<Vec<f32>> = ranges.iter().map(|_| take_zeroed(conv.out_c)).collect();
-    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(dws.par_iter_mut()).zip(dbs.par_iter_mut()).for_each(|(((range, dx), dw), db)| {
+    per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
+        let db = db.expect("the bias gradient is asked for");
         let mut d_conv = take(conv.out_len());
-        for (j, n) in range.clone().enumerate() {
+        for (j, n) in range.enumerate() {
             d_conv.fill(0.0);
             let at = n * pl..(n + 1) * pl;
             for (e, ((&g, &v), &i)) in d_pooled[at.clone()].iter().zip(&pooled[at.clone()]).zip(&argmax[at]).enumerate() {
@@ -380,21 +373,11 @@ pub fn direct_pooled_backward(
             for row in d_conv.chunks_exact(conv.out_c) {
                 db.iter_mut().zip(row).for_each(|(b, g)| *b += g);
             }
-            let dxs = dx.as_deref_mut().map(|d| {
-                let d = &mut d[j * il..(j + 1) * il];
-                d.fill(0.0);
-                d
-            });
-            let dw = if want_dw { Some(&mut dw[..]) } else { None };
-            conv.direct_backward_sample(&pairs, &input[n * il..(n + 1) * il], weight, &d_conv, dw, dxs);
+            let dxs = dx.as_deref_mut().map(|d| &mut d[j * il..(j + 1) * il]);
+            conv.direct_backward_sample(&pairs, &input[n * il..(n + 1) * il], weight, &d_conv, dw.as_deref_mut(), dxs);
         }
         give_back(d_conv);
     });
-    match d_weight {
-        Some(d_weight) => sum_partials(dws, d_weight),
-        None => dws.into_iter().for_each(give_back),
-    }
-    sum_partials(dbs, d_bias);
 }
 
 /// Forward over a batch as im2col + GEMM (grouped convolutions as towers).
@@ -442,7 +425,7 @@ pub fn direct_backward(
     d_weight: Option<&mut [f32]>,
 ) {
     let pairs = conv.win.pairs_by_tap();
-    per_range_backward(conv, batch, d_input, d_weight, |range, dy, mut dx, mut dw| {
+    per_range_backward(conv, batch, d_input, d_weight, None, |range, dy, mut dx, mut dw, _| {
         for (j, nn) in range.enumerate() {
             let dxs = dx.as_deref_mut().map(|d| &mut d[j * conv.in_len()..(j + 1) * conv.in_len()]);
             let x = &input[nn * conv.in_len()..(nn + 1) * conv.in_len()];
@@ -466,7 +449,7 @@ pub fn im2col_backward(
         return towers_backward(conv, batch, input, weight, &d_output[..batch * conv.out_len()], d_input, d_weight);
     }
     let (pl, opix, oc) = (conv.patch_len(), conv.win.out_pixels(), conv.out_c);
-    per_range_backward(conv, batch, d_input, d_weight, |range, dy_at, mut dx, mut dw| {
+    per_range_backward(conv, batch, d_input, d_weight, None, |range, dy_at, mut dx, mut dw, _| {
         with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
             for_each_chunk(conv, range.clone(), |n0, n1| {
                 let rows = (n1 - n0) * opix;
@@ -486,31 +469,37 @@ pub fn im2col_backward(
 }
 
 /// The shared frame of the per-sample-range backward passes: splits `d_input` by range (zeroed),
-/// gives each range a zeroed weight-gradient partial when `d_weight` is wanted, runs
-/// `f(range, offset of the range in d_output, dx, dw)` in parallel, and sums the partials.
+/// gives each range zeroed weight- and bias-gradient partials when `d_weight`, `d_bias` are
+/// wanted, runs `f(range, offset of the range in d_output, dx, dw, db)` in parallel, and sums
+/// the partials in a fixed order.
 fn per_range_backward(
     conv: &Conv,
     batch: usize,
     d_input: Option<&mut [f32]>,
     d_weight: Option<&mut [f32]>,
-    f: impl Fn(std::ops::Range<usize>, usize, Option<&mut [f32]>, Option<&mut [f32]>) + Sync,
+    d_bias: Option<&mut [f32]>,
+    f: impl Fn(std::ops::Range<usize>, usize, Option<&mut [f32]>, Option<&mut [f32]>, Option<&mut [f32]>) + Sync,
 ) {
     let ranges = sample_ranges(batch);
     let mut d_ins: Vec<Option<&mut [f32]>> = match d_input {
         Some(dx) => split_by_ranges(&mut dx[..batch * conv.in_len()], &ranges, conv.in_len()).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
-    let want_dw = d_weight.is_some();
-    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take_zeroed(conv.weight_len()) } else { Vec::new() }).collect();
-    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(|((range, dx), dw)| {
+    let partials =
+        |wanted: bool, len: usize| -> Vec<Vec<f32>> { ranges.iter().map(|_| if wanted { take_zeroed(len) } else { Vec::new() }).collect() };
+    let (want_dw, want_db) = (d_weight.is_some(), d_bias.is_some());
+    let (mut dws, mut dbs) = (partials(want_dw, conv.weight_len()), partials(want_db, conv.out_c));
+    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(dws.par_iter_mut()).zip(dbs.par_iter_mut()).for_each(|(((range, dx), dw), db)| {
         if let Some(dx) = dx.as_deref_mut() {
             dx.fill(0.0);
         }
-        f(range.clone(), range.start * conv.out_len(), dx.as_deref_mut(), want_dw.then_some(&mut dw[..]));
+        f(range.clone(), range.start * conv.out_len(), dx.as_deref_mut(), want_dw.then_some(&mut dw[..]), want_db.then_some(&mut db[..]));
     });
-    match d_weight {
-        Some(d_weight) => sum_partials(partials, d_weight),
-        None => partials.into_iter().for_each(give_back),
+    for (sums, out) in [(dws, d_weight), (dbs, d_bias)] {
+        match out {
+            Some(out) => sum_partials(sums, out),
+            None => sums.into_iter().for_each(give_back),
+        }
     }
 }
 

@@ -223,7 +223,7 @@ fn setup<'a>(cfg: &'a TrainConfig, resume: bool, cluster: &'a mut dyn Cluster) -
     let (plans, plans_source) = conv_plans(cfg, resume, &model, local_batch, cluster)?;
     let train_plan = plan_from_names(&model, &plans.training);
     let ws = Workspace::with_conv_plan(&model, local_batch, true, train_plan);
-    say(format!("Convolution algorithms for training ({plans_source}): {}", ws.describe_algorithms(&model)));
+    say(format!("Convolution algorithms for training ({plans_source}): {}", model.describe_plan(&ws.conv_plan, &ws.fused)));
     let eval_ws = if lead {
         Workspace::with_conv_plan(&model, cfg.eval_batch, false, plan_from_names(&model, &plans.evaluation))
     } else {
