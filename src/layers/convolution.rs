@@ -105,7 +105,7 @@ impl Layer for Convolution {
         };
         let [w, bias] = b.params else { unreachable!("weight and bias") };
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-        direct_pooled_backward(&self.conv, pool, b.n, b.x, &w.value, b.y, b.dy, argmax, b.dx, dw, &mut bias.grad);
+        direct_pooled_backward(&self.conv, pool, b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad);
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {

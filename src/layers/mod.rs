@@ -5,6 +5,7 @@
 pub mod bias_relu;
 pub mod conv;
 pub mod conv_algo;
+mod direct_conv;
 pub mod gemm;
 pub mod layer;
 pub mod scratch;
@@ -168,11 +169,18 @@ impl Window {
         table
     }
 
-    /// The same pairs grouped by tap: `pairs[tap]` lists (output pixel, input pixel).
-    pub fn pairs_by_tap(&self) -> Vec<Vec<(usize, usize)>> {
-        let mut pairs = vec![Vec::new(); self.kernel * self.kernel];
-        self.for_each_window(|o, taps| taps.iter().for_each(|&(tap, i)| pairs[tap].push((o, i))));
-        pairs
+    /// The windows turned around: for each input pixel, the (tap, output pixel) pairs of the
+    /// windows that contain it, in output order. (`WindowTable::for_each` then passes the
+    /// input pixel where `table`'s passes the output pixel.)
+    pub fn inverse_table(&self) -> WindowTable {
+        let mut lists = vec![Vec::new(); self.in_pixels()];
+        self.for_each_window(|o, taps| taps.iter().for_each(|&(tap, i)| lists[i].push((tap, o))));
+        let mut table = WindowTable { ends: Vec::with_capacity(lists.len()), taps: Vec::new() };
+        for list in lists {
+            table.taps.extend(list);
+            table.ends.push(table.taps.len());
+        }
+        table
     }
 }
 

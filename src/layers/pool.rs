@@ -132,15 +132,59 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: 
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
 pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u32], d_input: &mut [f32]) {
+    let inverse = p.win.inverse_table();
     d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
-        dx.fill(0.0);
-        let (dy, idx) = (&d_output[n * p.out_len()..(n + 1) * p.out_len()], &argmax[n * p.out_len()..(n + 1) * p.out_len()]);
-        for (g, i) in dy.chunks_exact(p.channels).zip(idx.chunks_exact(p.channels)) {
-            for (ch, (g, &i)) in g.iter().zip(i).enumerate() {
-                dx[i as usize + ch] += g;
-            }
+        let at = n * p.out_len()..(n + 1) * p.out_len();
+        max_pool_backward_sample(p, &inverse, &d_output[at.clone()], &argmax[at], dx);
+    });
+}
+
+/// An argmax no input pixel has: an output marked so sends no gradient back.
+pub(super) const NOWHERE: u32 = u32::MAX;
+
+/// Overwrite one sample's `dx` with the gradient that the pooled gradient `dy` sends back
+/// through its argmax `idx`. Gathered, not scattered: each input pixel sums, in output
+/// order, the gradients of the windows (`inverse`, from `Window::inverse_table`) that took
+/// their maximum there, in registers, L channels at a time, so every row is written once and
+/// nothing needs zeroing first. The sums are those of scattering in output order.
+pub(super) fn max_pool_backward_sample(p: &MaxPool, inverse: &WindowTable, dy: &[f32], idx: &[u32], dx: &mut [f32]) {
+    let c = p.channels;
+    inverse.for_each(|i, windows| {
+        let full = c - c % L;
+        for cb in (0..full).step_by(L) {
+            gather_block::<L>(windows, c, cb, (i * c) as u32, dy, idx, &mut dx[i * c + cb..i * c + cb + L]);
+        }
+        for cb in full..c {
+            gather_block::<1>(windows, c, cb, (i * c) as u32, dy, idx, &mut dx[i * c + cb..i * c + cb + 1]);
         }
     });
+}
+
+/// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel at offset `base`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gather_block<const N: usize>(
+    windows: &[(usize, usize)],
+    c: usize,
+    cb: usize,
+    base: u32,
+    dy: &[f32],
+    idx: &[u32],
+    dx: &mut [f32],
+) {
+    let mut sum = [0.0f32; N];
+    for &(_, o) in windows {
+        let at = o * c + cb;
+        let g: &[f32; N] = dy[at..at + N].try_into().expect("N channels");
+        let arg: &[u32; N] = idx[at..at + N].try_into().expect("N channels");
+        // Lane masks as bits (all ones or zero), which LLVM keeps in vector registers where
+        // it would take bools one lane at a time.
+        for l in 0..N {
+            let mask = ((arg[l] == base) as u32).wrapping_neg();
+            sum[l] += f32::from_bits(g[l].to_bits() & mask);
+        }
+    }
+    dx.copy_from_slice(&sum);
 }
 
 #[cfg(test)]

@@ -1,0 +1,304 @@
+//! The direct convolution of one sample: the loops of the definition, blocked so that the sums
+//! stay in vector registers. Best where patches are short (the seed model's conv1 has 9 taps
+//! of one channel: a GEMM with k = 9 spends its time packing, not multiplying).
+//!
+//! The kernels read the sample through a copy with its padding written out as zeros, so every
+//! output pixel has all k*k taps at fixed offsets from its window's corner and no pixel needs
+//! bounds logic. (The zero taps add exact zeros: the sums are those of the taps inside.)
+//!
+//! A window that holds only zeros has sums of exact zeros, so the forward writes relu(bias)
+//! there without multiplying and the weight gradient skips it: MNIST digits leave most of
+//! conv1's windows empty.
+
+use super::conv::Conv;
+use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
+use super::simd::{L, Lanes, any_nonzero, load, store};
+
+impl Conv {
+    /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
+    pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
+        with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
+            self.pad_sample(x, xp);
+            self.forward_padded(xp, &self.zero_windows(xp), weight, bias, y);
+        });
+    }
+
+    /// Backward of sample `x` from its masked output gradient `dy`: adds into `dw` and into
+    /// `dx`, each if given. `pixels` lists (output pixel, offset of its window's corner in the
+    /// padded sample), in order, for every pixel whose gradient row may be nonzero: all of
+    /// them (`corners`), or after a max-pool only those the pooled gradient reached. Skipping a
+    /// zero row skips exact zeros, so the sums are the same.
+    pub(super) fn direct_backward_sample(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        dy: &[f32],
+        pixels: &[(usize, usize)],
+        dw: Option<&mut [f32]>,
+        dx: Option<&mut [f32]>,
+    ) {
+        if let Some(dw) = dw {
+            with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
+                self.pad_sample(x, xp);
+                let zero = self.zero_windows(xp);
+                let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| !zero[o]).copied().collect();
+                self.weight_grad_padded(xp, dy, &pixels, dw);
+            });
+        }
+        if let Some(dx) = dx {
+            with_scratch(&SCRATCH_C, self.padded_len(), |dxp| self.input_grad_padded(weight, dy, pixels, dxp, dx));
+        }
+    }
+
+    /// Every output pixel with the offset of its window's corner in the padded sample.
+    pub(super) fn corners(&self) -> Vec<(usize, usize)> {
+        let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
+        (0..self.win.out_pixels()).map(|o| (o, ((o / ow) * s * wp + (o % ow) * s) * self.in_c)).collect()
+    }
+
+    /// For each output pixel, whether its window in the padded sample `xp` holds only zeros,
+    /// as far as each row's span of nonzero pixels tells: a window left or right of the spans
+    /// of all its rows is empty. (Exact per pixel would cost a third of conv1's
+    /// multiplications; the spans cost one pass over the sample and follow a digit's outline.)
+    fn zero_windows(&self, xp: &[f32]) -> Vec<bool> {
+        let ((hp, wp), (k, s), (oh, ow)) = (self.padded_dims(), (self.win.kernel, self.win.stride), (self.win.h.output, self.win.w.output));
+        // Each padded row's nonzero pixels lie in columns first..end (end = 0: none).
+        let spans: Vec<(usize, usize)> = xp
+            .chunks_exact(wp * self.in_c)
+            .map(|row| {
+                let mut pixels = row.chunks_exact(self.in_c);
+                match pixels.position(any_nonzero) {
+                    Some(first) => (first, wp - pixels.rev().position(any_nonzero).unwrap_or(wp - 1 - first)),
+                    None => (wp, 0),
+                }
+            })
+            .collect();
+        debug_assert_eq!(spans.len(), hp);
+        let mut zero = Vec::with_capacity(oh * ow);
+        for oy in 0..oh {
+            let (first, end) = spans[oy * s..oy * s + k].iter().fold((wp, 0), |(f, e), &(f2, e2)| (f.min(f2), e.max(e2)));
+            // Window ox covers columns ox*s .. ox*s + k: it meets first..end where
+            // ox*s + k > first and ox*s < end.
+            zero.extend((0..ow).map(|ox| ox * s + k <= first || ox * s >= end));
+        }
+        zero
+    }
+
+    /// Rows and columns of the padded sample: as far as the last window reaches.
+    fn padded_dims(&self) -> (usize, usize) {
+        let span = |out: usize| (out - 1) * self.win.stride + self.win.kernel;
+        (span(self.win.h.output), span(self.win.w.output))
+    }
+
+    /// Floats in a padded sample (NHWC, like the sample).
+    fn padded_len(&self) -> usize {
+        let (h, w) = self.padded_dims();
+        h * w * self.in_c
+    }
+
+    /// Write sample `x` into `xp` (`padded_len()` floats) with zeros around it.
+    fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
+        let ((hp, wp), c, win) = (self.padded_dims(), self.in_c, &self.win);
+        xp.fill(0.0);
+        // A window need not reach the last rows or columns (VALID with a stride that does not
+        // divide): those are left out.
+        let rows = win.h.input.min(hp - win.h.pad_before);
+        let cols = win.w.input.min(wp - win.w.pad_before);
+        for iy in 0..rows {
+            let at = ((iy + win.h.pad_before) * wp + win.w.pad_before) * c;
+            xp[at..at + cols * c].copy_from_slice(&x[iy * win.w.input * c..][..cols * c]);
+        }
+    }
+
+    /// Add the interior of a padded input gradient `dxp` into the sample's `dx`.
+    fn add_unpadded(&self, dxp: &[f32], dx: &mut [f32]) {
+        let ((hp, wp), c, win) = (self.padded_dims(), self.in_c, &self.win);
+        let rows = win.h.input.min(hp - win.h.pad_before);
+        let cols = win.w.input.min(wp - win.w.pad_before);
+        for iy in 0..rows {
+            let at = ((iy + win.h.pad_before) * wp + win.w.pad_before) * c;
+            let d = &mut dx[iy * win.w.input * c..][..cols * c];
+            d.iter_mut().zip(&dxp[at..at + cols * c]).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    /// Offsets in the padded sample of group `g`'s weight rows (row r = tap ky*k + kx, channel
+    /// ci) from their window's corner.
+    fn row_offsets(&self, g: usize) -> Vec<usize> {
+        let (k, cin_g, wp) = (self.win.kernel, self.in_c / self.groups, self.padded_dims().1);
+        (0..self.patch_len()).map(|r| ((r / cin_g / k) * wp + (r / cin_g) % k) * self.in_c + g * cin_g + r % cin_g).collect()
+    }
+
+    /// Forward of one padded sample: `y = relu?(conv(xp, weight) + bias)`. Output channels go in
+    /// blocks of 4L, L, then 1 and pixels in fours: 16 accumulators in registers, each weight
+    /// row loaded once for four pixels. `zero` marks the pixels whose windows are all zeros.
+    fn forward_padded(&self, xp: &[f32], zero: &[bool], weight: &[f32], bias: &[f32], y: &mut [f32]) {
+        let cout_g = self.out_c / self.groups;
+        for g in 0..self.groups {
+            let offsets = self.row_offsets(g);
+            let mut c = g * cout_g;
+            while c < (g + 1) * cout_g {
+                c += match (g + 1) * cout_g - c {
+                    r if r >= 4 * L => self.forward_channels::<{ 4 * L }>(xp, zero, &offsets, weight, bias, y, c),
+                    r if r >= L => self.forward_channels::<L>(xp, zero, &offsets, weight, bias, y, c),
+                    _ => self.forward_channels::<1>(xp, zero, &offsets, weight, bias, y, c),
+                };
+            }
+        }
+    }
+
+    /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
+    /// pixel, four at a time. Where all four windows are `zero`, no weight row is read.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn forward_channels<const N: usize>(
+        &self,
+        xp: &[f32],
+        zero: &[bool],
+        offsets: &[usize],
+        weight: &[f32],
+        bias: &[f32],
+        y: &mut [f32],
+        c: usize,
+    ) -> usize {
+        let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
+        let rows = |o: usize, n: usize| if zero[o..o + n].iter().all(|&z| z) { &offsets[..0] } else { offsets };
+        for oy in 0..self.win.h.output {
+            let corner = |ox: usize| (oy * s * wp + ox * s) * self.in_c;
+            let mut ox = 0;
+            while ox + 4 <= ow {
+                let o = oy * ow + ox;
+                self.forward_pixels::<N, 4>(xp, rows(o, 4), weight, bias, y, c, o, corner(ox));
+                ox += 4;
+            }
+            while ox < ow {
+                let o = oy * ow + ox;
+                self.forward_pixels::<N, 1>(xp, rows(o, 1), weight, bias, y, c, o, corner(ox));
+                ox += 1;
+            }
+        }
+        N
+    }
+
+    /// Channels `c..c + N` of the `P` pixels from `o` on (one output row), the first pixel's
+    /// window corner at `corner`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn forward_pixels<const N: usize, const P: usize>(
+        &self,
+        xp: &[f32],
+        offsets: &[usize],
+        weight: &[f32],
+        bias: &[f32],
+        y: &mut [f32],
+        c: usize,
+        o: usize,
+        corner: usize,
+    ) {
+        let oc = self.out_c;
+        let step = self.win.stride * self.in_c;
+        let mut acc = [Lanes::<N>::default(); P];
+        for (r, off) in offsets.iter().enumerate() {
+            let w = load::<N>(weight, r * oc + c);
+            for (p, a) in acc.iter_mut().enumerate() {
+                *a = a.mul_add(xp[corner + off + p * step], w);
+            }
+        }
+        let b = load::<N>(bias, c);
+        for (p, a) in acc.into_iter().enumerate() {
+            let v = a + b;
+            store(y, (o + p) * oc + c, if self.relu { v.relu() } else { v });
+        }
+    }
+
+    /// Weight gradient of one padded sample, added into `dw`: `dw[r][c] += sum over pixels o of
+    /// xp[corner(o) + offset(r)] * dy[o][c]`. Weight rows go in threes and channels in blocks of
+    /// 4L, L, then 1: 12 accumulators in registers, each gradient row loaded once for three
+    /// weight rows.
+    fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], dw: &mut [f32]) {
+        let cout_g = self.out_c / self.groups;
+        for g in 0..self.groups {
+            let offsets = self.row_offsets(g);
+            let mut r = 0;
+            while r < offsets.len() {
+                let block = &offsets[r..];
+                r += if block.len() >= 3 {
+                    self.weight_grad_rows::<3>(xp, dy, pixels, dw, block, r, g * cout_g)
+                } else {
+                    self.weight_grad_rows::<1>(xp, dy, pixels, dw, block, r, g * cout_g)
+                };
+            }
+        }
+    }
+
+    /// Weight rows `r..r + T` (at `offsets`) of the group whose channels start at `c0`.
+    #[inline(always)]
+    fn weight_grad_rows<const T: usize>(
+        &self,
+        xp: &[f32],
+        dy: &[f32],
+        pixels: &[(usize, usize)],
+        dw: &mut [f32],
+        offsets: &[usize],
+        r: usize,
+        c0: usize,
+    ) -> usize {
+        let offsets: [usize; T] = offsets[..T].try_into().expect("T rows");
+        let cout_g = self.out_c / self.groups;
+        let mut c = c0;
+        while c < c0 + cout_g {
+            c += match c0 + cout_g - c {
+                n if n >= 4 * L => self.weight_grad_block::<{ 4 * L }, T>(xp, dy, pixels, dw, offsets, r, c),
+                n if n >= L => self.weight_grad_block::<L, T>(xp, dy, pixels, dw, offsets, r, c),
+                _ => self.weight_grad_block::<1, T>(xp, dy, pixels, dw, offsets, r, c),
+            };
+        }
+        T
+    }
+
+    /// Weight rows `r..r + T` (at `offsets`), channels `c..c + N`.
+    #[inline(always)]
+    fn weight_grad_block<const N: usize, const T: usize>(
+        &self,
+        xp: &[f32],
+        dy: &[f32],
+        pixels: &[(usize, usize)],
+        dw: &mut [f32],
+        offsets: [usize; T],
+        r: usize,
+        c: usize,
+    ) -> usize {
+        let oc = self.out_c;
+        let mut acc = [Lanes::<N>::default(); T];
+        for &(o, corner) in pixels {
+            let d = load::<N>(dy, o * oc + c);
+            for (a, off) in acc.iter_mut().zip(offsets) {
+                *a = a.mul_add(xp[corner + off], d);
+            }
+        }
+        for (t, a) in acc.into_iter().enumerate() {
+            let at = (r + t) * oc + c;
+            store(dw, at, load::<N>(dw, at) + a);
+        }
+        N
+    }
+
+    /// Input gradient of one sample, added into `dx`, through the padded buffer `dxp`:
+    /// `dxp[corner(o) + offset(r)] += weight[r] . dy[o]` over each group's channels, weight row
+    /// by weight row.
+    fn input_grad_padded(&self, weight: &[f32], dy: &[f32], pixels: &[(usize, usize)], dxp: &mut [f32], dx: &mut [f32]) {
+        let (cout_g, oc) = (self.out_c / self.groups, self.out_c);
+        dxp.fill(0.0);
+        for g in 0..self.groups {
+            let channels = g * cout_g..(g + 1) * cout_g;
+            for (r, off) in self.row_offsets(g).into_iter().enumerate() {
+                let w = &weight[r * oc..][channels.clone()];
+                for &(o, corner) in pixels {
+                    let d = &dy[o * oc..][channels.clone()];
+                    dxp[corner + off] += w.iter().zip(d).map(|(w, d)| w * d).sum::<f32>();
+                }
+            }
+        }
+        self.add_unpadded(dxp, dx);
+    }
+}
