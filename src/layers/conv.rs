@@ -1,4 +1,5 @@
-//! 2-D convolution as im2col + GEMM, with stride, padding, groups, bias and fused ReLU.
+//! 2-D convolution over a batch, as im2col + GEMM or direct loops (`direct_conv`), with stride,
+//! padding, groups, bias and fused ReLU.
 //!
 //! Weights are stored HWIO: `[kernel][kernel][in_c / groups][out_c]`, so the weights of group
 //! `g` are the column block `g * out_c/groups ..` of a `(k*k*in_c/groups) x out_c` matrix and the
