@@ -243,7 +243,7 @@ pub fn direct_pooled_forward(
 /// `d_weight` is given. Each sample's pooled gradient goes through the argmax onto the
 /// convolution output it came from, in a per-thread buffer (where the ReLU zeroed that output,
 /// the forward left an argmax of `NOWHERE`); the direct loops take it from there, over
-/// only the pixels it reached (after a 3x3/2 max-pool, on MNIST, well under half). The sums
+/// only the pixels it reached (43% of conv1's on MNIST digits, in a probe with fresh weights). The sums
 /// run in the order of the unfused direct path and skip only exact zeros, so the two give the
 /// same bits.
 #[allow(clippy::too_many_arguments)]
