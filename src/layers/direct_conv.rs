@@ -100,27 +100,26 @@ impl Conv {
 
     /// Write sample `x` into `xp` (`padded_len()` floats) with zeros around it.
     fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
-        let ((hp, wp), c, win) = (self.padded_dims(), self.in_c, &self.win);
         xp.fill(0.0);
-        // A window need not reach the last rows or columns (VALID with a stride that does not
-        // divide): those are left out.
-        let rows = win.h.input.min(hp - win.h.pad_before);
-        let cols = win.w.input.min(wp - win.w.pad_before);
-        for iy in 0..rows {
-            let at = ((iy + win.h.pad_before) * wp + win.w.pad_before) * c;
-            xp[at..at + cols * c].copy_from_slice(&x[iy * win.w.input * c..][..cols * c]);
-        }
+        self.for_each_interior_row(|padded, at, len| xp[padded..padded + len].copy_from_slice(&x[at..at + len]));
     }
 
     /// Add the interior of a padded input gradient `dxp` into the sample's `dx`.
     fn add_unpadded(&self, dxp: &[f32], dx: &mut [f32]) {
+        self.for_each_interior_row(|padded, at, len| {
+            dx[at..at + len].iter_mut().zip(&dxp[padded..padded + len]).for_each(|(a, b)| *a += b);
+        });
+    }
+
+    /// `f(offset in the padded sample, offset in the sample, floats)` for each row of the sample
+    /// as it lies in the padded one. A window need not reach the last rows or columns (VALID
+    /// with a stride that does not divide): those are left out.
+    fn for_each_interior_row(&self, mut f: impl FnMut(usize, usize, usize)) {
         let ((hp, wp), c, win) = (self.padded_dims(), self.in_c, &self.win);
         let rows = win.h.input.min(hp - win.h.pad_before);
         let cols = win.w.input.min(wp - win.w.pad_before);
         for iy in 0..rows {
-            let at = ((iy + win.h.pad_before) * wp + win.w.pad_before) * c;
-            let d = &mut dx[iy * win.w.input * c..][..cols * c];
-            d.iter_mut().zip(&dxp[at..at + cols * c]).for_each(|(a, b)| *a += b);
+            f(((iy + win.h.pad_before) * wp + win.w.pad_before) * c, iy * win.w.input * c, cols * c);
         }
     }
 
