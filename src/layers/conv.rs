@@ -11,7 +11,7 @@ use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul};
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_sample};
 use super::scratch::{SCRATCH_A, give_back, take, take_zeroed, with_scratch};
-use super::simd::{L, Lanes, any_nonzero, load, store};
+use super::simd::{L, Lanes, load, store};
 use super::{Window, sample_ranges, split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
@@ -265,41 +265,28 @@ pub fn direct_pooled_backward(
         let db = db.expect("the bias gradient is asked for");
         let mut d_conv = take(conv.out_len());
         let mut pixels = Vec::with_capacity(corners.len());
+        // The bias gradient sums the rows that are not all zeros, in order, L channels at a
+        // time in registers: the additions of the unfused path less the exact zeros.
+        let full = db.len() - db.len() % L;
+        let mut sums: Vec<Lanes<L>> = db[..full].chunks_exact(L).map(|b| load(b, 0)).collect();
         for (j, n) in range.enumerate() {
             let at = n * pl..(n + 1) * pl;
-            max_pool_backward_sample(pool, &inverse, &d_pooled[at.clone()], &argmax[at], &mut d_conv);
             pixels.clear();
-            add_nonzero_rows(&d_conv, &corners, db, &mut pixels);
+            max_pool_backward_sample(pool, &inverse, &d_pooled[at.clone()], &argmax[at], &mut d_conv, |o, row, nonzero| {
+                if nonzero {
+                    pixels.push(corners[o]);
+                    sums.iter_mut().zip(row.chunks_exact(L)).for_each(|(s, g)| *s = *s + load(g, 0));
+                    db[full..].iter_mut().zip(&row[full..]).for_each(|(b, g)| *b += g);
+                }
+            });
             let dxs = dx.as_deref_mut().map(|d| &mut d[j * il..(j + 1) * il]);
             conv.direct_backward_sample(&input[n * il..(n + 1) * il], weight, &d_conv, &pixels, dw.as_deref_mut(), dxs);
         }
+        db[..full].chunks_exact_mut(L).zip(sums).for_each(|(b, s)| store(b, 0, s));
         give_back(d_conv);
     });
 }
 
-/// Add the rows of `d_conv` (one per output pixel) that are not all zeros into `db`, in order,
-/// and list their pixels' `corners` in `pixels`. The sums in registers, L channels at a time:
-/// the additions of the unfused path less the exact zeros.
-fn add_nonzero_rows(d_conv: &[f32], corners: &[(usize, usize)], db: &mut [f32], pixels: &mut Vec<(usize, usize)>) {
-    let c = db.len();
-    let mut sums: Vec<Lanes<L>> = db.chunks_exact(L).map(|b| load(b, 0)).collect();
-    for (row, corner) in d_conv.chunks_exact(c).zip(corners) {
-        if any_nonzero(row) {
-            pixels.push(*corner);
-            for (s, g) in sums.iter_mut().zip(row.chunks_exact(L)) {
-                *s = *s + load(g, 0);
-            }
-            for (b, g) in db[c - c % L..].iter_mut().zip(&row[c - c % L..]) {
-                *b += g;
-            }
-        }
-    }
-    for (b, s) in db.chunks_exact_mut(L).zip(sums) {
-        store(b, 0, s);
-    }
-}
-
-/// Forward over a batch as im2col + GEMM (grouped convolutions as towers).
 pub fn im2col_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     if conv.groups > 1 {
         return towers_forward(conv, batch, input, weight, bias, output);

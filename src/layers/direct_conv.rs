@@ -13,7 +13,7 @@
 
 use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
-use super::simd::{L, Lanes, any_nonzero, load, store};
+use super::simd::{L, Lanes, is_nonzero, load, store};
 
 impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
@@ -67,12 +67,9 @@ impl Conv {
         // Each padded row's nonzero pixels lie in columns first..end (end = 0: none).
         let spans: Vec<(usize, usize)> = xp
             .chunks_exact(wp * self.in_c)
-            .map(|row| {
-                let mut pixels = row.chunks_exact(self.in_c);
-                match pixels.position(any_nonzero) {
-                    Some(first) => (first, wp - pixels.rev().position(any_nonzero).unwrap_or(wp - 1 - first)),
-                    None => (wp, 0),
-                }
+            .map(|row| match (row.iter().position(|&v| is_nonzero(v)), row.iter().rposition(|&v| is_nonzero(v))) {
+                (Some(first), Some(last)) => (first / self.in_c, last / self.in_c + 1),
+                _ => (wp, 0),
             })
             .collect();
         debug_assert_eq!(spans.len(), hp);

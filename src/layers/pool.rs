@@ -103,31 +103,33 @@ pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut
         let o = o * c;
         // L channels at a time in registers (max and argmax as lane-wise selects), stored
         // once: conditional stores would become slow masked moves.
-        let full = c - c % L;
-        for cb in (0..full).step_by(L) {
-            pool_block::<L>(x, taps, cb, c, &mut y[o + cb..o + cb + L], &mut idx[o + cb..o + cb + L]);
-        }
-        for cb in full..c {
-            pool_block::<1>(x, taps, cb, c, &mut y[o + cb..o + cb + 1], &mut idx[o + cb..o + cb + 1]);
+        let mut cb = 0;
+        while cb < c {
+            cb += match c - cb {
+                n if n >= 4 * L => pool_block::<{ 4 * L }>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
+                n if n >= L => pool_block::<L>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
+                _ => pool_block::<1>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
+            };
         }
     });
 }
 
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
-fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u32]) {
+fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u32]) -> usize {
     let mut best = [f32::NEG_INFINITY; N];
     let mut arg = [(taps[0].1 * c) as u32; N];
     for base in taps.iter().map(|&(_, i)| i * c) {
         let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
         for l in 0..N {
-            let wins = xs[l] > best[l];
-            best[l] = if wins { xs[l] } else { best[l] };
-            arg[l] = if wins { base as u32 } else { arg[l] };
+            let wins = ((xs[l] > best[l]) as u32).wrapping_neg();
+            best[l] = f32::from_bits((xs[l].to_bits() & wins) | (best[l].to_bits() & !wins));
+            arg[l] = (base as u32 & wins) | (arg[l] & !wins);
         }
     }
-    y.copy_from_slice(&best);
-    idx.copy_from_slice(&arg);
+    y[..N].copy_from_slice(&best);
+    idx[..N].copy_from_slice(&arg);
+    N
 }
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
@@ -135,7 +137,7 @@ pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[
     let inverse = p.win.inverse_table();
     d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
         let at = n * p.out_len()..(n + 1) * p.out_len();
-        max_pool_backward_sample(p, &inverse, &d_output[at.clone()], &argmax[at], dx);
+        max_pool_backward_sample(p, &inverse, &d_output[at.clone()], &argmax[at], dx, |_, _, _| {});
     });
 }
 
@@ -145,22 +147,36 @@ pub(super) const NOWHERE: u32 = u32::MAX;
 /// Overwrite one sample's `dx` with the gradient that the pooled gradient `dy` sends back
 /// through its argmax `idx`. Gathered, not scattered: each input pixel sums, in output
 /// order, the gradients of the windows (`inverse`, from `Window::inverse_table`) that took
-/// their maximum there, in registers, L channels at a time, so every row is written once and
-/// nothing needs zeroing first. The sums are those of scattering in output order.
-pub(super) fn max_pool_backward_sample(p: &MaxPool, inverse: &WindowTable, dy: &[f32], idx: &[u32], dx: &mut [f32]) {
+/// their maximum there, in registers, 4L, L or 1 channels at a time, so every row is written
+/// once and nothing needs zeroing first. The sums are those of scattering in output order.
+/// `row_written(pixel, its row, whether any of it is nonzero)` follows each row while it is in
+/// cache (-0 counts as zero; the fused convolution backward skips the zero rows).
+pub(super) fn max_pool_backward_sample(
+    p: &MaxPool,
+    inverse: &WindowTable,
+    dy: &[f32],
+    idx: &[u32],
+    dx: &mut [f32],
+    mut row_written: impl FnMut(usize, &[f32], bool),
+) {
     let c = p.channels;
     inverse.for_each(|i, windows| {
-        let full = c - c % L;
-        for cb in (0..full).step_by(L) {
-            gather_block::<L>(windows, c, cb, (i * c) as u32, dy, idx, &mut dx[i * c + cb..i * c + cb + L]);
+        let (base, row) = ((i * c) as u32, &mut dx[i * c..(i + 1) * c]);
+        let (mut cb, mut bits) = (0, 0);
+        while cb < c {
+            let (n, b) = match c - cb {
+                n if n >= 4 * L => gather_block::<{ 4 * L }>(windows, c, cb, base, dy, idx, &mut row[cb..]),
+                n if n >= L => gather_block::<L>(windows, c, cb, base, dy, idx, &mut row[cb..]),
+                _ => gather_block::<1>(windows, c, cb, base, dy, idx, &mut row[cb..]),
+            };
+            (cb, bits) = (cb + n, bits | b);
         }
-        for cb in full..c {
-            gather_block::<1>(windows, c, cb, (i * c) as u32, dy, idx, &mut dx[i * c + cb..i * c + cb + 1]);
-        }
+        row_written(i, row, bits != 0);
     });
 }
 
-/// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel at offset `base`.
+/// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel at offset `base`:
+/// returns N and the OR of the sums' bits less their signs (nonzero where any sum is).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn gather_block<const N: usize>(
@@ -171,7 +187,7 @@ fn gather_block<const N: usize>(
     dy: &[f32],
     idx: &[u32],
     dx: &mut [f32],
-) {
+) -> (usize, u32) {
     let mut sum = [0.0f32; N];
     for &(_, o) in windows {
         let at = o * c + cb;
@@ -184,7 +200,8 @@ fn gather_block<const N: usize>(
             sum[l] += f32::from_bits(g[l].to_bits() & mask);
         }
     }
-    dx.copy_from_slice(&sum);
+    dx[..N].copy_from_slice(&sum);
+    (N, sum.iter().fold(0, |bits, v| bits | (v.to_bits() << 1)))
 }
 
 #[cfg(test)]
