@@ -221,7 +221,7 @@ pub fn direct_pooled_forward(
     weight: &[f32],
     bias: &[f32],
     pooled: &mut [f32],
-    argmax: &mut [u32],
+    argmax: &mut [u8],
 ) {
     let (il, pl) = (conv.in_len(), pool.out_len());
     let pool_windows = pool.win.table();
@@ -254,7 +254,7 @@ pub fn direct_pooled_backward(
     input: &[f32],
     weight: &[f32],
     d_pooled: &[f32],
-    argmax: &[u32],
+    argmax: &[u8],
     d_input: Option<&mut [f32]>,
     d_weight: Option<&mut [f32]>,
     d_bias: &mut [f32],

@@ -155,7 +155,7 @@ pub enum Mode {
 #[derive(Debug)]
 pub enum Saved {
     None,
-    Argmax(Vec<u32>),
+    Argmax(Vec<u8>),
     Values(Vec<f32>),
 }
 

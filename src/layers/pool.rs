@@ -28,6 +28,9 @@ pub struct MaxPool {
 
 impl Spec for MaxPoolSpec {
     fn resolve(&self, [h, w, c]: [usize; 3]) -> Result<Arc<dyn Layer>> {
+        if self.kernel > MAX_KERNEL {
+            bail!("a {0}x{0} max-pool: windows are at most {MAX_KERNEL}x{MAX_KERNEL} (each output's argmax is one byte)", self.kernel);
+        }
         let Some(win) = Window::new(h, w, self.kernel, self.stride, self.padding) else {
             bail!("a {0}x{0} max-pool does not fit input {h}x{w}x{c}", self.kernel);
         };
@@ -79,25 +82,25 @@ impl MaxPool {
     }
 }
 
-/// `argmax[i]` receives the offset, within the sample, of the input pixel (its channel 0)
-/// that output `i` copied; the channel is `i`'s own. Inference passes no `argmax`: the
+/// `argmax[i]` receives the tap (ky * k + kx) of output `i`'s window that it copied: one
+/// byte, a quarter of the memory traffic of a pixel offset. Inference passes no `argmax`: the
 /// indices then go to a per-thread buffer that stays in cache instead of a batch-sized one
 /// that costs memory bandwidth (50 MB for the seed model's pool1 at batch 1000).
-pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [f32], argmax: Option<&mut [u32]>) {
+pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [f32], argmax: Option<&mut [u8]>) {
     let y = &mut output[..batch * p.out_len()];
     let windows = p.win.table();
-    let sample = |n: usize, y: &mut [f32], idx: &mut [u32]| pool_sample(p, &windows, &input[n * p.in_len()..(n + 1) * p.in_len()], y, idx);
+    let sample = |n: usize, y: &mut [f32], idx: &mut [u8]| pool_sample(p, &windows, &input[n * p.in_len()..(n + 1) * p.in_len()], y, idx);
     match argmax {
         Some(a) => y
             .par_chunks_mut(p.out_len())
             .zip(a[..batch * p.out_len()].par_chunks_mut(p.out_len()))
             .enumerate()
             .for_each(|(n, (y, idx))| sample(n, y, idx)),
-        None => y.par_chunks_mut(p.out_len()).enumerate().for_each_init(|| vec![0u32; p.out_len()], |idx, (n, y)| sample(n, y, idx)),
+        None => y.par_chunks_mut(p.out_len()).enumerate().for_each_init(|| vec![0u8; p.out_len()], |idx, (n, y)| sample(n, y, idx)),
     }
 }
 
-pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut [f32], idx: &mut [u32]) {
+pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut [f32], idx: &mut [u8]) {
     let c = p.channels;
     windows.for_each(|o, taps| {
         let o = o * c;
@@ -116,15 +119,16 @@ pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut
 
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
-fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u32]) -> usize {
+fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u8]) -> usize {
     let mut best = [f32::NEG_INFINITY; N];
-    let mut arg = [(taps[0].1 * c) as u32; N];
-    for base in taps.iter().map(|&(_, i)| i * c) {
+    let mut arg = [taps[0].0 as u8; N];
+    for &(tap, i) in taps {
+        let base = i * c;
         let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
         for l in 0..N {
             let wins = ((xs[l] > best[l]) as u32).wrapping_neg();
             best[l] = f32::from_bits((xs[l].to_bits() & wins) | (best[l].to_bits() & !wins));
-            arg[l] = (base as u32 & wins) | (arg[l] & !wins);
+            arg[l] = (tap as u8 & wins as u8) | (arg[l] & !wins as u8);
         }
     }
     y[..N].copy_from_slice(&best);
@@ -133,7 +137,7 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: 
 }
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
-pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u32], d_input: &mut [f32]) {
+pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[u8], d_input: &mut [f32]) {
     let inverse = p.win.inverse_table();
     d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
         let at = n * p.out_len()..(n + 1) * p.out_len();
@@ -142,7 +146,10 @@ pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[
 }
 
 /// An argmax no input pixel has: an output marked so sends no gradient back.
-pub(super) const NOWHERE: u32 = u32::MAX;
+pub(super) const NOWHERE: u8 = u8::MAX;
+
+/// The largest max-pool window: its taps and `NOWHERE` fit a byte.
+const MAX_KERNEL: usize = 15;
 
 /// Overwrite one sample's `dx` with the gradient that the pooled gradient `dy` sends back
 /// through its argmax `idx`. Gathered, not scattered: each input pixel sums, in output
@@ -155,53 +162,45 @@ pub(super) fn max_pool_backward_sample(
     p: &MaxPool,
     inverse: &WindowTable,
     dy: &[f32],
-    idx: &[u32],
+    idx: &[u8],
     dx: &mut [f32],
     mut row_written: impl FnMut(usize, &[f32], bool),
 ) {
     let c = p.channels;
     inverse.for_each(|i, windows| {
-        let (base, row) = ((i * c) as u32, &mut dx[i * c..(i + 1) * c]);
-        let (mut cb, mut bits) = (0, 0);
+        let row = &mut dx[i * c..(i + 1) * c];
+        let (mut cb, mut nonzero) = (0, false);
         while cb < c {
             let (n, b) = match c - cb {
-                n if n >= 4 * L => gather_block::<{ 4 * L }>(windows, c, cb, base, dy, idx, &mut row[cb..]),
-                n if n >= L => gather_block::<L>(windows, c, cb, base, dy, idx, &mut row[cb..]),
-                _ => gather_block::<1>(windows, c, cb, base, dy, idx, &mut row[cb..]),
+                n if n >= 4 * L => gather_block::<{ 4 * L }>(windows, c, cb, dy, idx, &mut row[cb..]),
+                n if n >= L => gather_block::<L>(windows, c, cb, dy, idx, &mut row[cb..]),
+                _ => gather_block::<1>(windows, c, cb, dy, idx, &mut row[cb..]),
             };
-            (cb, bits) = (cb + n, bits | b);
+            (cb, nonzero) = (cb + n, nonzero | b);
         }
-        row_written(i, row, bits != 0);
+        row_written(i, row, nonzero);
     });
 }
 
-/// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel at offset `base`:
-/// returns N and the OR of the sums' bits less their signs (nonzero where any sum is).
-#[allow(clippy::too_many_arguments)]
+/// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel whose `windows`
+/// are given: returns N and whether any sum is nonzero (-0 counts as zero).
 #[inline(always)]
-fn gather_block<const N: usize>(
-    windows: &[(usize, usize)],
-    c: usize,
-    cb: usize,
-    base: u32,
-    dy: &[f32],
-    idx: &[u32],
-    dx: &mut [f32],
-) -> (usize, u32) {
+fn gather_block<const N: usize>(windows: &[(usize, usize)], c: usize, cb: usize, dy: &[f32], idx: &[u8], dx: &mut [f32]) -> (usize, bool) {
     let mut sum = [0.0f32; N];
-    for &(_, o) in windows {
-        let at = o * c + cb;
+    for &(tap, o) in windows {
+        let (at, tap) = (o * c + cb, tap as u8);
         let g: &[f32; N] = dy[at..at + N].try_into().expect("N channels");
-        let arg: &[u32; N] = idx[at..at + N].try_into().expect("N channels");
+        let arg: &[u8; N] = idx[at..at + N].try_into().expect("N channels");
         // Lane masks as bits (all ones or zero), which LLVM keeps in vector registers where
         // it would take bools one lane at a time.
         for l in 0..N {
-            let mask = ((arg[l] == base) as u32).wrapping_neg();
+            let mask = ((arg[l] == tap) as u32).wrapping_neg();
             sum[l] += f32::from_bits(g[l].to_bits() & mask);
         }
     }
     dx[..N].copy_from_slice(&sum);
-    (N, sum.iter().fold(0, |bits, v| bits | (v.to_bits() << 1)))
+    // A lane-wise test and an OR of the masks (an OR of the bits took ten instructions).
+    (N, sum.iter().fold(false, |any, v| any | (v.to_bits() << 1 != 0)))
 }
 
 #[cfg(test)]
@@ -215,6 +214,15 @@ mod tests {
     }
 
     #[test]
+    fn windows_beyond_a_byte_of_taps_are_refused_by_name() {
+        let spec = |kernel| MaxPoolSpec { kernel, stride: 1, padding: Padding::Valid };
+        assert!(spec(MAX_KERNEL).resolve([32, 32, 3]).is_ok());
+        let Err(err) = spec(MAX_KERNEL + 1).resolve([32, 32, 3]) else { panic!("a 16x16 max-pool resolved") };
+        let err = err.to_string();
+        assert!(err.contains("16x16 max-pool"), "{err}");
+    }
+
+    #[test]
     fn tf_same_pool_pads_only_at_the_end_for_even_input() {
         // 4x4 input 0..15, k=3 s=2 SAME: out 2x2, pad (0,1). Windows: rows {0,1,2},{2,3}.
         // TF gives [[10, 11], [14, 15]].
@@ -223,7 +231,7 @@ mod tests {
         let (mut y, mut idx) = (vec![0.0; 4], vec![0; 4]);
         max_pool_forward(&p, 1, &x, &mut y, Some(&mut idx));
         assert_eq!(y, vec![10.0, 11.0, 14.0, 15.0]);
-        assert_eq!(idx, vec![10, 11, 14, 15], "one channel: pixel offsets are indices");
+        assert_eq!(idx, vec![8, 7, 5, 4], "the taps (ky * 3 + kx) of 10, 11, 14, 15 in their windows");
     }
 
     #[test]
