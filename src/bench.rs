@@ -48,6 +48,8 @@ pub struct BenchResult {
     pub conv_algos_inference: std::collections::BTreeMap<String, ConvAlgos>,
     /// The layers a training step runs in one pass with the layer after them (`Layer::fuses_with`).
     pub fused: Vec<String>,
+    /// The same for inference.
+    pub fused_inference: Vec<String>,
     pub conv_algo_source: String,
     /// The measurements behind a choice made now: per layer, ms per pass and algorithm.
     pub conv_algo_times: Vec<(String, LayerTimes)>,
@@ -140,7 +142,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         .collect();
     // What the training steps ran (a fused pair runs direct loops whatever the plan said).
     let conv_algos_training = autotune::named_plan(model, &ws.conv_plan);
-    let fused = model.layers.iter().zip(&ws.fused).filter(|(_, f)| **f).map(|(l, _)| l.name.clone()).collect();
+    let fused_names = |ws: &Workspace| model.layers.iter().zip(&ws.fused).filter(|(_, f)| **f).map(|(l, _)| l.name.clone()).collect();
+    let fused = fused_names(&ws);
     drop(ws);
 
     let mut ews = Workspace::with_conv_plan(model, plan.infer_batch, false, tuned_infer.plan.clone());
@@ -183,7 +186,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         denormal_slowdown: denormal_slowdown(model),
         conv_algos_training,
         fused,
-        conv_algos_inference: autotune::named_plan(model, &tuned_infer.plan),
+        fused_inference: fused_names(&ews),
+        conv_algos_inference: autotune::named_plan(model, &ews.conv_plan),
         conv_algo_source: tuned_train.source,
         conv_algo_times: tuned_train.times.into_iter().chain(tuned_infer.times).collect(),
     })
@@ -205,10 +209,11 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
     .unwrap();
     writeln!(out, "convolution algorithms ({}):", r.conv_algo_source).unwrap();
     // A fused pair runs in one pass, sample by sample; `--layers` times it as its first layer.
-    let fused: Vec<bool> = model.layers.iter().map(|l| r.fused.contains(&l.name)).collect();
-    for (what, plan, fused) in [("training", &r.conv_algos_training, &fused[..]), ("inference", &r.conv_algos_inference, &[][..])] {
+    for (what, plan, fused) in [("training", &r.conv_algos_training, &r.fused), ("inference", &r.conv_algos_inference, &r.fused_inference)]
+    {
         let m_plan = crate::autotune::plan_from_names(model, plan);
-        writeln!(out, "  {what}: {}", model.describe_plan(&m_plan, fused)).unwrap();
+        let fused: Vec<bool> = model.layers.iter().map(|l| fused.contains(&l.name)).collect();
+        writeln!(out, "  {what}: {}", model.describe_plan(&m_plan, &fused)).unwrap();
     }
     writeln!(out, "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch)
         .unwrap();

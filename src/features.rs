@@ -29,7 +29,7 @@ pub fn extract(
     mut fill: impl FnMut(Range<usize>, &mut [f32]) -> Result<()>,
 ) -> Result<(usize, Vec<f32>)> {
     let dim: usize = model.shapes[layer + 1].iter().product();
-    let mut ws = Workspace::new(model, batch.min(count).max(1), false);
+    let mut ws = Workspace::keeping_outputs(model, batch.min(count).max(1));
     let bar = ProgressBar::new(count as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images  ETA {eta}").expect("valid template"));
     let mut values = Vec::with_capacity(count * dim);

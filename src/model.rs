@@ -292,8 +292,8 @@ pub struct Workspace {
     pub layer_seconds: Option<Vec<(f64, f64)>>,
     /// The convolutions' algorithms (chosen for this batch size, see `autotune`).
     pub conv_plan: ConvPlan,
-    /// `fused[i]`: a training pass runs layer i and layer i + 1 as one (`Layer::fuses_with`);
-    /// layer i's own output buffer is then not written.
+    /// `fused[i]`: a pass runs layer i and layer i + 1 as one (`Layer::fuses_with`); layer i's
+    /// own output buffer is then not written (`keeping_outputs` fuses nothing).
     pub fused: Vec<bool>,
 }
 
@@ -304,9 +304,19 @@ impl Workspace {
         Workspace::with_conv_plan(model, batch, training, model.heuristic_conv_plan())
     }
 
+    /// An evaluation workspace in which every layer's output is written (`layer_output`), for
+    /// features: no layers fused.
+    pub fn keeping_outputs(model: &Model, batch: usize) -> Workspace {
+        Workspace::build(model, batch, false, model.heuristic_conv_plan(), false)
+    }
+
     /// As `new`, with each convolution's algorithms given (an algorithm that does not apply
     /// to its layer falls back to the heuristic choice).
     pub fn with_conv_plan(model: &Model, batch: usize, training: bool, plan: ConvPlan) -> Workspace {
+        Workspace::build(model, batch, training, plan, true)
+    }
+
+    fn build(model: &Model, batch: usize, training: bool, plan: ConvPlan, fuse: bool) -> Workspace {
         let mut conv_plan: ConvPlan = model
             .layers
             .iter()
@@ -328,7 +338,7 @@ impl Workspace {
         for i in 1..model.layers.len() {
             // Layer i - 1 must not itself be the second of a fused pair.
             let free = i < 2 || !fused[i - 2];
-            if training && free && model.layers[i - 1].op.fuses_with(&*model.layers[i].op, conv_plan[i - 1]) {
+            if fuse && free && model.layers[i - 1].op.fuses_with(&*model.layers[i].op, conv_plan[i - 1]) {
                 fused[i - 1] = true;
                 // The pair's backward runs the convolution's direct loops for both gradients.
                 conv_plan[i - 1] = Some(ConvAlgos::all(ConvAlgo::Direct));
@@ -368,8 +378,10 @@ impl Workspace {
     }
 
     /// The output of layer `i` for the last forward pass's first `n` samples (a dropout layer
-    /// skipped at evaluation passes its input on).
+    /// skipped at evaluation passes its input on). Layer i must not be fused with the next
+    /// (`keeping_outputs`).
     pub fn layer_output(&self, model: &Model, i: usize, n: usize) -> &[f32] {
+        assert!(!self.fused[i], "{} ran fused with the next layer: its output was not written", model.layers[i].name);
         let at = if i + 1 < self.inputs_at.len() { self.inputs_at[i + 1] } else { self.logits_at };
         &self.acts[at][..n * model.shapes[i + 1].iter().product::<usize>()]
     }
@@ -669,7 +681,9 @@ mod tests {
         let blank = |i: usize| !(5..21).contains(&(i % 784 / 28)) || !(7..19).contains(&(i % 28)) || i.is_multiple_of(7);
         let x: Vec<f32> = random_vec(batch * 784, 4).iter().enumerate().map(|(i, v)| if blank(i) { 0.0 } else { v.abs() }).collect();
         let labels = [7u32, 1, 4, 0, 9];
-        let direct: ConvPlan = model.layers.iter().map(|l| l.conv().map(|_| ConvAlgos::all(ConvAlgo::Direct))).collect();
+        let plan_direct =
+            |model: &Model| -> ConvPlan { model.layers.iter().map(|l| l.conv().map(|_| ConvAlgos::all(ConvAlgo::Direct))).collect() };
+        let direct = plan_direct(&model);
         let mut fused = Workspace::with_conv_plan(&model, batch, true, direct.clone());
         assert_eq!(fused.fused.iter().filter(|&&f| f).count(), 3);
         assert!(
@@ -679,7 +693,8 @@ mod tests {
                     .starts_with("conv1 fwd direct, dx direct, dw direct, fused with pool1")
         );
         assert!(Workspace::new(&model, batch, true).fused[0], "the heuristic plan runs conv1 direct: fused");
-        assert!(!Workspace::new(&model, batch, false).fused.contains(&true), "evaluation keeps every output");
+        assert!(Workspace::new(&model, batch, false).fused[0], "evaluation fuses too");
+        assert!(!Workspace::keeping_outputs(&model, batch).fused.contains(&true), "features keep every output");
         let mut separate = Workspace::with_conv_plan(&model, batch, true, direct);
         separate.fused.fill(false);
         let step = |ws: &mut Workspace| {
@@ -692,6 +707,17 @@ mod tests {
         let (a, b) = (step(&mut fused), step(&mut separate));
         assert!(a.3.iter().all(|g| g.iter().any(|&v| v != 0.0)), "every parameter has a gradient");
         assert_eq!(a, b);
+        // Evaluation: fused without keeping the argmax, the same logits as unfused.
+        let logits = |ws: &mut Workspace| {
+            ws.input_mut().copy_from_slice(&x);
+            forward(&model, ws, batch, Mode::Eval);
+            ws.logits(batch, 10).to_vec()
+        };
+        let mut fused = Workspace::with_conv_plan(&model, batch, false, plan_direct(&model));
+        let mut separate = Workspace::with_conv_plan(&model, batch, false, plan_direct(&model));
+        separate.fused.fill(false);
+        assert_eq!(fused.fused.iter().filter(|&&f| f).count(), 3);
+        assert_eq!(logits(&mut fused), logits(&mut separate));
     }
 
     /// Model files from before keep-prob left the architecture carry `{"Dropout":{"keep":0.8}}`:

@@ -148,7 +148,7 @@ pub fn figure(model: &Model, req: &Request) -> Result<(Vec<u8>, (u32, u32))> {
     if q == 0 {
         bail!("no queries: give image files or --test-queries N");
     }
-    let mut ws = Workspace::new(model, q, false);
+    let mut ws = Workspace::keeping_outputs(model, q);
     ws.input_mut()[..q * il].copy_from_slice(&queries);
     let top = top5(model, &mut ws, q);
     let query_features = ws.layer_output(model, layer, q).to_vec();

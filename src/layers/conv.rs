@@ -210,8 +210,9 @@ pub fn direct_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], 
 
 /// Forward of a direct convolution and the max-pool after it, one sample at a time: each
 /// sample's convolution output stays in a per-thread buffer, in cache, and only the pooled
-/// output and its argmax reach memory. (Unfused, the seed model's conv1 writes 12.8 MB per
-/// batch of 64, which pool1 reads back and backward reads three more times.)
+/// output and its argmax (for training; inference passes none) reach memory. (Unfused, the
+/// seed model's conv1 writes 12.8 MB per batch of 64, which pool1 reads back and backward
+/// reads three more times; 200 MB per inference batch of 1000.)
 #[allow(clippy::too_many_arguments)]
 pub fn direct_pooled_forward(
     conv: &Conv,
@@ -221,22 +222,26 @@ pub fn direct_pooled_forward(
     weight: &[f32],
     bias: &[f32],
     pooled: &mut [f32],
-    argmax: &mut [u8],
+    argmax: Option<&mut [u8]>,
 ) {
     let (il, pl) = (conv.in_len(), pool.out_len());
     let pool_windows = pool.win.table();
-    pooled[..batch * pl].par_chunks_mut(pl).zip(argmax[..batch * pl].par_chunks_mut(pl)).enumerate().for_each_init(
-        || vec![0.0; conv.out_len()],
-        |y, (n, (p, idx))| {
-            conv.direct_forward_sample(&input[n * il..(n + 1) * il], weight, bias, y);
-            pool_sample(pool, &pool_windows, y, p, idx);
-            if conv.relu {
-                // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its argmax
-                // becomes one no pixel has, so backward routes nothing there without a test.
-                idx.iter_mut().zip(p.iter()).filter(|(_, v)| **v <= 0.0).for_each(|(i, _)| *i = NOWHERE);
-            }
-        },
-    );
+    let sample = |y: &mut Vec<f32>, n: usize, p: &mut [f32], idx: &mut [u8]| {
+        conv.direct_forward_sample(&input[n * il..(n + 1) * il], weight, bias, y);
+        pool_sample(pool, &pool_windows, y, p, idx);
+        if conv.relu {
+            // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its argmax
+            // becomes one no pixel has, so backward routes nothing there without a test.
+            idx.iter_mut().zip(p.iter()).filter(|(_, v)| **v <= 0.0).for_each(|(i, _)| *i = NOWHERE);
+        }
+    };
+    let pooled = pooled[..batch * pl].par_chunks_mut(pl).enumerate();
+    match argmax {
+        Some(argmax) => pooled
+            .zip(argmax[..batch * pl].par_chunks_mut(pl))
+            .for_each_init(|| vec![0.0; conv.out_len()], |y, ((n, p), idx)| sample(y, n, p, idx)),
+        None => pooled.for_each_init(|| (vec![0.0; conv.out_len()], vec![0; pl]), |(y, idx), (n, p)| sample(y, n, p, idx)),
+    }
 }
 
 /// Backward of `direct_pooled_forward`: overwrites `d_bias` and whichever of `d_input`,

@@ -92,8 +92,11 @@ impl Layer for Convolution {
     }
 
     fn forward_with_next(&self, next: &dyn Layer, f: Forward, next_saved: &mut Saved) {
-        let (Some(pool), Saved::Argmax(argmax)) = (next.downcast::<MaxPool>(), next_saved) else {
-            unreachable!("fused with a max-pool that keeps its argmax")
+        let Some(pool) = next.downcast::<MaxPool>() else { unreachable!("fused with a max-pool") };
+        // An evaluation workspace's pool keeps no argmax.
+        let argmax = match next_saved {
+            Saved::Argmax(argmax) => Some(&mut argmax[..]),
+            _ => None,
         };
         let [w, b] = f.params else { unreachable!("weight and bias") };
         direct_pooled_forward(&self.conv, pool, f.n, f.x, &w.value, &b.value, f.y, argmax);

@@ -45,7 +45,7 @@ pub trait Layer: Debug + Send + Sync + Any {
     fn forward(&self, pass: Forward);
     /// Fills the parameters' gradients (trainable ones) and `dx` when given; may overwrite `dy`.
     fn backward(&self, pass: Backward);
-    /// Whether a training pass runs this layer and `next` (the layer after it) as one, with
+    /// Whether a pass runs this layer and `next` (the layer after it) as one, with
     /// these algorithms: `forward_with_next` and `backward_with_next`, which never write this
     /// layer's own output. (A direct convolution and its max-pool, sample by sample in cache.)
     fn fuses_with(&self, _next: &dyn Layer, _algos: Option<ConvAlgos>) -> bool {
