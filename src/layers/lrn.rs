@@ -11,6 +11,7 @@
 
 use super::conv_algo::ConvAlgos;
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
+use super::simd::{L, Lanes, load, store};
 use crate::onnx_graph::{OnnxGraph, float, int};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -110,14 +111,22 @@ fn window_scale(p: &LrnParams, x: &[f32], sq: &mut [f32], scale: &mut [f32]) {
     for (s, v) in sq[r..r + c].iter_mut().zip(x) {
         *s = v * v;
     }
-    scale.fill(0.0);
-    for d in 0..=2 * r {
-        for (s, q) in scale.iter_mut().zip(&sq[d..d + c]) {
-            *s += q;
-        }
-    }
+    window_sums::<L>(sq, 2 * r + 1, scale);
     for s in scale.iter_mut() {
         *s = p.bias + p.alpha * *s;
+    }
+}
+
+/// `sums[i] = v[i] + v[i + 1] + ... + v[i + width - 1]`, added in that order, N at a time in
+/// registers (summed in place, each of the width passes would store and reload every sum).
+fn window_sums<const N: usize>(v: &[f32], width: usize, sums: &mut [f32]) {
+    let full = sums.len() - sums.len() % N;
+    for i in (0..full).step_by(N) {
+        let sum = (0..width).fold(Lanes::<N>::default(), |acc, d| acc + load::<N>(v, i + d));
+        store(sums, i, sum);
+    }
+    for (i, s) in sums.iter_mut().enumerate().skip(full) {
+        *s = v[i..i + width].iter().fold(0.0, |acc, x| acc + x);
     }
 }
 
@@ -168,12 +177,7 @@ pub fn lrn_backward(p: &LrnParams, channels: usize, input: &[f32], output: &[f32
                 for (((t, dy), y), s) in tbuf[r..r + channels].iter_mut().zip(dy).zip(y).zip(s) {
                     *t = dy * y / s;
                 }
-                acc.fill(0.0);
-                for d in 0..=2 * r {
-                    for (a, t) in acc.iter_mut().zip(&tbuf[d..d + channels]) {
-                        *a += t;
-                    }
-                }
+                window_sums::<L>(&tbuf, 2 * r + 1, &mut acc);
                 let k = 2.0 * p.alpha * p.beta;
                 for ((((dx, dy), s), x), a) in dx.iter_mut().zip(dy).zip(s).zip(x).zip(&acc) {
                     *dx = dy * inv_pow(*s) - k * x * a;
@@ -206,13 +210,28 @@ mod tests {
     }
 
     #[test]
+    fn window_sums_match_a_plain_loop_at_both_widths() {
+        let v = random_vec(64 + 23 + 8, 3);
+        for width in [1, 3, 5, 9] {
+            for len in [3, 16, 64, 87] {
+                let naive: Vec<f32> = (0..len).map(|i| (0..width).fold(0.0, |a, d| a + v[i + d])).collect();
+                let (mut s8, mut s16) = (vec![0.0; len], vec![0.0; len]);
+                window_sums::<8>(&v, width, &mut s8);
+                window_sums::<16>(&v, width, &mut s16);
+                assert_eq!((&s8, &s16), (&naive, &naive), "width {width}, {len} channels");
+            }
+        }
+    }
+
+    #[test]
     fn backward_matches_finite_differences() {
         for p in [
             LrnParams { depth_radius: 4, bias: 1.0, alpha: 0.001 / 9.0, beta: 0.75 },
             LrnParams { depth_radius: 2, bias: 2.0, alpha: 0.3, beta: 0.75 },
             LrnParams { depth_radius: 1, bias: 0.5, alpha: 0.2, beta: 0.6 },
         ] {
-            let c = 11;
+            // 11 channels take the one-lane tail of the window sums, 37 the vector blocks too.
+            for c in [11, 37] {
             let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
             let r = random_vec(x.len(), 22);
             let fwd = |x: &[f32]| {
@@ -224,6 +243,7 @@ mod tests {
             let mut dx = vec![0.0; x.len()];
             lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
             check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+            }
         }
     }
 }
