@@ -292,6 +292,7 @@ pub fn direct_pooled_backward(
     });
 }
 
+/// Forward over a batch as im2col + GEMM (grouped convolutions as towers).
 pub fn im2col_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     if conv.groups > 1 {
         return towers_forward(conv, batch, input, weight, bias, output);

@@ -104,8 +104,8 @@ pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut
     let c = p.channels;
     windows.for_each(|o, taps| {
         let o = o * c;
-        // L channels at a time in registers (max and argmax as lane-wise selects), stored
-        // once: conditional stores would become slow masked moves.
+        // 4L, L or 1 channels at a time in registers (max and argmax as lane-wise selects),
+        // stored once: conditional stores would become slow masked moves.
         let mut cb = 0;
         while cb < c {
             cb += match c - cb {
@@ -125,6 +125,8 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: 
     for &(tap, i) in taps {
         let base = i * c;
         let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
+        // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept the
+        // running maxima on the stack and updated them with masked stores.
         for l in 0..N {
             let wins = ((xs[l] > best[l]) as u32).wrapping_neg();
             best[l] = f32::from_bits((xs[l].to_bits() & wins) | (best[l].to_bits() & !wins));
