@@ -256,18 +256,21 @@ mod tests {
 
     #[test]
     fn backward_routes_to_argmax_and_matches_finite_differences() {
-        let p = pool(7, 6, 3);
-        let batch = 2;
-        let x = random_vec(batch * p.in_len(), 11);
-        let r = random_vec(batch * p.out_len(), 12);
-        let forward = |x: &[f32]| {
-            let (mut y, mut idx) = (vec![0.0; batch * p.out_len()], vec![0; batch * p.out_len()]);
-            max_pool_forward(&p, batch, x, &mut y, Some(&mut idx));
-            (y, idx)
-        };
-        let (_, idx) = forward(&x);
-        let mut dx = vec![0.0; x.len()];
-        max_pool_backward(&p, batch, &r, &idx, &mut dx);
-        check_grad("maxpool dx", &x, &dx, |x| forward(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+        // 3 channels take the one-channel blocks; 70 the 4L- and L-channel blocks too.
+        for c in [3, 70] {
+            let p = pool(7, 6, c);
+            let batch = 2;
+            let x = random_vec(batch * p.in_len(), 11);
+            let r = random_vec(batch * p.out_len(), 12);
+            let forward = |x: &[f32]| {
+                let (mut y, mut idx) = (vec![0.0; batch * p.out_len()], vec![0; batch * p.out_len()]);
+                max_pool_forward(&p, batch, x, &mut y, Some(&mut idx));
+                (y, idx)
+            };
+            let (_, idx) = forward(&x);
+            let mut dx = vec![0.0; x.len()];
+            max_pool_backward(&p, batch, &r, &idx, &mut dx);
+            check_grad("maxpool dx", &x, &dx, |x| forward(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+        }
     }
 }
