@@ -13,7 +13,7 @@
 
 use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
-use super::simd::{L, Lanes, is_nonzero, load, store};
+use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
 
 impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
@@ -134,14 +134,7 @@ impl Conv {
         let cout_g = self.out_c / self.groups;
         for g in 0..self.groups {
             let offsets = self.row_offsets(g);
-            let mut c = g * cout_g;
-            while c < (g + 1) * cout_g {
-                c += match (g + 1) * cout_g - c {
-                    r if r >= 4 * L => self.forward_channels::<{ 4 * L }>(xp, zero, &offsets, weight, bias, y, c),
-                    r if r >= L => self.forward_channels::<L>(xp, zero, &offsets, weight, bias, y, c),
-                    _ => self.forward_channels::<1>(xp, zero, &offsets, weight, bias, y, c),
-                };
-            }
+            for_lane_blocks!(g * cout_g..(g + 1) * cout_g, |c, N| self.forward_channels::<N>(xp, zero, &offsets, weight, bias, y, c));
         }
     }
 
@@ -158,7 +151,7 @@ impl Conv {
         bias: &[f32],
         y: &mut [f32],
         c: usize,
-    ) -> usize {
+    ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
         let rows = |o: usize, n: usize| if zero[o..o + n].iter().all(|&z| z) { &offsets[..0] } else { offsets };
         for oy in 0..self.win.h.output {
@@ -175,7 +168,6 @@ impl Conv {
                 ox += 1;
             }
         }
-        N
     }
 
     /// Channels `c..c + N` of the `P` pixels from `o` on (one output row), the first pixel's
@@ -243,14 +235,7 @@ impl Conv {
     ) -> usize {
         let offsets: [usize; T] = offsets[..T].try_into().expect("T rows");
         let cout_g = self.out_c / self.groups;
-        let mut c = c0;
-        while c < c0 + cout_g {
-            c += match c0 + cout_g - c {
-                n if n >= 4 * L => self.weight_grad_block::<{ 4 * L }, T>(xp, dy, pixels, dw, offsets, r, c),
-                n if n >= L => self.weight_grad_block::<L, T>(xp, dy, pixels, dw, offsets, r, c),
-                _ => self.weight_grad_block::<1, T>(xp, dy, pixels, dw, offsets, r, c),
-            };
-        }
+        for_lane_blocks!(c0..c0 + cout_g, |c, N| self.weight_grad_block::<N, T>(xp, dy, pixels, dw, offsets, r, c));
         T
     }
 
@@ -265,7 +250,7 @@ impl Conv {
         offsets: [usize; T],
         r: usize,
         c: usize,
-    ) -> usize {
+    ) {
         let oc = self.out_c;
         let mut acc = [Lanes::<N>::default(); T];
         for &(o, corner) in pixels {
@@ -278,7 +263,6 @@ impl Conv {
             let at = (r + t) * oc + c;
             store(dw, at, load::<N>(dw, at) + a);
         }
-        N
     }
 
     /// Input gradient of one sample, added into `dx`, through the padded buffer `dxp`:

@@ -5,7 +5,7 @@
 //! the gradient to exactly that input, as TF and PyTorch do.
 
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use super::simd::L;
+use super::simd::for_lane_blocks;
 use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
@@ -106,20 +106,13 @@ pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut
         let o = o * c;
         // 4L, L or 1 channels at a time in registers (max and argmax as lane-wise selects),
         // stored once: conditional stores would become slow masked moves.
-        let mut cb = 0;
-        while cb < c {
-            cb += match c - cb {
-                n if n >= 4 * L => pool_block::<{ 4 * L }>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
-                n if n >= L => pool_block::<L>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
-                _ => pool_block::<1>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]),
-            };
-        }
+        for_lane_blocks!(0..c, |cb, N| pool_block::<N>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]));
     });
 }
 
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
-fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u8]) -> usize {
+fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u8]) {
     let mut best = [f32::NEG_INFINITY; N];
     let mut arg = [taps[0].0 as u8; N];
     for &(tap, i) in taps {
@@ -135,7 +128,6 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: 
     }
     y[..N].copy_from_slice(&best);
     idx[..N].copy_from_slice(&arg);
-    N
 }
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
@@ -171,23 +163,16 @@ pub(super) fn max_pool_backward_sample(
     let c = p.channels;
     inverse.for_each(|i, windows| {
         let row = &mut dx[i * c..(i + 1) * c];
-        let (mut cb, mut nonzero) = (0, false);
-        while cb < c {
-            let (n, b) = match c - cb {
-                n if n >= 4 * L => gather_block::<{ 4 * L }>(windows, c, cb, dy, idx, &mut row[cb..]),
-                n if n >= L => gather_block::<L>(windows, c, cb, dy, idx, &mut row[cb..]),
-                _ => gather_block::<1>(windows, c, cb, dy, idx, &mut row[cb..]),
-            };
-            (cb, nonzero) = (cb + n, nonzero | b);
-        }
+        let mut nonzero = false;
+        for_lane_blocks!(0..c, |cb, N| nonzero |= gather_block::<N>(windows, c, cb, dy, idx, &mut row[cb..]));
         row_written(i, row, nonzero);
     });
 }
 
 /// `max_pool_backward_sample` for channels `cb..cb + N` of the input pixel whose `windows`
-/// are given: returns N and whether any sum is nonzero (-0 counts as zero).
+/// are given: returns whether any sum is nonzero (-0 counts as zero).
 #[inline(always)]
-fn gather_block<const N: usize>(windows: &[(usize, usize)], c: usize, cb: usize, dy: &[f32], idx: &[u8], dx: &mut [f32]) -> (usize, bool) {
+fn gather_block<const N: usize>(windows: &[(usize, usize)], c: usize, cb: usize, dy: &[f32], idx: &[u8], dx: &mut [f32]) -> bool {
     let mut sum = [0.0f32; N];
     for &(tap, o) in windows {
         let (at, tap) = (o * c + cb, tap as u8);
@@ -202,7 +187,7 @@ fn gather_block<const N: usize>(windows: &[(usize, usize)], c: usize, cb: usize,
     }
     dx[..N].copy_from_slice(&sum);
     // A lane-wise test and an OR of the masks (an OR of the bits took ten instructions).
-    (N, sum.iter().fold(false, |any, v| any | (v.to_bits() << 1 != 0)))
+    sum.iter().fold(false, |any, v| any | (v.to_bits() << 1 != 0))
 }
 
 #[cfg(test)]

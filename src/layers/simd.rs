@@ -80,6 +80,37 @@ impl<const N: usize> Lanes<N> {
     }
 }
 
+/// Run `$body` over the channels `$range` in blocks of 4L, L, then 1 channels: `$c` is a
+/// block's first channel and `$n` its width, as a constant, since the kernels take it as a
+/// const generic (which a closure cannot pass on). Four vectors a block hide the latency of
+/// the kernels' dependent adds; the narrower blocks take what is left.
+macro_rules! for_lane_blocks {
+    ($range:expr, |$c:ident, $n:ident| $body:expr) => {{
+        let range: std::ops::Range<usize> = $range;
+        let mut $c = range.start;
+        while $c < range.end {
+            $c += match range.end - $c {
+                left if left >= 4 * $crate::layers::simd::L => {
+                    const $n: usize = 4 * $crate::layers::simd::L;
+                    $body;
+                    $n
+                }
+                left if left >= $crate::layers::simd::L => {
+                    const $n: usize = $crate::layers::simd::L;
+                    $body;
+                    $n
+                }
+                _ => {
+                    const $n: usize = 1;
+                    $body;
+                    $n
+                }
+            };
+        }
+    }};
+}
+pub(crate) use for_lane_blocks;
+
 /// Whether `v` is nonzero (-0 counts as zero): its bits less the sign.
 #[inline(always)]
 pub fn is_nonzero(v: f32) -> bool {
