@@ -14,7 +14,7 @@ pub enum ConvAlgo {
     Direct,
     /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
     Im2col,
-    /// Winograd F(4x4, 3x3): 3x3 stride-1 SAME layers only.
+    /// Winograd F(4x4, 3x3) and F(2x2, 5x5): 3x3 and 5x5 stride-1 SAME layers, one group.
     Winograd,
 }
 
@@ -91,7 +91,7 @@ pub fn forward(
     match algo {
         ConvAlgo::Direct => direct_forward(conv, batch, input, weight, bias, output),
         ConvAlgo::Im2col => im2col_forward(conv, batch, input, weight, bias, output),
-        ConvAlgo::Winograd => winograd::conv3x3_forward(conv, batch, input, weight, bias, output, saved),
+        ConvAlgo::Winograd => winograd::forward(conv, batch, input, weight, bias, output, saved),
     }
 }
 
@@ -156,9 +156,7 @@ pub fn gradients(
     match algo {
         ConvAlgo::Direct => direct_backward(conv, batch, input, weight, d_output, d_input, d_weight),
         ConvAlgo::Im2col => im2col_backward(conv, batch, input, weight, d_output, d_input, d_weight),
-        ConvAlgo::Winograd => {
-            winograd::conv3x3_backward(conv, batch, saved.expect("Winograd keeps its transforms"), d_output, d_input, d_weight)
-        }
+        ConvAlgo::Winograd => winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), d_output, d_input, d_weight),
     }
 }
 
@@ -331,6 +329,8 @@ mod tests {
             (mk(14, 14, 3, 1, Padding::Same, 16, 32, 1, true), 3),
             (mk(7, 7, 3, 1, Padding::Same, 32, 16, 1, true), 5),
             (mk(5, 9, 3, 1, Padding::Explicit(1), 16, 48, 1, false), 1),
+            (mk(9, 9, 5, 1, Padding::Same, 16, 32, 1, true), 2),
+            (mk(5, 7, 5, 1, Padding::Explicit(2), 32, 16, 1, false), 1),
         ] {
             check_every_algorithm(&c, batch, 64);
         }
