@@ -14,7 +14,7 @@ pub enum ConvAlgo {
     Direct,
     /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
     Im2col,
-    /// Winograd F(4x4, 3x3) and F(2x2, 5x5): 3x3 and 5x5 stride-1 SAME layers, one group.
+    /// Winograd F(4x4, 3x3) and F(2x2, 5x5): 3x3 and 5x5 stride-1 SAME layers.
     Winograd,
 }
 
@@ -331,6 +331,8 @@ mod tests {
             (mk(5, 9, 3, 1, Padding::Explicit(1), 16, 48, 1, false), 1),
             (mk(9, 9, 5, 1, Padding::Same, 16, 32, 1, true), 2),
             (mk(5, 7, 5, 1, Padding::Explicit(2), 32, 16, 1, false), 1),
+            (mk(7, 6, 3, 1, Padding::Same, 16, 32, 2, true), 2),
+            (mk(9, 8, 5, 1, Padding::Same, 32, 16, 2, true), 2),
         ] {
             check_every_algorithm(&c, batch, 64);
         }

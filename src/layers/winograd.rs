@@ -8,9 +8,10 @@
 //! multiplications instead of 144 (3x3: 16 outputs x 9 taps) or 100 (5x5: 4 outputs x 25
 //! taps). The elementwise products summed over input channels become 36 independent GEMMs,
 //! `M[xi] = V[xi] U[xi]` with `V[xi]` of shape tiles x in_c and `U[xi]` in_c x out_c, so the
-//! work stays in the `gemm` crate. On the seed model's 14x14 and 7x7 layers (tiles padded to
-//! 16x16 and 8x8) that is 3x fewer flops than im2col, on AlexNet's 27x27 conv2 (padded to
-//! 28x28) 2.6x, in all three passes:
+//! work stays in the `gemm` crate (for grouped layers, like the two-tower AlexNet's, one GEMM
+//! per group on its blocks of V, U and M). On the seed model's 14x14 and 7x7 layers (tiles
+//! padded to 16x16 and 8x8) that is 3x fewer flops than im2col, on AlexNet's 27x27 conv2
+//! (padded to 28x28) 2.6x, in all three passes:
 //!
 //! - forward: `Y = A^T (V U) A`;
 //! - weight gradient: `dU[xi] = V[xi]^T dM[xi]` with `dM = A dY A^T`, then `dW = G^T dU G`;
@@ -51,7 +52,6 @@ pub fn applies(conv: &Conv) -> bool {
     let w = &conv.win;
     (w.kernel == 3 || w.kernel == 5)
         && w.stride == 1
-        && conv.groups == 1
         && w.h.pad_before == w.kernel / 2
         && w.w.pad_before == w.kernel / 2
         && w.h.output == w.h.input
@@ -108,7 +108,7 @@ fn tiles_per_sample(conv: &Conv) -> usize {
 }
 
 fn u_len(conv: &Conv) -> usize {
-    XI * conv.in_c * conv.out_c
+    XI * (conv.in_c / conv.groups) * conv.out_c
 }
 
 /// Floats a training forward pass keeps for backward: U, then V of every tile of the batch.
@@ -239,15 +239,16 @@ fn two_d<const N: usize, const S: usize, const T: usize>(
     out
 }
 
-/// U[ci][xi][co] = (G g G^T)[xi] for every channel pair, from HWIO weights. The layout makes
-/// U[xi] an in_c x out_c matrix with row stride 36 * out_c.
+/// U[ci][xi][co] = (G g G^T)[xi] for every weight's channel pair (ci counting within the
+/// group, as in the HWIO weights). The layout makes U[xi] an (in_c / groups) x out_c matrix
+/// with row stride 36 * out_c, whose column block g is group g's.
 fn transform_weights<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(conv: &Conv, weight: &[f32], u: &mut [f32]) {
-    let (cin, cout) = (conv.in_c, conv.out_c);
+    let (cin_g, cout) = (conv.in_c / conv.groups, conv.out_c);
     u.par_chunks_mut(XI * cout).enumerate().for_each(|(ci, u)| {
         for co in (0..cout).step_by(N) {
             let mut gk = [[Lanes::<N>::default(); R]; R];
             for (k, v) in gk.iter_mut().flatten().enumerate() {
-                *v = load(weight, (k * cin + ci) * cout + co);
+                *v = load(weight, (k * cin_g + ci) * cout + co);
             }
             for (xi, v) in two_d(&gk, T::g).iter().flatten().enumerate() {
                 store(u, xi * cout + co, *v);
@@ -300,9 +301,10 @@ fn transform_input<const N: usize, const M: usize>(conv: &Conv, input: &[f32], c
     }
 }
 
-/// Matrix `xi` of a `[row][xi][col]` tensor, as a GEMM operand (transposed if `t`).
-fn slab(data: &[f32], cols: usize, xi: usize, t: bool) -> Operand<'_> {
-    let s = &data[xi * cols..];
+/// Matrix `xi` of a `[row][xi][col]` tensor from column `col` on (a group's block), as a GEMM
+/// operand (transposed if `t`).
+fn slab(data: &[f32], cols: usize, xi: usize, col: usize, t: bool) -> Operand<'_> {
+    let s = &data[xi * cols + col..];
     if t { Operand::t(s, XI * cols) } else { Operand::new(s, XI * cols) }
 }
 
@@ -316,7 +318,8 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
     output: &mut [f32],
     saved: Option<&mut Vec<f32>>,
 ) {
-    let (cin, cout) = (conv.in_c, conv.out_c);
+    let (cin, cout, groups) = (conv.in_c, conv.out_c, conv.groups);
+    let (cin_g, cout_g) = (cin / groups, cout / groups);
     let tps = tiles_per_sample(conv);
     let mut u_own = Vec::new();
     let owned = saved.is_none();
@@ -347,14 +350,14 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
             let mut run = |v: &mut [f32]| {
                 transform_input::<N, M>(conv, input, chunk.clone(), v);
                 with_scratch(&SCRATCH_B, XI * t_count * cout, |m| {
-                    for xi in 0..XI {
+                    for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))) {
                         matmul(
                             t_count,
-                            cout,
-                            cin,
-                            slab(v, cin, xi, false),
-                            slab(u, cout, xi, false),
-                            &mut m[xi * cout..],
+                            cout_g,
+                            cin_g,
+                            slab(v, cin, xi, g * cin_g, false),
+                            slab(u, cout, xi, g * cout_g, false),
+                            &mut m[xi * cout + g * cout_g..],
                             XI * cout,
                             false,
                         );
@@ -434,7 +437,8 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
     d_input: Option<&mut [f32]>,
     d_weight: Option<&mut [f32]>,
 ) {
-    let (cin, cout) = (conv.in_c, conv.out_c);
+    let (cin, cout, groups) = (conv.in_c, conv.out_c, conv.groups);
+    let (cin_g, cout_g) = (cin / groups, cout / groups);
     let (u, v_all) = saved.split_at(u_len(conv));
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let pad = conv.win.h.pad_before;
@@ -473,21 +477,22 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
                         }
                     }
                 }
-                // dU[xi] += V[xi]^T dM[xi]
-                for xi in (0..XI).filter(|_| want_dw) {
-                    matmul(cin, cout, t_count, slab(v, cin, xi, true), slab(dm, cout, xi, false), &mut du[xi * cout..], XI * cout, nth > 0);
+                // dU[xi] += V[xi]^T dM[xi], group by group.
+                for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))).filter(|_| want_dw) {
+                    let (v_g, dm_g) = (slab(v, cin, xi, g * cin_g, true), slab(dm, cout, xi, g * cout_g, false));
+                    matmul(cin_g, cout_g, t_count, v_g, dm_g, &mut du[xi * cout + g * cout_g..], XI * cout, nth > 0);
                 }
                 let Some(dx) = dx.as_deref_mut() else { return };
                 with_scratch(&SCRATCH_C, XI * t_count * cin, |dv| {
                     // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the 6x6 input tiles.
-                    for xi in 0..XI {
+                    for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))) {
                         matmul(
                             t_count,
-                            cin,
-                            cout,
-                            slab(dm, cout, xi, false),
-                            slab(u, cout, xi, true),
-                            &mut dv[xi * cin..],
+                            cin_g,
+                            cout_g,
+                            slab(dm, cout, xi, g * cout_g, false),
+                            slab(u, cout, xi, g * cout_g, true),
+                            &mut dv[xi * cin + g * cin_g..],
                             XI * cin,
                             false,
                         );
@@ -525,7 +530,7 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
     let mut du = take(u_len(conv));
     sum_partials(partials, &mut du);
     // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
-    let mut by_channel = take(R * R * cin * cout);
+    let mut by_channel = take(R * R * cin_g * cout);
     by_channel.par_chunks_mut(R * R * cout).zip(du.par_chunks(XI * cout)).for_each(|(dw, du)| {
         for co in (0..cout).step_by(N) {
             let mut ut = [[Lanes::<N>::default(); 6]; 6];
@@ -537,7 +542,7 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
             }
         }
     });
-    d_weight.par_chunks_mut(cin * cout).enumerate().for_each(|(k, dw)| {
+    d_weight.par_chunks_mut(cin_g * cout).enumerate().for_each(|(k, dw)| {
         for (ci, row) in dw.chunks_exact_mut(cout).enumerate() {
             row.copy_from_slice(&by_channel[(ci * R * R + k) * cout..(ci * R * R + k + 1) * cout]);
         }
@@ -568,9 +573,10 @@ mod tests {
         w: usize,
         cin: usize,
         cout: usize,
+        groups: usize,
         batch: usize,
     ) {
-        let conv = Conv { win: Window::new(h, w, R, 1, Padding::Same).unwrap(), in_c: cin, out_c: cout, groups: 1, relu: true };
+        let conv = Conv { win: Window::new(h, w, R, 1, Padding::Same).unwrap(), in_c: cin, out_c: cout, groups, relu: true };
         assert!(applies(&conv));
         // Rounding grows with the taps summed: 3x3 kernels stay within 1e-5 of the largest
         // value; 5x5 ones (AlexNet's conv2 at batch 5: 1.1e-5 in the weight gradient) get 25/9
@@ -598,29 +604,36 @@ mod tests {
     }
 
     /// Both variants at both vector widths on any machine: 16 lanes (AVX-512's) and 8 (AVX2's)
-    /// give the same results, on tile-aligned and ragged maps (5x5 also smaller than a tile).
+    /// give the same results, on tile-aligned and ragged maps (5x5 also smaller than a tile),
+    /// with one group and with two (groups need not be a multiple of the width).
     #[test]
     fn both_vector_widths_match_im2col() {
-        for (h, w, cin, cout, batch) in [(8, 8, 16, 32, 2), (14, 14, 32, 16, 3), (7, 7, 16, 16, 5), (5, 9, 48, 16, 1)] {
-            matches_im2col_at::<8, 4, 3, F4x3>(h, w, cin, cout, batch);
-            matches_im2col_at::<16, 4, 3, F4x3>(h, w, cin, cout, batch);
+        for (h, w, cin, cout, groups, batch) in
+            [(8, 8, 16, 32, 1, 2), (14, 14, 32, 16, 1, 3), (7, 7, 16, 16, 1, 5), (5, 9, 48, 16, 1, 1), (7, 6, 16, 32, 2, 2)]
+        {
+            matches_im2col_at::<8, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<16, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
         }
-        for (h, w, cin, cout, batch) in [(8, 8, 16, 32, 2), (9, 9, 32, 16, 3), (5, 7, 16, 16, 2), (1, 3, 16, 32, 2)] {
-            matches_im2col_at::<8, 2, 5, F2x5>(h, w, cin, cout, batch);
-            matches_im2col_at::<16, 2, 5, F2x5>(h, w, cin, cout, batch);
+        for (h, w, cin, cout, groups, batch) in
+            [(8, 8, 16, 32, 1, 2), (9, 9, 32, 16, 1, 3), (5, 7, 16, 16, 1, 2), (1, 3, 16, 32, 1, 2), (9, 8, 32, 16, 2, 2)]
+        {
+            matches_im2col_at::<8, 2, 5, F2x5>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<16, 2, 5, F2x5>(h, w, cin, cout, groups, batch);
         }
         // Channels that are multiples of 8 only run at 8 lanes.
-        matches_im2col_at::<8, 4, 3, F4x3>(6, 6, 8, 24, 2);
-        matches_im2col_at::<8, 2, 5, F2x5>(6, 6, 8, 24, 2);
+        matches_im2col_at::<8, 4, 3, F4x3>(6, 6, 8, 24, 1, 2);
+        matches_im2col_at::<8, 2, 5, F2x5>(6, 6, 8, 24, 1, 2);
     }
 
-    /// The seed model's conv2 and conv3 and AlexNet's conv2 at batches that give each thread
-    /// several forward and backward chunks (the dU accumulation across chunks, V kept per chunk).
+    /// The seed model's conv2 and conv3 and AlexNet's conv2 (one tower and two) at batches
+    /// that give each thread several forward and backward chunks (the dU accumulation across
+    /// chunks, V kept per chunk, chunks ending inside a sample).
     #[test]
-    #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 5-140")]
+    #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 4-140")]
     fn several_chunks_per_thread_match_im2col() {
-        matches_im2col_at::<L, 4, 3, F4x3>(14, 14, 64, 128, 40);
-        matches_im2col_at::<L, 4, 3, F4x3>(7, 7, 128, 256, 140);
-        matches_im2col_at::<L, 2, 5, F2x5>(27, 27, 96, 256, 5);
+        matches_im2col_at::<L, 4, 3, F4x3>(14, 14, 64, 128, 1, 40);
+        matches_im2col_at::<L, 4, 3, F4x3>(7, 7, 128, 256, 1, 140);
+        matches_im2col_at::<L, 2, 5, F2x5>(27, 27, 96, 256, 1, 5);
+        matches_im2col_at::<L, 2, 5, F2x5>(27, 27, 96, 256, 2, 4);
     }
 }
