@@ -308,6 +308,11 @@ fn slab(data: &[f32], cols: usize, xi: usize, col: usize, t: bool) -> Operand<'_
     if t { Operand::t(s, XI * cols) } else { Operand::new(s, XI * cols) }
 }
 
+/// Every (transformed point, group) pair: one GEMM each.
+fn point_groups(groups: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..XI).flat_map(move |xi| (0..groups).map(move |g| (xi, g)))
+}
+
 /// `forward` at `N` lanes, for variant `T`.
 fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
     conv: &Conv,
@@ -350,7 +355,7 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
             let mut run = |v: &mut [f32]| {
                 transform_input::<N, M>(conv, input, chunk.clone(), v);
                 with_scratch(&SCRATCH_B, XI * t_count * cout, |m| {
-                    for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))) {
+                    for (xi, g) in point_groups(groups) {
                         matmul(
                             t_count,
                             cout_g,
@@ -478,14 +483,14 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
                     }
                 }
                 // dU[xi] += V[xi]^T dM[xi], group by group.
-                for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))).filter(|_| want_dw) {
+                for (xi, g) in point_groups(groups).filter(|_| want_dw) {
                     let (v_g, dm_g) = (slab(v, cin, xi, g * cin_g, true), slab(dm, cout, xi, g * cout_g, false));
                     matmul(cin_g, cout_g, t_count, v_g, dm_g, &mut du[xi * cout + g * cout_g..], XI * cout, nth > 0);
                 }
                 let Some(dx) = dx.as_deref_mut() else { return };
                 with_scratch(&SCRATCH_C, XI * t_count * cin, |dv| {
                     // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the 6x6 input tiles.
-                    for (xi, g) in (0..XI).flat_map(|xi| (0..groups).map(move |g| (xi, g))) {
+                    for (xi, g) in point_groups(groups) {
                         matmul(
                             t_count,
                             cin_g,
