@@ -135,7 +135,7 @@ pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[
     let inverse = p.win.inverse_table();
     d_input[..batch * p.in_len()].par_chunks_mut(p.in_len()).enumerate().for_each(|(n, dx)| {
         let at = n * p.out_len()..(n + 1) * p.out_len();
-        max_pool_backward_sample(p, &inverse, &d_output[at.clone()], &argmax[at], dx, |_, _, _| {});
+        max_pool_backward_sample(p, &inverse, &d_output[at.clone()], &argmax[at], dx, |_, _| {});
     });
 }
 
@@ -150,22 +150,22 @@ const MAX_KERNEL: usize = 15;
 /// order, the gradients of the windows (`inverse`, from `Window::inverse_table`) that took
 /// their maximum there, in registers, 4L, L or 1 channels at a time, so every row is written
 /// once and nothing needs zeroing first. The sums are those of scattering in output order.
-/// `row_written(pixel, its row, whether any of it is nonzero)` follows each row while it is in
-/// cache (-0 counts as zero; the fused convolution backward skips the zero rows).
+/// `row_written(pixel, whether any of its row is nonzero)` follows each row (-0 counts as zero;
+/// the fused convolution backward lists the nonzero rows, the only ones it reads again).
 pub(super) fn max_pool_backward_sample(
     p: &MaxPool,
     inverse: &WindowTable,
     dy: &[f32],
     idx: &[u8],
     dx: &mut [f32],
-    mut row_written: impl FnMut(usize, &[f32], bool),
+    mut row_written: impl FnMut(usize, bool),
 ) {
     let c = p.channels;
     inverse.for_each(|i, windows| {
         let row = &mut dx[i * c..(i + 1) * c];
         let mut nonzero = false;
         for_lane_blocks!(0..c, |cb, N| nonzero |= gather_block::<N>(windows, c, cb, dy, idx, &mut row[cb..]));
-        row_written(i, row, nonzero);
+        row_written(i, nonzero);
     });
 }
 
