@@ -232,17 +232,17 @@ mod tests {
         ] {
             // 11 channels take the one-lane tail of the window sums, 37 the vector blocks too.
             for c in [11, 37] {
-            let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
-            let r = random_vec(x.len(), 22);
-            let fwd = |x: &[f32]| {
-                let (mut y, mut s) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-                lrn_forward(&p, c, x, &mut y, Some(&mut s));
-                (y, s)
-            };
-            let (y, s) = fwd(&x);
-            let mut dx = vec![0.0; x.len()];
-            lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
-            check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
+                let x: Vec<f32> = random_vec(c * 130, 21).iter().map(|v| v * 2.0).collect();
+                let r = random_vec(x.len(), 22);
+                let fwd = |x: &[f32]| {
+                    let (mut y, mut s) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+                    lrn_forward(&p, c, x, &mut y, Some(&mut s));
+                    (y, s)
+                };
+                let (y, s) = fwd(&x);
+                let mut dx = vec![0.0; x.len()];
+                lrn_backward(&p, c, &x, &y, &s, &r, &mut dx);
+                check_grad("lrn dx", &x, &dx, |x| fwd(x).0.iter().zip(&r).map(|(a, b)| (*a as f64) * (*b as f64)).sum());
             }
         }
     }

@@ -5,7 +5,7 @@
 //! the gradient to exactly that input, as TF and PyTorch do.
 
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use super::simd::for_lane_blocks;
+use super::simd::{for_lane_blocks, is_nonzero};
 use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
@@ -187,7 +187,7 @@ fn gather_block<const N: usize>(windows: &[(usize, usize)], c: usize, cb: usize,
     }
     dx[..N].copy_from_slice(&sum);
     // A lane-wise test and an OR of the masks (an OR of the bits took ten instructions).
-    sum.iter().fold(false, |any, v| any | (v.to_bits() << 1 != 0))
+    sum.iter().fold(false, |any, &v| any | is_nonzero(v))
 }
 
 #[cfg(test)]
