@@ -669,10 +669,12 @@ mod tests {
 
     /// A training step with each direct convolution and its max-pool fused (the seed model has
     /// three such pairs when every convolution runs direct loops) gives the same bits as the
-    /// layers one after the other: the loss, the logits and every gradient. The heuristic plan
-    /// fuses conv1 and pool1, so the finite-difference check above runs fused as well.
+    /// layers one after the other in the loss, the logits and every gradient but the fused
+    /// convolutions' weight and bias gradients, which it sums in another order (over pooled
+    /// outputs, not convolution outputs): those agree to rounding. The heuristic plan fuses
+    /// conv1 and pool1, so the finite-difference check above runs fused as well.
     #[test]
-    fn fused_convolution_and_pool_give_the_bits_of_the_layers_unfused() {
+    fn fused_convolution_and_pool_match_the_layers_unfused() {
         let mut model = Model::new(&small_seed_model()).unwrap();
         model.init(3, 0.2);
         let batch = 5;
@@ -702,11 +704,19 @@ mod tests {
             ws.input_mut().copy_from_slice(&x);
             let mode = Mode::Train { stream: 9, first_sample: 0, keep: 0.7 };
             let (loss, correct) = train_step_gradients(&mut m, ws, &labels, mode, &mut Single);
-            (loss, correct, ws.logits(batch, 10).to_vec(), m.params.into_iter().map(|p| p.grad).collect::<Vec<_>>())
+            (loss, correct, ws.logits(batch, 10).to_vec(), m.params.into_iter().map(|p| (p.name, p.grad)).collect::<Vec<_>>())
         };
         let (a, b) = (step(&mut fused), step(&mut separate));
-        assert!(a.3.iter().all(|g| g.iter().any(|&v| v != 0.0)), "every parameter has a gradient");
-        assert_eq!(a, b);
+        assert!(a.3.iter().all(|(_, g)| g.iter().any(|&v| v != 0.0)), "every parameter has a gradient");
+        assert_eq!((a.0, a.1, &a.2), (b.0, b.1, &b.2));
+        for ((name, ga), (_, gb)) in a.3.iter().zip(&b.3) {
+            if name.starts_with("conv") {
+                let scale = gb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(ga.iter().zip(gb).all(|(x, y)| (x - y).abs() <= 1e-5 * scale), "{name}: {ga:?} vs {gb:?}");
+            } else {
+                assert_eq!(ga, gb, "{name}");
+            }
+        }
         // Evaluation: fused without keeping the argmax, the same logits as unfused.
         let logits = |ws: &mut Workspace| {
             ws.input_mut().copy_from_slice(&x);

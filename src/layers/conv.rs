@@ -9,9 +9,7 @@
 
 use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul};
-use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_sample};
-use super::scratch::{SCRATCH_A, give_back, take, take_zeroed, with_scratch};
-use super::simd::{for_lane_blocks, load, store};
+use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::{Window, sample_ranges, split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
@@ -203,94 +201,12 @@ fn towers_backward(
 
 /// Forward over a batch by direct loops (`direct_conv`): `output = relu?(conv(input, weight) + bias)`.
 pub fn direct_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    let mut weight_copy = take(weight.len() + ALIGN_SLACK);
+    let weight = &*aligned_copy(&mut weight_copy, weight);
     output[..batch * conv.out_len()].par_chunks_mut(conv.out_len()).zip(input.par_chunks(conv.in_len())).for_each(|(y, x)| {
         conv.direct_forward_sample(x, weight, bias, y);
     });
-}
-
-/// Forward of a direct convolution and the max-pool after it, one sample at a time: each
-/// sample's convolution output stays in a per-thread buffer, in cache, and only the pooled
-/// output and its argmax (for training; inference passes none) reach memory. (Unfused, the
-/// seed model's conv1 writes 12.8 MB per batch of 64, which pool1 reads back and backward
-/// reads three more times; 200 MB per inference batch of 1000.)
-#[allow(clippy::too_many_arguments)]
-pub fn direct_pooled_forward(
-    conv: &Conv,
-    pool: &MaxPool,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    pooled: &mut [f32],
-    argmax: Option<&mut [u8]>,
-) {
-    let (il, pl) = (conv.in_len(), pool.out_len());
-    let pool_windows = pool.win.table();
-    let sample = |y: &mut Vec<f32>, n: usize, p: &mut [f32], idx: &mut [u8]| {
-        conv.direct_forward_sample(&input[n * il..(n + 1) * il], weight, bias, y);
-        pool_sample(pool, &pool_windows, y, p, idx);
-        if conv.relu {
-            // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its argmax
-            // becomes one no pixel has, so backward routes nothing there without a test.
-            idx.iter_mut().zip(p.iter()).filter(|(_, v)| **v <= 0.0).for_each(|(i, _)| *i = NOWHERE);
-        }
-    };
-    let pooled = pooled[..batch * pl].par_chunks_mut(pl).enumerate();
-    match argmax {
-        Some(argmax) => pooled
-            .zip(argmax[..batch * pl].par_chunks_mut(pl))
-            .for_each_init(|| vec![0.0; conv.out_len()], |y, ((n, p), idx)| sample(y, n, p, idx)),
-        None => pooled.for_each_init(|| (vec![0.0; conv.out_len()], vec![0; pl]), |(y, idx), (n, p)| sample(y, n, p, idx)),
-    }
-}
-
-/// Backward of `direct_pooled_forward`: overwrites `d_bias` and whichever of `d_input`,
-/// `d_weight` is given. Each sample's pooled gradient goes through the argmax onto the
-/// convolution output it came from, in a per-thread buffer (where the ReLU zeroed that output,
-/// the forward left an argmax of `NOWHERE`); the direct loops take it from there, over
-/// only the pixels it reached (43% of conv1's on MNIST digits, in a probe with fresh weights). The sums
-/// run in the order of the unfused direct path and skip only exact zeros, so the two give the
-/// same bits.
-#[allow(clippy::too_many_arguments)]
-pub fn direct_pooled_backward(
-    conv: &Conv,
-    pool: &MaxPool,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    d_pooled: &[f32],
-    argmax: &[u8],
-    d_input: Option<&mut [f32]>,
-    d_weight: Option<&mut [f32]>,
-    d_bias: &mut [f32],
-) {
-    let (il, pl) = (conv.in_len(), pool.out_len());
-    let (corners, inverse) = (conv.corners(), pool.win.inverse_table());
-    per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
-        let db = db.expect("the bias gradient is asked for");
-        let mut d_conv = take(conv.out_len());
-        let mut pixels = Vec::with_capacity(corners.len());
-        for (j, n) in range.enumerate() {
-            let at = n * pl..(n + 1) * pl;
-            pixels.clear();
-            max_pool_backward_sample(pool, &inverse, &d_pooled[at.clone()], &argmax[at], &mut d_conv, |o, nonzero| {
-                if nonzero {
-                    pixels.push(corners[o]);
-                }
-            });
-            // The bias gradient sums the rows that are not all zeros, in order: the additions
-            // of the unfused path less the exact zeros. Channels outside, so that the sums stay
-            // in registers (summed in the gather's callback, through memory, a chain of
-            // store-to-load forwarding per pixel took 14% of the pair's time).
-            for_lane_blocks!(0..conv.out_c, |c, N| {
-                let sum = pixels.iter().fold(load::<N>(db, c), |s, &(o, _)| s + load::<N>(&d_conv, o * conv.out_c + c));
-                store(db, c, sum);
-            });
-            let dxs = dx.as_deref_mut().map(|d| &mut d[j * il..(j + 1) * il]);
-            conv.direct_backward_sample(&input[n * il..(n + 1) * il], weight, &d_conv, &pixels, dw.as_deref_mut(), dxs);
-        }
-        give_back(d_conv);
-    });
+    give_back(weight_copy);
 }
 
 /// Forward over a batch as im2col + GEMM (grouped convolutions as towers).
@@ -385,7 +301,7 @@ pub fn im2col_backward(
 /// gives each range zeroed weight- and bias-gradient partials when `d_weight`, `d_bias` are
 /// wanted, runs `f(range, offset of the range in d_output, dx, dw, db)` in parallel, and sums
 /// the partials in a fixed order.
-fn per_range_backward(
+pub(super) fn per_range_backward(
     conv: &Conv,
     batch: usize,
     d_input: Option<&mut [f32]>,

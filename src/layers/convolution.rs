@@ -2,7 +2,8 @@
 //! groups (the paper's two towers). The arithmetic is in `conv` (direct, im2col) and
 //! `winograd`; `conv_algo` runs whichever `autotune` chose for each pass.
 
-use super::conv::{Conv, direct_pooled_backward, direct_pooled_forward};
+use super::conv::Conv;
+use super::conv_pool::{direct_pooled_backward, direct_pooled_forward};
 use super::conv_algo::{self, ConvAlgo, ConvAlgos};
 use super::pool::MaxPool;
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};

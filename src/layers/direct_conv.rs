@@ -20,7 +20,10 @@ impl Conv {
     pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
         with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
             self.pad_sample(x, xp);
-            self.forward_padded(xp, &self.zero_windows(xp), weight, bias, y);
+            let mut zero = Vec::new();
+            self.zero_windows(xp, &mut zero);
+            let row_len = self.win.w.output * self.out_c;
+            self.forward_padded(xp, &zero, weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
         });
     }
 
@@ -41,7 +44,8 @@ impl Conv {
         if let Some(dw) = dw {
             with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
                 self.pad_sample(x, xp);
-                let zero = self.zero_windows(xp);
+                let mut zero = Vec::new();
+                self.zero_windows(xp, &mut zero);
                 let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| !zero[o]).copied().collect();
                 self.weight_grad_padded(xp, dy, &pixels, dw);
             });
@@ -57,12 +61,12 @@ impl Conv {
         (0..self.win.out_pixels()).map(|o| (o, ((o / ow) * s * wp + (o % ow) * s) * self.in_c)).collect()
     }
 
-    /// For each output pixel, whether its window in the padded sample `xp` holds only zeros,
-    /// as far as each row's span of nonzero pixels tells: a window left or right of the spans
-    /// of all its rows is empty. (Flags per pixel cost, in a profile, about as much as the
+    /// Overwrite `zero` with, for each output pixel, whether its window in the padded sample
+    /// `xp` holds only zeros, as far as each row's span of nonzero pixels tells: a window left
+    /// or right of the spans of all its rows is empty. (Flags per pixel cost, in a profile, about as much as the
     /// multiplications they saved; the spans cost one pass over the sample and follow a digit's
     /// outline: 31% of conv1's windows on MNIST digits are left to compute.)
-    fn zero_windows(&self, xp: &[f32]) -> Vec<bool> {
+    pub(super) fn zero_windows(&self, xp: &[f32], zero: &mut Vec<bool>) {
         let ((hp, wp), (k, s), (oh, ow)) = (self.padded_dims(), (self.win.kernel, self.win.stride), (self.win.h.output, self.win.w.output));
         // Each padded row's nonzero pixels lie in columns first..end (end = 0: none).
         let spans: Vec<(usize, usize)> = xp
@@ -73,14 +77,30 @@ impl Conv {
             })
             .collect();
         debug_assert_eq!(spans.len(), hp);
-        let mut zero = Vec::with_capacity(oh * ow);
+        zero.clear();
         for oy in 0..oh {
             let (first, end) = spans[oy * s..oy * s + k].iter().fold((wp, 0), |(f, e), &(f2, e2)| (f.min(f2), e.max(e2)));
             // Window ox covers columns ox*s .. ox*s + k: it meets first..end where
             // ox*s + k > first and ox*s < end.
             zero.extend((0..ow).map(|ox| ox * s + k <= first || ox * s >= end));
         }
-        zero
+    }
+
+    /// Group `g`'s patch of each output pixel of the padded sample `xp` into `patches`, as
+    /// rows of `stride` floats, in order (the im2col matrix of one sample and group): the
+    /// `patch_len()` values, then zeros. Rows where `zero` marks the window empty, and any past
+    /// the last pixel's, are zeros.
+    pub(super) fn patch_rows(&self, xp: &[f32], zero: &[bool], g: usize, stride: usize, patches: &mut [f32]) {
+        let offsets = self.row_offsets(g);
+        let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
+        patches.fill(0.0);
+        for oy in 0..self.win.h.output {
+            for ox in (0..ow).filter(|&ox| !zero[oy * ow + ox]) {
+                let corner = (oy * s * wp + ox * s) * self.in_c;
+                let row = &mut patches[(oy * ow + ox) * stride..][..offsets.len()];
+                row.iter_mut().zip(&offsets).for_each(|(v, off)| *v = xp[corner + off]);
+            }
+        }
     }
 
     /// Rows and columns of the padded sample: as far as the last window reaches.
@@ -90,13 +110,13 @@ impl Conv {
     }
 
     /// Floats in a padded sample (NHWC, like the sample).
-    fn padded_len(&self) -> usize {
+    pub(super) fn padded_len(&self) -> usize {
         let (h, w) = self.padded_dims();
         h * w * self.in_c
     }
 
     /// Write sample `x` into `xp` (`padded_len()` floats) with zeros around it.
-    fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
+    pub(super) fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
         xp.fill(0.0);
         self.for_each_interior_row(|padded, at, len| xp[padded..padded + len].copy_from_slice(&x[at..at + len]));
     }
@@ -127,19 +147,32 @@ impl Conv {
         (0..self.patch_len()).map(|r| ((r / cin_g / k) * wp + (r / cin_g) % k) * self.in_c + g * cin_g + r % cin_g).collect()
     }
 
-    /// Forward of one padded sample: `y = relu?(conv(xp, weight) + bias)`. Output channels go in
-    /// blocks of 4L, L, then 1 and pixels in fours: 16 accumulators in registers, each weight
-    /// row loaded once for four pixels. `zero` marks the pixels whose windows are all zeros.
-    fn forward_padded(&self, xp: &[f32], zero: &[bool], weight: &[f32], bias: &[f32], y: &mut [f32]) {
+    /// Forward of output rows `rows` of one padded sample: `y = relu?(conv(xp, weight) +
+    /// bias)`, output row `oy` at `y[row_at(oy)..]`. Output channels go in blocks of 4L, L, then
+    /// 1 and pixels in fours: 16 accumulators in registers, each weight row loaded once for four
+    /// pixels. `zero` marks the pixels whose windows are all zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_padded(
+        &self,
+        xp: &[f32],
+        zero: &[bool],
+        weight: &[f32],
+        bias: &[f32],
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        row_at: impl Fn(usize) -> usize,
+    ) {
         let cout_g = self.out_c / self.groups;
         for g in 0..self.groups {
             let offsets = self.row_offsets(g);
-            for_lane_blocks!(g * cout_g..(g + 1) * cout_g, |c, N| self.forward_channels::<N>(xp, zero, &offsets, weight, bias, y, c));
+            for_lane_blocks!(g * cout_g..(g + 1) * cout_g, |c, N| {
+                self.forward_channels::<N>(xp, zero, &offsets, weight, bias, rows.clone(), y, &row_at, c)
+            });
         }
     }
 
     /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
-    /// pixel, four at a time. Where all four windows are `zero`, no weight row is read.
+    /// pixel of `rows`, four at a time. Where all four windows are `zero`, no weight row is read.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_channels<const N: usize>(
@@ -149,29 +182,29 @@ impl Conv {
         offsets: &[usize],
         weight: &[f32],
         bias: &[f32],
+        rows: std::ops::Range<usize>,
         y: &mut [f32],
+        row_at: &impl Fn(usize) -> usize,
         c: usize,
     ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
-        let rows = |o: usize, n: usize| if zero[o..o + n].iter().all(|&z| z) { &offsets[..0] } else { offsets };
-        for oy in 0..self.win.h.output {
-            let corner = |ox: usize| (oy * s * wp + ox * s) * self.in_c;
+        let rows_of = |o: usize, n: usize| if zero[o..o + n].iter().all(|&z| z) { &offsets[..0] } else { offsets };
+        for oy in rows {
+            let (corner, y) = (|ox: usize| (oy * s * wp + ox * s) * self.in_c, &mut y[row_at(oy)..][..ow * self.out_c]);
             let mut ox = 0;
             while ox + 4 <= ow {
-                let o = oy * ow + ox;
-                self.forward_pixels::<N, 4>(xp, rows(o, 4), weight, bias, y, c, o, corner(ox));
+                self.forward_pixels::<N, 4>(xp, rows_of(oy * ow + ox, 4), weight, bias, y, c, ox, corner(ox));
                 ox += 4;
             }
             while ox < ow {
-                let o = oy * ow + ox;
-                self.forward_pixels::<N, 1>(xp, rows(o, 1), weight, bias, y, c, o, corner(ox));
+                self.forward_pixels::<N, 1>(xp, rows_of(oy * ow + ox, 1), weight, bias, y, c, ox, corner(ox));
                 ox += 1;
             }
         }
     }
 
-    /// Channels `c..c + N` of the `P` pixels from `o` on (one output row), the first pixel's
-    /// window corner at `corner`.
+    /// Channels `c..c + N` of the `P` pixels from `ox` on of one output row `y`, the first
+    /// pixel's window corner at `corner`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_pixels<const N: usize, const P: usize>(
@@ -182,7 +215,7 @@ impl Conv {
         bias: &[f32],
         y: &mut [f32],
         c: usize,
-        o: usize,
+        ox: usize,
         corner: usize,
     ) {
         let oc = self.out_c;
@@ -197,7 +230,7 @@ impl Conv {
         let b = load::<N>(bias, c);
         for (p, a) in acc.into_iter().enumerate() {
             let v = a + b;
-            store(y, (o + p) * oc + c, if self.relu { v.relu() } else { v });
+            store(y, (ox + p) * oc + c, if self.relu { v.relu() } else { v });
         }
     }
 

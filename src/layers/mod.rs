@@ -5,6 +5,7 @@
 pub mod bias_relu;
 pub mod conv;
 pub mod conv_algo;
+pub mod conv_pool;
 mod direct_conv;
 pub mod gemm;
 pub mod layer;
@@ -192,6 +193,11 @@ pub struct WindowTable {
 }
 
 impl WindowTable {
+    /// The same windows with each input pixel `i` renamed `f(i)`.
+    pub fn map_inputs(&self, f: impl Fn(usize) -> usize) -> WindowTable {
+        WindowTable { ends: self.ends.clone(), taps: self.taps.iter().map(|&(t, i)| (t, f(i))).collect() }
+    }
+
     /// `f(output pixel, taps)` for every output pixel, in order.
     #[inline(always)]
     pub fn for_each(&self, mut f: impl FnMut(usize, &[(usize, usize)])) {

@@ -100,19 +100,24 @@ pub fn max_pool_forward(p: &MaxPool, batch: usize, input: &[f32], output: &mut [
     }
 }
 
-pub(super) fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut [f32], idx: &mut [u8]) {
+fn pool_sample(p: &MaxPool, windows: &WindowTable, x: &[f32], y: &mut [f32], idx: &mut [u8]) {
     let c = p.channels;
-    windows.for_each(|o, taps| {
-        let o = o * c;
-        // 4L, L or 1 channels at a time in registers (max and argmax as lane-wise selects),
-        // stored once: conditional stores would become slow masked moves.
-        for_lane_blocks!(0..c, |cb, N| pool_block::<N>(x, taps, cb, c, &mut y[o + cb..], &mut idx[o + cb..]));
-    });
+    windows.for_each(|o, taps| pool_window(x, taps, c, false, &mut y[o * c..(o + 1) * c], &mut idx[o * c..(o + 1) * c]));
+}
+
+/// Max and argmax over the window `taps` (tap, input pixel) of input `x` with `c` channels,
+/// into one output pixel's `y` and `idx`. With `nowhere_at_zero`, a maximum of 0 or less gets
+/// the argmax `NOWHERE` (for a fused convolution whose ReLU zeroed it: its gradient is 0).
+pub(super) fn pool_window(x: &[f32], taps: &[(usize, usize)], c: usize, nowhere_at_zero: bool, y: &mut [f32], idx: &mut [u8]) {
+    // 4L, L or 1 channels at a time in registers (max and argmax as lane-wise selects),
+    // stored once: conditional stores would become slow masked moves, and a pass over the
+    // stored row would wait for its cache lines.
+    for_lane_blocks!(0..c, |cb, N| pool_block::<N>(x, taps, cb, c, nowhere_at_zero, &mut y[cb..], &mut idx[cb..]));
 }
 
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
-fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, y: &mut [f32], idx: &mut [u8]) {
+fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, nowhere_at_zero: bool, y: &mut [f32], idx: &mut [u8]) {
     let mut best = [f32::NEG_INFINITY; N];
     let mut arg = [taps[0].0 as u8; N];
     for &(tap, i) in taps {
@@ -124,6 +129,12 @@ fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: 
             let wins = ((xs[l] > best[l]) as u32).wrapping_neg();
             best[l] = f32::from_bits((xs[l].to_bits() & wins) | (best[l].to_bits() & !wins));
             arg[l] = (tap as u8 & wins as u8) | (arg[l] & !wins as u8);
+        }
+    }
+    if nowhere_at_zero {
+        for l in 0..N {
+            let zeroed = ((best[l] <= 0.0) as u8).wrapping_neg();
+            arg[l] = (NOWHERE & zeroed) | (arg[l] & !zeroed);
         }
     }
     y[..N].copy_from_slice(&best);

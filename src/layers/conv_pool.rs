@@ -1,0 +1,384 @@
+//! A direct convolution and the max-pool after it, as one pass each way (the seed model's conv1
+//! and pool1; `Convolution::fuses_with` says when).
+//!
+//! Forward goes sample by sample: each sample's convolution output stays in a per-thread
+//! buffer, in cache, and only the pooled output and its argmax (for training; inference passes
+//! none) reach memory. (Unfused, the seed model's conv1 writes 12.8 MB per batch of 64, which
+//! pool1 reads back and backward reads three more times; 200 MB per inference batch of 1000.)
+//!
+//! Backward takes the weight and bias gradients straight from the pooled gradient. Each pooled
+//! gradient `d[q][c]` reaches one convolution output, at the pixel its argmax names, so
+//!
+//! ```text
+//! dw[.][c] += d[q][c] * patch(pixel(q, argmax[q][c]))
+//! ```
+//!
+//! one multiply-add of a patch row (lanes over the patch) per pooled output and channel, with
+//! no pass that routes the gradient onto the convolution's output first. (That pass read each
+//! pooled row once per window pixel and was half the pair's time.) The input gradient, which
+//! a first layer does not need, still goes through the routed output gradient.
+
+use super::conv::{Conv, per_range_backward};
+use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
+use super::scratch::{ALIGN_SLACK, SCRATCH_A, SCRATCH_B, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
+use super::simd::{L, Lanes, for_lane_blocks, load, store};
+use super::{Window, WindowTable};
+use rayon::prelude::*;
+
+/// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with the
+/// argmax of each pooled output where asked (training). Where the ReLU zeroed the maximum, the
+/// argmax is `NOWHERE`.
+#[allow(clippy::too_many_arguments)]
+pub fn direct_pooled_forward(
+    conv: &Conv,
+    pool: &MaxPool,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    pooled: &mut [f32],
+    argmax: Option<&mut [u8]>,
+) {
+    let (il, pl, c) = (conv.in_len(), pool.out_len(), conv.out_c);
+    let windows = pool.win.table();
+    let mut weight_copy = take(weight.len() + ALIGN_SLACK);
+    let weight = &*aligned_copy(&mut weight_copy, weight);
+    // The convolution's output rows go through a ring of as many rows as a pool window has,
+    // each computed just before the first pooled row that reads it: 21 KB for the seed
+    // model's conv1, which stays in L1 (a whole sample's output, 200 KB, went out to L2 and
+    // back, which took longer than the multiplications).
+    let (kp, w, row_len) = (pool.win.kernel, pool.win.w.input, pool.win.w.input * c);
+    let ring_windows = windows.map_inputs(|i| (i / w % kp) * w + i % w);
+    let rows_needed: Vec<usize> = (0..pool.win.h.output)
+        .map(|i| (0..kp).filter_map(|ky| Window::tap(&pool.win.h, pool.win.stride, i, ky)).max().map_or(0, |r| r + 1))
+        .collect();
+    // An empty window's outputs all equal relu?(bias), so the first tap is its maximum (where
+    // the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
+    let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
+    let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
+    let sample = |(ring, empty): &mut (Vec<f32>, EmptyWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
+        let ring = aligned(ring, kp * row_len);
+        with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
+            conv.pad_sample(&input[n * il..(n + 1) * il], xp);
+            empty.find(conv, &windows, xp);
+            let (mut done, mut active) = (0, empty.active.iter().peekable());
+            ring_windows.for_each(|q, taps| {
+                let needed = rows_needed[q / pool.win.w.output];
+                if needed > done {
+                    conv.forward_padded(xp, &empty.zero, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
+                    done = needed;
+                }
+                let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
+                // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its argmax
+                // becomes one no pixel has, so backward routes nothing there without a test.
+                if active.next_if_eq(&&(q as u32)).is_some() {
+                    pool_window(ring, taps, c, conv.relu, p, idx);
+                } else {
+                    p.copy_from_slice(&empty_value);
+                    let first = taps[0].0 as u8;
+                    idx.iter_mut().zip(&empty_nowhere).for_each(|(i, &nowhere)| *i = (NOWHERE & nowhere) | (first & !nowhere));
+                }
+            });
+        });
+    };
+    let pooled = pooled[..batch * pl].par_chunks_mut(pl).enumerate();
+    let state = || (vec![0.0; kp * row_len + ALIGN_SLACK], EmptyWindows::default());
+    match argmax {
+        Some(argmax) => pooled.zip(argmax[..batch * pl].par_chunks_mut(pl)).for_each_init(state, |s, ((n, p), idx)| sample(s, n, p, idx)),
+        None => pooled.for_each_init(|| (state(), vec![0; pl]), |(s, idx), (n, p)| sample(s, n, p, idx)),
+    }
+    give_back(weight_copy);
+}
+
+/// One sample's empty windows, from its padded copy: `zero[o]` says convolution output pixel
+/// o's window holds only zeros (`Conv::zero_windows`), and `active` lists, in order, the pooled
+/// outputs whose window holds a pixel whose own window does not. (MNIST digits leave 58% of
+/// pool1's windows inactive; their outputs are relu(bias) and their patches zeros.)
+#[derive(Default)]
+struct EmptyWindows {
+    zero: Vec<bool>,
+    active: Vec<u32>,
+}
+
+impl EmptyWindows {
+    fn find(&mut self, conv: &Conv, windows: &WindowTable, xp: &[f32]) {
+        conv.zero_windows(xp, &mut self.zero);
+        self.active.clear();
+        windows.for_each(|q, taps| {
+            if taps.iter().any(|&(_, p)| !self.zero[p]) {
+                self.active.push(q as u32);
+            }
+        });
+    }
+}
+
+/// Backward of `direct_pooled_forward`: overwrites `d_bias` and whichever of `d_input`,
+/// `d_weight` is given, from the pooled gradient and the forward's argmax. Sums run over the
+/// samples of each thread's range in order, and within a sample over the pooled outputs in
+/// order, so a thread count gives the same bits every time.
+#[allow(clippy::too_many_arguments)]
+pub fn direct_pooled_backward(
+    conv: &Conv,
+    pool: &MaxPool,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    d_pooled: &[f32],
+    argmax: &[u8],
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+    d_bias: &mut [f32],
+) {
+    let (il, pl) = (conv.in_len(), pool.out_len());
+    let (routes, windows) = (Routes::new(conv, pool), pool.win.table());
+    let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
+    per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, dw, db| {
+        let db = db.expect("the bias gradient is asked for");
+        let mut dwt = dw.is_some().then(|| take_zeroed(conv.out_c * routes.row_stride()));
+        let mut empty = EmptyWindows::default();
+        for (j, n) in range.enumerate() {
+            let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
+            let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
+            routed_bias_grad(d, idx, conv.out_c, db);
+            if let Some(dwt) = dwt.as_deref_mut() {
+                routes.weight_grad_sample(x, &windows, d, idx, &mut empty, dwt);
+            }
+            if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
+                // The convolution's output gradient, and the pixels it reached, for the direct
+                // input gradient.
+                let mut d_conv = take(conv.out_len());
+                let mut pixels = Vec::with_capacity(corners.len());
+                max_pool_backward_sample(pool, inverse, d, idx, &mut d_conv, |o, nonzero| {
+                    if nonzero {
+                        pixels.push(corners[o]);
+                    }
+                });
+                conv.direct_backward_sample(x, weight, &d_conv, &pixels, None, Some(&mut dx[j * il..(j + 1) * il]));
+                give_back(d_conv);
+            }
+        }
+        if let (Some(dw), Some(dwt)) = (dw, dwt) {
+            routes.add_transposed(&dwt, dw);
+            give_back(dwt);
+        }
+    });
+}
+
+/// Add, over the pooled outputs of one sample in order, the gradients that reached a
+/// convolution output (argmax not `NOWHERE`) into `db`: the bias gradient.
+fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
+    for_lane_blocks!(0..oc, |c, N| {
+        let mut sum = load::<N>(db, c).0;
+        for (g, arg) in d[c..].chunks(oc).zip(idx[c..].chunks(oc)) {
+            let (g, arg): (&[f32; N], &[u8; N]) = (g[..N].try_into().expect("N"), arg[..N].try_into().expect("N"));
+            // Lane masks as bits, which LLVM keeps in vector registers (as `pool` does).
+            for l in 0..N {
+                let mask = ((arg[l] != NOWHERE) as u32).wrapping_neg();
+                sum[l] += f32::from_bits(g[l].to_bits() & mask);
+            }
+        }
+        store(db, c, Lanes(sum));
+    });
+}
+
+/// Where each pooled output's argmax sends its gradient, for the weight gradient:
+/// `blocks[q][a]` is the first lane block, in a sample's patch matrix of `row_blocks` blocks per
+/// pixel, of the patch of the pixel that pooled output q's tap `a` covers. An argmax of
+/// `NOWHERE`, or of a tap outside the input, gets the zero row past the last pixel's. A row
+/// for every byte value (not just the window's taps) makes the argmax an index that needs no
+/// bounds check, and costs two cache lines per pooled output.
+struct Routes<'a> {
+    conv: &'a Conv,
+    blocks: Vec<[u32; 256]>,
+}
+
+impl<'a> Routes<'a> {
+    fn new(conv: &'a Conv, pool: &MaxPool) -> Routes<'a> {
+        let nb = conv.patch_len().div_ceil(L);
+        let block = |pixel: usize| u32::try_from(pixel * nb).expect("a sample's patch blocks fit 32 bits");
+        let mut blocks = vec![[block(conv.win.out_pixels()); 256]; pool.win.out_pixels()];
+        pool.win.for_each_window(|q, window| window.iter().for_each(|&(t, p)| blocks[q][t] = block(p)));
+        Routes { conv, blocks }
+    }
+
+    /// Floats per channel of the transposed weight gradient, and per pixel of the patch
+    /// matrix: the patch rounded up to lanes.
+    fn row_stride(&self) -> usize {
+        self.conv.patch_len().div_ceil(L) * L
+    }
+
+    /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
+    /// active pooled outputs are visited (`empty`, this thread's): the others' patches are zeros.
+    fn weight_grad_sample(&self, x: &[f32], windows: &WindowTable, d: &[f32], idx: &[u8], empty: &mut EmptyWindows, dwt: &mut [f32]) {
+        let conv = self.conv;
+        let (opix, stride) = (conv.win.out_pixels(), self.row_stride());
+        let cout_g = conv.out_c / conv.groups;
+        with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
+            conv.pad_sample(x, xp);
+            empty.find(conv, windows, xp);
+            // Each pixel's patch row, then the zero row.
+            with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
+                let patches = aligned(patches, (opix + 1) * stride);
+                for g in 0..conv.groups {
+                    conv.patch_rows(xp, &empty.zero, g, stride, patches);
+                    let patches = patches.as_chunks::<L>().0;
+                    for b in 0..stride / L {
+                        let mut c = g * cout_g;
+                        while c < (g + 1) * cout_g {
+                            c += if (g + 1) * cout_g - c >= 8 {
+                                self.weight_grad_block::<8>(patches, &empty.active, d, idx, c, b, dwt)
+                            } else {
+                                self.weight_grad_block::<1>(patches, &empty.active, d, idx, c, b, dwt)
+                            };
+                        }
+                    }
+                }
+            });
+        });
+    }
+
+    /// Channels `c0..c0 + C`, lane block `b` of the patch: one accumulator per channel, in
+    /// registers, over the `active` pooled outputs in order. Returns `C`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn weight_grad_block<const C: usize>(
+        &self,
+        patches: &[[f32; L]],
+        active: &[u32],
+        d: &[f32],
+        idx: &[u8],
+        c0: usize,
+        b: usize,
+        dwt: &mut [f32],
+    ) -> usize {
+        let oc = self.conv.out_c;
+        let mut acc = [Lanes::<L>::default(); C];
+        for &q in active {
+            let (q, at) = (q as usize, q as usize * oc + c0);
+            let (blocks, g, arg): (&[u32; 256], &[f32; C], &[u8; C]) =
+                (&self.blocks[q], d[at..at + C].try_into().expect("C"), idx[at..at + C].try_into().expect("C"));
+            for c in 0..C {
+                acc[c] = acc[c].mul_add(g[c], Lanes(patches[blocks[arg[c] as usize] as usize + b]));
+            }
+        }
+        let stride = self.row_stride();
+        for (c, a) in acc.into_iter().enumerate() {
+            let at = (c0 + c) * stride + b * L;
+            store(dwt, at, load::<L>(dwt, at) + a);
+        }
+        C
+    }
+
+    /// `dw[r][c] += dwt[c][r]` over the patch.
+    fn add_transposed(&self, dwt: &[f32], dw: &mut [f32]) {
+        let (pl, oc, stride) = (self.conv.patch_len(), self.conv.out_c, self.row_stride());
+        for (c, row) in dwt.chunks(stride).enumerate() {
+            for (r, v) in row[..pl].iter().enumerate() {
+                dw[r * oc + c] += v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::architectures::{MODEL_NAMES, architecture};
+    use crate::layers::conv::{direct_forward, im2col_backward, relu_bias_backward};
+    use crate::layers::pool::{max_pool_backward, max_pool_forward};
+    use crate::layers::testing::random_vec;
+    use crate::layers::{Padding, Window};
+    use crate::model::Model;
+
+    /// The fused pair against the layers one after the other (direct forward, max-pool,
+    /// max-pool backward, ReLU mask, im2col backward): the same pooled outputs, the same argmax
+    /// (or `NOWHERE` where the ReLU zeroed the maximum), and the same gradients to rounding,
+    /// with and without the input gradient. The input is blank (zeros) around a random block
+    /// and along every seventh pixel, as digits are, so empty windows and inactive pooled
+    /// outputs occur; a negative bias on some channels makes pooled zeros.
+    fn check_against_unfused(conv: &Conv, pool: &MaxPool, batch: usize) {
+        let (h, w) = (conv.win.h.input, conv.win.w.input);
+        let blank = |i: usize| {
+            let (y, x) = (i / conv.in_c / w % h, i / conv.in_c % w);
+            !(h / 5..h - h / 4).contains(&y) || !(w / 4..w - w / 5).contains(&x) || i.is_multiple_of(7)
+        };
+        let x: Vec<f32> = random_vec(batch * conv.in_len(), 1).iter().enumerate().map(|(i, &v)| if blank(i) { 0.0 } else { v }).collect();
+        let weight = random_vec(conv.weight_len(), 2);
+        let bias: Vec<f32> = random_vec(conv.out_c, 3).iter().map(|b| b * 0.5).collect();
+        let d_pooled = random_vec(batch * pool.out_len(), 4);
+        let what = format!("{conv:?} {pool:?}");
+
+        let mut y = vec![0.0; batch * conv.out_len()];
+        direct_forward(conv, batch, &x, &weight, &bias, &mut y);
+        let (mut want_pooled, mut want_argmax) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()]);
+        max_pool_forward(pool, batch, &y, &mut want_pooled, Some(&mut want_argmax));
+        let (mut pooled, mut argmax) = (vec![f32::NAN; want_pooled.len()], vec![0u8; want_argmax.len()]);
+        direct_pooled_forward(conv, pool, batch, &x, &weight, &bias, &mut pooled, Some(&mut argmax));
+        assert_eq!(pooled, want_pooled, "{what}: pooled");
+        for ((&a, &want), &v) in argmax.iter().zip(&want_argmax).zip(&want_pooled) {
+            assert_eq!(a, if conv.relu && v <= 0.0 { NOWHERE } else { want }, "{what}: argmax");
+        }
+        let mut inference = vec![f32::NAN; want_pooled.len()];
+        direct_pooled_forward(conv, pool, batch, &x, &weight, &bias, &mut inference, None);
+        assert_eq!(inference, want_pooled, "{what}: pooled without the argmax");
+
+        let mut d_y = vec![0.0; y.len()];
+        max_pool_backward(pool, batch, &d_pooled, &want_argmax, &mut d_y);
+        let (mut want_db, mut want_dw, mut want_dx) = (vec![0.0; conv.out_c], vec![0.0; weight.len()], vec![0.0; x.len()]);
+        relu_bias_backward(conv, batch, &y, &mut d_y, &mut want_db);
+        im2col_backward(conv, batch, &x, &weight, &d_y, Some(&mut want_dx), Some(&mut want_dw));
+        let close = |name: &str, got: &[f32], want: &[f32]| {
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * scale, "{what}: {name}[{i}] {g} vs {w} (largest {scale})");
+            }
+        };
+        for with_dx in [true, false] {
+            let (mut db, mut dw, mut dx) = (vec![f32::NAN; conv.out_c], vec![f32::NAN; weight.len()], vec![f32::NAN; x.len()]);
+            let dx_arg = with_dx.then_some(&mut dx[..]);
+            direct_pooled_backward(conv, pool, batch, &x, &weight, &d_pooled, &argmax, dx_arg, Some(&mut dw), &mut db);
+            close("bias gradient", &db, &want_db);
+            close("weight gradient", &dw, &want_dw);
+            if with_dx {
+                close("input gradient", &dx, &want_dx);
+            }
+        }
+    }
+
+    /// Small shapes of every geometry the pair can take: one input channel (the seed model's
+    /// conv1), stride, groups, channel counts that are not multiples of the lanes, patches
+    /// longer than a vector, VALID and SAME pools with and without ReLU.
+    #[test]
+    fn fused_pair_matches_the_layers_unfused_on_small_shapes() {
+        let conv = |h, w, k, s, p, in_c, out_c, groups, relu| Conv { win: Window::new(h, w, k, s, p).unwrap(), in_c, out_c, groups, relu };
+        let pool = |c: &Conv, k, s, p| MaxPool { win: Window::new(c.win.h.output, c.win.w.output, k, s, p).unwrap(), channels: c.out_c };
+        for (c, (k, s, p), batch) in [
+            (conv(28, 28, 3, 1, Padding::Same, 1, 64, 1, true), (3, 2, Padding::Same), 3),
+            (conv(14, 13, 3, 1, Padding::Same, 1, 5, 1, true), (3, 2, Padding::Same), 2),
+            (conv(11, 12, 3, 1, Padding::Same, 3, 24, 1, false), (3, 2, Padding::Valid), 2),
+            (conv(15, 15, 5, 2, Padding::Same, 4, 16, 2, true), (2, 2, Padding::Valid), 3),
+            (conv(9, 10, 3, 1, Padding::Explicit(1), 8, 9, 1, true), (3, 1, Padding::Same), 2),
+        ] {
+            let pool = pool(&c, k, s, p);
+            check_against_unfused(&c, &pool, batch);
+        }
+    }
+
+    /// Every convolution that a max-pool follows in every model (the pairs that fuse when the
+    /// convolution runs direct loops), at batch 2.
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "release only: the full-size layers take minutes unoptimised")]
+    fn fused_pair_matches_the_layers_unfused_on_every_model_pair() {
+        let mut pairs = 0;
+        for name in MODEL_NAMES {
+            let model = Model::new(&architecture(name, None).unwrap()).unwrap();
+            for (layer, next) in model.layers.iter().zip(&model.layers[1..]) {
+                if let (Some(conv), Some(pool)) = (layer.conv(), next.op.downcast::<MaxPool>()) {
+                    check_against_unfused(conv, pool, 2);
+                    pairs += 1;
+                }
+            }
+        }
+        assert!(pairs >= 3, "the seed model's three pairs at least: {pairs}");
+    }
+}
