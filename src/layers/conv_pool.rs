@@ -18,12 +18,14 @@
 //! pooled row once per window pixel and was half the pair's time.) The input gradient, which
 //! a first layer does not need, still goes through the routed output gradient.
 
+use super::Window;
 use super::conv::{Conv, per_range_backward};
+use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, SCRATCH_B, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::simd::{L, Lanes, for_lane_blocks, load, store};
-use super::{Window, WindowTable};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with the
 /// argmax of each pooled output where asked (training). Where the ReLU zeroed the maximum, the
@@ -40,7 +42,8 @@ pub fn direct_pooled_forward(
     argmax: Option<&mut [u8]>,
 ) {
     let (il, pl, c) = (conv.in_len(), pool.out_len(), conv.out_c);
-    let windows = pool.win.table();
+    let (windows, offsets) = (pool.win.table(), conv.group_offsets());
+    let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
     let mut weight_copy = take(weight.len() + ALIGN_SLACK);
     let weight = &*aligned_copy(&mut weight_copy, weight);
     // The convolution's output rows go through a ring of as many rows as a pool window has,
@@ -56,16 +59,16 @@ pub fn direct_pooled_forward(
     // the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
     let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
     let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
-    let sample = |(ring, empty): &mut (Vec<f32>, EmptyWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
+    let sample = |(ring, empty): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
         let ring = aligned(ring, kp * row_len);
         with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
             conv.pad_sample(&input[n * il..(n + 1) * il], xp);
-            empty.find(conv, &windows, xp);
+            empty.find(conv, &pool_rows, &pool_cols, xp);
             let (mut done, mut active) = (0, empty.active.iter().peekable());
             ring_windows.for_each(|q, taps| {
                 let needed = rows_needed[q / pool.win.w.output];
                 if needed > done {
-                    conv.forward_padded(xp, &empty.zero, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
+                    conv.forward_padded(xp, &empty.live, &offsets, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
                     done = needed;
                 }
                 let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
@@ -82,7 +85,7 @@ pub fn direct_pooled_forward(
         });
     };
     let pooled = pooled[..batch * pl].par_chunks_mut(pl).enumerate();
-    let state = || (vec![0.0; kp * row_len + ALIGN_SLACK], EmptyWindows::default());
+    let state = || (vec![0.0; kp * row_len + ALIGN_SLACK], LiveWindows::default());
     match argmax {
         Some(argmax) => pooled.zip(argmax[..batch * pl].par_chunks_mut(pl)).for_each_init(state, |s, ((n, p), idx)| sample(s, n, p, idx)),
         None => pooled.for_each_init(|| (state(), vec![0; pl]), |(s, idx), (n, p)| sample(s, n, p, idx)),
@@ -90,25 +93,30 @@ pub fn direct_pooled_forward(
     give_back(weight_copy);
 }
 
-/// One sample's empty windows, from its padded copy: `zero[o]` says convolution output pixel
-/// o's window holds only zeros (`Conv::zero_windows`), and `active` lists, in order, the pooled
-/// outputs whose window holds a pixel whose own window does not. (MNIST digits leave 58% of
-/// pool1's windows inactive; their outputs are relu(bias) and their patches zeros.)
+/// One sample's live windows, from its padded copy: those of the convolution's output pixels
+/// (`Conv::find_live`), and `active`, in order, the pooled outputs whose window holds a live
+/// pixel. (MNIST digits leave 58% of pool1's windows inactive: their outputs are relu(bias) and
+/// their patches zeros.)
 #[derive(Default)]
-struct EmptyWindows {
-    zero: Vec<bool>,
+struct LiveWindows {
+    live: LiveColumns,
     active: Vec<u32>,
 }
 
-impl EmptyWindows {
-    fn find(&mut self, conv: &Conv, windows: &WindowTable, xp: &[f32]) {
-        conv.zero_windows(xp, &mut self.zero);
+impl LiveWindows {
+    /// `pool_rows`, `pool_cols`: the convolution's output rows and columns each pooled row and
+    /// column covers (`Window::input_ranges`).
+    fn find(&mut self, conv: &Conv, pool_rows: &[Range<usize>], pool_cols: &[Range<usize>], xp: &[f32]) {
+        conv.find_live(xp, &mut self.live);
         self.active.clear();
-        windows.for_each(|q, taps| {
-            if taps.iter().any(|&(_, p)| !self.zero[p]) {
-                self.active.push(q as u32);
+        let live = &self.live.rows;
+        for (i, rows) in pool_rows.iter().enumerate() {
+            for (j, cols) in pool_cols.iter().enumerate() {
+                if live[rows.clone()].iter().any(|l| l.start < cols.end && cols.start < l.end) {
+                    self.active.push((i * pool_cols.len() + j) as u32);
+                }
             }
-        });
+        }
     }
 }
 
@@ -130,18 +138,19 @@ pub fn direct_pooled_backward(
     d_bias: &mut [f32],
 ) {
     let (il, pl) = (conv.in_len(), pool.out_len());
-    let (routes, windows) = (Routes::new(conv, pool), pool.win.table());
+    let routes = Routes::new(conv, pool);
+    let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
     let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
     per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, dw, db| {
         let db = db.expect("the bias gradient is asked for");
         let mut dwt = dw.is_some().then(|| take_zeroed(conv.out_c * routes.row_stride()));
-        let mut empty = EmptyWindows::default();
+        let mut empty = LiveWindows::default();
         for (j, n) in range.enumerate() {
             let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
             let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
             routed_bias_grad(d, idx, conv.out_c, db);
             if let Some(dwt) = dwt.as_deref_mut() {
-                routes.weight_grad_sample(x, &windows, d, idx, &mut empty, dwt);
+                routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut empty, dwt);
             }
             if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
                 // The convolution's output gradient, and the pixels it reached, for the direct
@@ -209,18 +218,27 @@ impl<'a> Routes<'a> {
 
     /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
     /// active pooled outputs are visited (`empty`, this thread's): the others' patches are zeros.
-    fn weight_grad_sample(&self, x: &[f32], windows: &WindowTable, d: &[f32], idx: &[u8], empty: &mut EmptyWindows, dwt: &mut [f32]) {
+    #[allow(clippy::type_complexity)]
+    fn weight_grad_sample(
+        &self,
+        x: &[f32],
+        (pool_rows, pool_cols): (&[Range<usize>], &[Range<usize>]),
+        d: &[f32],
+        idx: &[u8],
+        empty: &mut LiveWindows,
+        dwt: &mut [f32],
+    ) {
         let conv = self.conv;
         let (opix, stride) = (conv.win.out_pixels(), self.row_stride());
         let cout_g = conv.out_c / conv.groups;
         with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
             conv.pad_sample(x, xp);
-            empty.find(conv, windows, xp);
+            empty.find(conv, pool_rows, pool_cols, xp);
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
                 let patches = aligned(patches, (opix + 1) * stride);
                 for g in 0..conv.groups {
-                    conv.patch_rows(xp, &empty.zero, g, stride, patches);
+                    conv.patch_rows(xp, &empty.live, &conv.row_offsets(g), stride, patches);
                     let patches = patches.as_chunks::<L>().0;
                     for b in 0..stride / L {
                         let mut c = g * cout_g;

@@ -15,15 +15,23 @@ use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
 use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
 
+/// Each output row's live columns (`Conv::find_live`), and the spans that found them.
+#[derive(Default)]
+pub(super) struct LiveColumns {
+    spans: Vec<(usize, usize)>,
+    /// `rows[oy]`: the columns of output row oy whose windows may hold a nonzero.
+    pub(super) rows: Vec<std::ops::Range<usize>>,
+}
+
 impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
     pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
         with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
             self.pad_sample(x, xp);
-            let mut zero = Vec::new();
-            self.zero_windows(xp, &mut zero);
+            let mut live = LiveColumns::default();
+            self.find_live(xp, &mut live);
             let row_len = self.win.w.output * self.out_c;
-            self.forward_padded(xp, &zero, weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
+            self.forward_padded(xp, &live, &self.group_offsets(), weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
         });
     }
 
@@ -44,9 +52,10 @@ impl Conv {
         if let Some(dw) = dw {
             with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
                 self.pad_sample(x, xp);
-                let mut zero = Vec::new();
-                self.zero_windows(xp, &mut zero);
-                let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| !zero[o]).copied().collect();
+                let mut live = LiveColumns::default();
+                self.find_live(xp, &mut live);
+                let ow = self.win.w.output;
+                let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| live.rows[o / ow].contains(&(o % ow))).copied().collect();
                 self.weight_grad_padded(xp, dy, &pixels, dw);
             });
         }
@@ -61,44 +70,44 @@ impl Conv {
         (0..self.win.out_pixels()).map(|o| (o, ((o / ow) * s * wp + (o % ow) * s) * self.in_c)).collect()
     }
 
-    /// Overwrite `zero` with, for each output pixel, whether its window in the padded sample
-    /// `xp` holds only zeros, as far as each row's span of nonzero pixels tells: a window left
-    /// or right of the spans of all its rows is empty. (Flags per pixel cost, in a profile, about as much as the
-    /// multiplications they saved; the spans cost one pass over the sample and follow a digit's
-    /// outline: 31% of conv1's windows on MNIST digits are left to compute.)
-    pub(super) fn zero_windows(&self, xp: &[f32], zero: &mut Vec<bool>) {
+    /// Overwrite `live` with each output row's live columns: those whose windows in the padded
+    /// sample `xp` may hold a nonzero, as far as each row's span of nonzero pixels tells (a
+    /// window left or right of the spans of all its rows is empty). (Flags per pixel cost, in a
+    /// profile, about as much as the multiplications they saved; the spans cost one pass over
+    /// the sample and follow a digit's outline: 31% of conv1's windows on MNIST digits are live.)
+    pub(super) fn find_live(&self, xp: &[f32], live: &mut LiveColumns) {
         let ((hp, wp), (k, s), (oh, ow)) = (self.padded_dims(), (self.win.kernel, self.win.stride), (self.win.h.output, self.win.w.output));
         // Each padded row's nonzero pixels lie in columns first..end (end = 0: none).
-        let spans: Vec<(usize, usize)> = xp
-            .chunks_exact(wp * self.in_c)
-            .map(|row| match (row.iter().position(|&v| is_nonzero(v)), row.iter().rposition(|&v| is_nonzero(v))) {
+        live.spans.clear();
+        live.spans.extend(xp.chunks_exact(wp * self.in_c).map(|row| {
+            match (row.iter().position(|&v| is_nonzero(v)), row.iter().rposition(|&v| is_nonzero(v))) {
                 (Some(first), Some(last)) => (first / self.in_c, last / self.in_c + 1),
                 _ => (wp, 0),
-            })
-            .collect();
-        debug_assert_eq!(spans.len(), hp);
-        zero.clear();
+            }
+        }));
+        debug_assert_eq!(live.spans.len(), hp);
+        live.rows.clear();
         for oy in 0..oh {
-            let (first, end) = spans[oy * s..oy * s + k].iter().fold((wp, 0), |(f, e), &(f2, e2)| (f.min(f2), e.max(e2)));
+            let (first, end) = live.spans[oy * s..oy * s + k].iter().fold((wp, 0), |(f, e), &(f2, e2)| (f.min(f2), e.max(e2)));
             // Window ox covers columns ox*s .. ox*s + k: it meets first..end where
             // ox*s + k > first and ox*s < end.
-            zero.extend((0..ow).map(|ox| ox * s + k <= first || ox * s >= end));
+            let from = if first >= k { (first - k) / s + 1 } else { 0 };
+            live.rows.push(from..end.div_ceil(s).min(ow).max(from));
         }
     }
 
     /// Group `g`'s patch of each output pixel of the padded sample `xp` into `patches`, as
     /// rows of `stride` floats, in order (the im2col matrix of one sample and group): the
-    /// `patch_len()` values, then zeros. Rows where `zero` marks the window empty, and any past
-    /// the last pixel's, are zeros.
-    pub(super) fn patch_rows(&self, xp: &[f32], zero: &[bool], g: usize, stride: usize, patches: &mut [f32]) {
-        let offsets = self.row_offsets(g);
+    /// `patch_len()` values, then zeros. Rows of pixels that are not `live`, and any past the
+    /// last pixel's, are zeros. `offsets` are group g's `row_offsets`.
+    pub(super) fn patch_rows(&self, xp: &[f32], live: &LiveColumns, offsets: &[usize], stride: usize, patches: &mut [f32]) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
         patches.fill(0.0);
-        for oy in 0..self.win.h.output {
-            for ox in (0..ow).filter(|&ox| !zero[oy * ow + ox]) {
+        for (oy, columns) in live.rows.iter().enumerate() {
+            for ox in columns.clone() {
                 let corner = (oy * s * wp + ox * s) * self.in_c;
                 let row = &mut patches[(oy * ow + ox) * stride..][..offsets.len()];
-                row.iter_mut().zip(&offsets).for_each(|(v, off)| *v = xp[corner + off]);
+                row.iter_mut().zip(offsets).for_each(|(v, off)| *v = xp[corner + off]);
             }
         }
     }
@@ -140,9 +149,14 @@ impl Conv {
         }
     }
 
+    /// `row_offsets` of each group.
+    pub(super) fn group_offsets(&self) -> Vec<Vec<usize>> {
+        (0..self.groups).map(|g| self.row_offsets(g)).collect()
+    }
+
     /// Offsets in the padded sample of group `g`'s weight rows (row r = tap ky*k + kx, channel
     /// ci) from their window's corner.
-    fn row_offsets(&self, g: usize) -> Vec<usize> {
+    pub(super) fn row_offsets(&self, g: usize) -> Vec<usize> {
         let (k, cin_g, wp) = (self.win.kernel, self.in_c / self.groups, self.padded_dims().1);
         (0..self.patch_len()).map(|r| ((r / cin_g / k) * wp + (r / cin_g) % k) * self.in_c + g * cin_g + r % cin_g).collect()
     }
@@ -150,12 +164,14 @@ impl Conv {
     /// Forward of output rows `rows` of one padded sample: `y = relu?(conv(xp, weight) +
     /// bias)`, output row `oy` at `y[row_at(oy)..]`. Output channels go in blocks of 4L, L, then
     /// 1 and pixels in fours: 16 accumulators in registers, each weight row loaded once for four
-    /// pixels. `zero` marks the pixels whose windows are all zeros.
+    /// pixels. Where none of the four is `live`, no weight row is read; `offsets` are
+    /// `group_offsets()`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_padded(
         &self,
         xp: &[f32],
-        zero: &[bool],
+        live: &LiveColumns,
+        offsets: &[Vec<usize>],
         weight: &[f32],
         bias: &[f32],
         rows: std::ops::Range<usize>,
@@ -163,22 +179,21 @@ impl Conv {
         row_at: impl Fn(usize) -> usize,
     ) {
         let cout_g = self.out_c / self.groups;
-        for g in 0..self.groups {
-            let offsets = self.row_offsets(g);
+        for (g, offsets) in offsets.iter().enumerate() {
             for_lane_blocks!(g * cout_g..(g + 1) * cout_g, |c, N| {
-                self.forward_channels::<N>(xp, zero, &offsets, weight, bias, rows.clone(), y, &row_at, c)
+                self.forward_channels::<N>(xp, live, offsets, weight, bias, rows.clone(), y, &row_at, c)
             });
         }
     }
 
     /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
-    /// pixel of `rows`, four at a time. Where all four windows are `zero`, no weight row is read.
+    /// pixel of `rows`, four at a time.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_channels<const N: usize>(
         &self,
         xp: &[f32],
-        zero: &[bool],
+        live: &LiveColumns,
         offsets: &[usize],
         weight: &[f32],
         bias: &[f32],
@@ -188,16 +203,19 @@ impl Conv {
         c: usize,
     ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
-        let rows_of = |o: usize, n: usize| if zero[o..o + n].iter().all(|&z| z) { &offsets[..0] } else { offsets };
+        let rows_of = |oy: usize, ox: usize, n: usize| {
+            let live = &live.rows[oy];
+            if ox < live.end && live.start < ox + n { offsets } else { &offsets[..0] }
+        };
         for oy in rows {
             let (corner, y) = (|ox: usize| (oy * s * wp + ox * s) * self.in_c, &mut y[row_at(oy)..][..ow * self.out_c]);
             let mut ox = 0;
             while ox + 4 <= ow {
-                self.forward_pixels::<N, 4>(xp, rows_of(oy * ow + ox, 4), weight, bias, y, c, ox, corner(ox));
+                self.forward_pixels::<N, 4>(xp, rows_of(oy, ox, 4), weight, bias, y, c, ox, corner(ox));
                 ox += 4;
             }
             while ox < ow {
-                self.forward_pixels::<N, 1>(xp, rows_of(oy * ow + ox, 1), weight, bias, y, c, ox, corner(ox));
+                self.forward_pixels::<N, 1>(xp, rows_of(oy, ox, 1), weight, bias, y, c, ox, corner(ox));
                 ox += 1;
             }
         }

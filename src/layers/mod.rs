@@ -153,6 +153,18 @@ impl Window {
         }
     }
 
+    /// For each output coordinate along `axis` (`self.h` or `self.w`), the input coordinates
+    /// its window covers (inside the input).
+    pub fn input_ranges(&self, axis: &Axis) -> Vec<std::ops::Range<usize>> {
+        (0..axis.output)
+            .map(|o| {
+                let mut taps = (0..self.kernel).filter_map(|k| Window::tap(axis, self.stride, o, k));
+                let first = taps.next().unwrap_or(0);
+                first..taps.last().unwrap_or(first) + 1
+            })
+            .collect()
+    }
+
     /// ONNX `pads`: [top, left, bottom, right], the end pads being whatever the output size
     /// needs (TF SAME puts the odd one there).
     pub fn onnx_pads(&self) -> Vec<usize> {
