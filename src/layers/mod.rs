@@ -160,7 +160,7 @@ impl Window {
             .map(|o| {
                 let mut taps = (0..self.kernel).filter_map(|k| Window::tap(axis, self.stride, o, k));
                 let first = taps.next().unwrap_or(0);
-                first..taps.last().unwrap_or(first) + 1
+                first..taps.next_back().unwrap_or(first) + 1
             })
             .collect()
     }
