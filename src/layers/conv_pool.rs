@@ -158,8 +158,26 @@ pub fn direct_pooled_backward(
     d_weight: Option<&mut [f32]>,
     d_bias: &mut [f32],
 ) {
+    pooled_backward_at::<L>(conv, pool, batch, input, weight, d_pooled, argmax, d_input, d_weight, d_bias);
+}
+
+/// `direct_pooled_backward` with the weight gradient's patch rows in vectors of `W` lanes (the
+/// engine uses the target's `L`; the tests run both widths on any machine).
+#[allow(clippy::too_many_arguments)]
+fn pooled_backward_at<const W: usize>(
+    conv: &Conv,
+    pool: &MaxPool,
+    batch: usize,
+    input: &[f32],
+    weight: &[f32],
+    d_pooled: &[f32],
+    argmax: &[u8],
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+    d_bias: &mut [f32],
+) {
     let (il, pl) = (conv.in_len(), pool.out_len());
-    let routes = Routes::new(conv, pool);
+    let routes = Routes::<W>::new(conv, pool);
     let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
     let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
     per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, dw, db| {
@@ -217,14 +235,14 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
 /// `NOWHERE`, or of a tap outside the input, gets the zero row past the last pixel's. A row
 /// for every byte value (not just the window's taps) makes the argmax an index that needs no
 /// bounds check, and costs two cache lines per pooled output.
-struct Routes<'a> {
+struct Routes<'a, const W: usize> {
     conv: &'a Conv,
     blocks: Vec<[u32; 256]>,
 }
 
-impl<'a> Routes<'a> {
-    fn new(conv: &'a Conv, pool: &MaxPool) -> Routes<'a> {
-        let nb = conv.patch_len().div_ceil(L);
+impl<'a, const W: usize> Routes<'a, W> {
+    fn new(conv: &'a Conv, pool: &MaxPool) -> Routes<'a, W> {
+        let nb = conv.patch_len().div_ceil(W);
         let block = |pixel: usize| u32::try_from(pixel * nb).expect("a sample's patch blocks fit 32 bits");
         let mut blocks = vec![[block(conv.win.out_pixels()); 256]; pool.win.out_pixels()];
         pool.win.for_each_window(|q, window| window.iter().for_each(|&(t, p)| blocks[q][t] = block(p)));
@@ -234,7 +252,7 @@ impl<'a> Routes<'a> {
     /// Floats per channel of the transposed weight gradient, and per pixel of the patch
     /// matrix: the patch rounded up to lanes.
     fn row_stride(&self) -> usize {
-        self.conv.patch_len().div_ceil(L) * L
+        self.conv.patch_len().div_ceil(W) * W
     }
 
     /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
@@ -260,8 +278,8 @@ impl<'a> Routes<'a> {
                 let patches = aligned(patches, (opix + 1) * stride);
                 for g in 0..conv.groups {
                     conv.patch_rows(xp, &empty.live, &conv.row_offsets(g), stride, patches);
-                    let patches = patches.as_chunks::<L>().0;
-                    for b in 0..stride / L {
+                    let patches = patches.as_chunks::<W>().0;
+                    for b in 0..stride / W {
                         let mut c = g * cout_g;
                         while c < (g + 1) * cout_g {
                             c += if (g + 1) * cout_g - c >= 8 {
@@ -282,7 +300,7 @@ impl<'a> Routes<'a> {
     #[inline(always)]
     fn weight_grad_block<const C: usize>(
         &self,
-        patches: &[[f32; L]],
+        patches: &[[f32; W]],
         active: &[u32],
         d: &[f32],
         idx: &[u8],
@@ -291,7 +309,7 @@ impl<'a> Routes<'a> {
         dwt: &mut [f32],
     ) -> usize {
         let oc = self.conv.out_c;
-        let mut acc = [Lanes::<L>::default(); C];
+        let mut acc = [Lanes::<W>::default(); C];
         for &q in active {
             let (q, at) = (q as usize, q as usize * oc + c0);
             let (blocks, g, arg): (&[u32; 256], &[f32; C], &[u8; C]) =
@@ -302,8 +320,8 @@ impl<'a> Routes<'a> {
         }
         let stride = self.row_stride();
         for (c, a) in acc.into_iter().enumerate() {
-            let at = (c0 + c) * stride + b * L;
-            store(dwt, at, load::<L>(dwt, at) + a);
+            let at = (c0 + c) * stride + b * W;
+            store(dwt, at, load::<W>(dwt, at) + a);
         }
         C
     }
@@ -332,7 +350,7 @@ mod tests {
     /// The fused pair against the layers one after the other (direct forward, max-pool,
     /// max-pool backward, ReLU mask, im2col backward): the same pooled outputs, the same argmax
     /// (or `NOWHERE` where the ReLU zeroed the maximum), and the same gradients to rounding,
-    /// with and without the input gradient. The input is blank (zeros) around a random block
+    /// with and without the input gradient, with the weight gradient at 8 and 16 lanes. The input is blank (zeros) around a random block
     /// and along every seventh pixel, as digits are, so empty windows and inactive pooled
     /// outputs occur; a negative bias on some channels makes pooled zeros.
     fn check_against_unfused(conv: &Conv, pool: &MaxPool, batch: usize) {
@@ -372,10 +390,13 @@ mod tests {
                 assert!((g - w).abs() <= 1e-5 * scale, "{what}: {name}[{i}] {g} vs {w} (largest {scale})");
             }
         };
-        for with_dx in [true, false] {
+        for (with_dx, lanes) in [(true, 8), (false, 8), (true, 16), (false, 16)] {
             let (mut db, mut dw, mut dx) = (vec![f32::NAN; conv.out_c], vec![f32::NAN; weight.len()], vec![f32::NAN; x.len()]);
-            let dx_arg = with_dx.then_some(&mut dx[..]);
-            direct_pooled_backward(conv, pool, batch, &x, &weight, &d_pooled, &argmax, dx_arg, Some(&mut dw), &mut db);
+            let args = (with_dx.then_some(&mut dx[..]), Some(&mut dw[..]), &mut db[..]);
+            match lanes {
+                8 => pooled_backward_at::<8>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                _ => pooled_backward_at::<16>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+            }
             close("bias gradient", &db, &want_db);
             close("weight gradient", &dw, &want_dw);
             if with_dx {
