@@ -187,7 +187,7 @@ impl Conv {
     }
 
     /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
-    /// pixel of `rows`, four at a time.
+    /// pixel of `rows`, four at a time where it can.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_channels<const N: usize>(
@@ -203,20 +203,21 @@ impl Conv {
         c: usize,
     ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
-        let rows_of = |oy: usize, ox: usize, n: usize| {
-            let live = &live.rows[oy];
-            if ox < live.end && live.start < ox + n { offsets } else { &offsets[..0] }
-        };
         for oy in rows {
             let (corner, y) = (|ox: usize| (oy * s * wp + ox * s) * self.in_c, &mut y[row_at(oy)..][..ow * self.out_c]);
+            // Pixels left of the live columns, the live ones, and those right of them: fours,
+            // then ones, of each.
+            let live = &live.rows[oy];
             let mut ox = 0;
-            while ox + 4 <= ow {
-                self.forward_pixels::<N, 4>(xp, rows_of(oy, ox, 4), weight, bias, y, c, ox, corner(ox));
-                ox += 4;
-            }
-            while ox < ow {
-                self.forward_pixels::<N, 1>(xp, rows_of(oy, ox, 1), weight, bias, y, c, ox, corner(ox));
-                ox += 1;
+            for (end, offsets) in [(live.start, &offsets[..0]), (live.end, offsets), (ow, &offsets[..0])] {
+                while ox + 4 <= end {
+                    self.forward_pixels::<N, 4>(xp, offsets, weight, bias, y, c, ox, corner(ox));
+                    ox += 4;
+                }
+                while ox < end {
+                    self.forward_pixels::<N, 1>(xp, offsets, weight, bias, y, c, ox, corner(ox));
+                    ox += 1;
+                }
             }
         }
     }
