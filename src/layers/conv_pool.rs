@@ -22,7 +22,7 @@ use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, SCRATCH_B, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
-use super::simd::{L, Lanes, for_lane_blocks, load, store};
+use super::simd::{Lanes, for_lane_blocks, load, store};
 use super::{Window, sample_ranges};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -144,27 +144,10 @@ impl LiveWindows {
 /// Backward of `direct_pooled_forward`: overwrites `d_bias` and whichever of `d_input`,
 /// `d_weight` is given, from the pooled gradient and the forward's argmax. Sums run over the
 /// samples of each thread's range in order, and within a sample over the pooled outputs in
-/// order, so a thread count gives the same bits every time.
+/// order, so a thread count gives the same bits every time. `W` is the vector width of the
+/// weight gradient's patch rows: the engine passes the target's `L`, the tests both widths.
 #[allow(clippy::too_many_arguments)]
-pub fn direct_pooled_backward(
-    conv: &Conv,
-    pool: &MaxPool,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    d_pooled: &[f32],
-    argmax: &[u8],
-    d_input: Option<&mut [f32]>,
-    d_weight: Option<&mut [f32]>,
-    d_bias: &mut [f32],
-) {
-    pooled_backward_at::<L>(conv, pool, batch, input, weight, d_pooled, argmax, d_input, d_weight, d_bias);
-}
-
-/// `direct_pooled_backward` with the weight gradient's patch rows in vectors of `W` lanes (the
-/// engine uses the target's `L`; the tests run both widths on any machine).
-#[allow(clippy::too_many_arguments)]
-fn pooled_backward_at<const W: usize>(
+pub fn direct_pooled_backward<const W: usize>(
     conv: &Conv,
     pool: &MaxPool,
     batch: usize,
@@ -394,8 +377,8 @@ mod tests {
             let (mut db, mut dw, mut dx) = (vec![f32::NAN; conv.out_c], vec![f32::NAN; weight.len()], vec![f32::NAN; x.len()]);
             let args = (with_dx.then_some(&mut dx[..]), Some(&mut dw[..]), &mut db[..]);
             match lanes {
-                8 => pooled_backward_at::<8>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
-                _ => pooled_backward_at::<16>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                8 => direct_pooled_backward::<8>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                _ => direct_pooled_backward::<16>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
             }
             close("bias gradient", &db, &want_db);
             close("weight gradient", &dw, &want_dw);

@@ -6,6 +6,7 @@ use super::conv::Conv;
 use super::conv_pool::{direct_pooled_backward, direct_pooled_forward};
 use super::conv_algo::{self, ConvAlgo, ConvAlgos};
 use super::pool::MaxPool;
+use super::simd::L;
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};
 use super::{Padding, Window, winograd};
 use crate::onnx_graph::{OnnxGraph, int, ints};
@@ -109,7 +110,7 @@ impl Layer for Convolution {
         };
         let [w, bias] = b.params else { unreachable!("weight and bias") };
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-        direct_pooled_backward(&self.conv, pool, b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad);
+        direct_pooled_backward::<L>(&self.conv, pool, b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad);
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {
