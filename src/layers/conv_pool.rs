@@ -1,9 +1,9 @@
 //! A direct convolution and the max-pool after it, as one pass each way (the seed model's conv1
 //! and pool1; `Convolution::fuses_with` says when).
 //!
-//! Forward goes sample by sample: each sample's convolution output stays in a per-thread
-//! buffer, in cache, and only the pooled output and its argmax (for training; inference passes
-//! none) reach memory. (Unfused, the seed model's conv1 writes 12.8 MB per batch of 64, which
+//! Forward goes sample by sample: each sample's convolution output rows stay in a per-thread
+//! ring, in cache, and only the pooled output and its argmax (for training; inference passes
+//! none) reach memory; pooled windows with no live pixel are written as constant rows. (Unfused, the seed model's conv1 writes 12.8 MB per batch of 64, which
 //! pool1 reads back and backward reads three more times; 200 MB per inference batch of 1000.)
 //!
 //! Backward takes the weight and bias gradients straight from the pooled gradient. Each pooled
@@ -48,8 +48,9 @@ pub fn direct_pooled_forward(
     let weight = &*aligned_copy(&mut weight_copy, weight);
     // The convolution's output rows go through a ring of as many rows as a pool window has,
     // each computed just before the first pooled row that reads it: 21 KB for the seed
-    // model's conv1, which stays in L1 (a whole sample's output, 200 KB, went out to L2 and
-    // back, which took longer than the multiplications).
+    // model's conv1, which stays in L1, where a whole sample's output (200 KB) goes through L2.
+    // (Probe, Zen 4 EPYC: the forward 3-6% faster with the caches flushed between passes, the
+    // same with them warm.)
     let (kp, w, row_len) = (pool.win.kernel, pool.win.w.input, pool.win.w.input * c);
     let ring_windows = windows.map_inputs(|i| (i / w % kp) * w + i % w);
     let rows_needed: Vec<usize> = (0..pool.win.h.output)
@@ -59,16 +60,16 @@ pub fn direct_pooled_forward(
     // the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
     let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
     let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
-    let sample = |(ring, empty): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
+    let sample = |(ring, live): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
         let ring = aligned(ring, kp * row_len);
         with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
             conv.pad_sample(&input[n * il..(n + 1) * il], xp);
-            empty.find(conv, &pool_rows, &pool_cols, xp);
-            let (mut done, mut active) = (0, empty.active.iter().peekable());
+            live.find(conv, &pool_rows, &pool_cols, xp);
+            let (mut done, mut active) = (0, live.active.iter().peekable());
             ring_windows.for_each(|q, taps| {
                 let needed = rows_needed[q / pool.win.w.output];
                 if needed > done {
-                    conv.forward_padded(xp, &empty.live, &offsets, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
+                    conv.forward_padded(xp, &live.live, &offsets, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
                     done = needed;
                 }
                 let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
@@ -166,13 +167,13 @@ pub fn direct_pooled_backward<const W: usize>(
     per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, dw, db| {
         let db = db.expect("the bias gradient is asked for");
         let mut dwt = dw.is_some().then(|| take_zeroed(conv.out_c * routes.row_stride()));
-        let mut empty = LiveWindows::default();
+        let mut live = LiveWindows::default();
         for (j, n) in range.enumerate() {
             let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
             let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
             routed_bias_grad(d, idx, conv.out_c, db);
             if let Some(dwt) = dwt.as_deref_mut() {
-                routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut empty, dwt);
+                routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, dwt);
             }
             if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
                 // The convolution's output gradient, and the pixels it reached, for the direct
@@ -239,7 +240,7 @@ impl<'a, const W: usize> Routes<'a, W> {
     }
 
     /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
-    /// active pooled outputs are visited (`empty`, this thread's): the others' patches are zeros.
+    /// active pooled outputs are visited (`live`, this thread's): the others' patches are zeros.
     #[allow(clippy::type_complexity)]
     fn weight_grad_sample(
         &self,
@@ -247,7 +248,7 @@ impl<'a, const W: usize> Routes<'a, W> {
         (pool_rows, pool_cols): (&[Range<usize>], &[Range<usize>]),
         d: &[f32],
         idx: &[u8],
-        empty: &mut LiveWindows,
+        live: &mut LiveWindows,
         dwt: &mut [f32],
     ) {
         let conv = self.conv;
@@ -255,20 +256,20 @@ impl<'a, const W: usize> Routes<'a, W> {
         let cout_g = conv.out_c / conv.groups;
         with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
             conv.pad_sample(x, xp);
-            empty.find(conv, pool_rows, pool_cols, xp);
+            live.find(conv, pool_rows, pool_cols, xp);
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
                 let patches = aligned(patches, (opix + 1) * stride);
                 for g in 0..conv.groups {
-                    conv.patch_rows(xp, &empty.live, &conv.row_offsets(g), stride, patches);
+                    conv.patch_rows(xp, &live.live, &conv.row_offsets(g), stride, patches);
                     let patches = patches.as_chunks::<W>().0;
                     for b in 0..stride / W {
                         let mut c = g * cout_g;
                         while c < (g + 1) * cout_g {
                             c += if (g + 1) * cout_g - c >= 8 {
-                                self.weight_grad_block::<8>(patches, &empty.active, d, idx, c, b, dwt)
+                                self.weight_grad_block::<8>(patches, &live.active, d, idx, c, b, dwt)
                             } else {
-                                self.weight_grad_block::<1>(patches, &empty.active, d, idx, c, b, dwt)
+                                self.weight_grad_block::<1>(patches, &live.active, d, idx, c, b, dwt)
                             };
                         }
                     }
