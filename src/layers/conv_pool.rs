@@ -214,8 +214,8 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
 }
 
 /// Where each pooled output's argmax sends its gradient, for the weight gradient:
-/// `blocks[q][a]` is the first lane block, in a sample's patch matrix of `row_blocks` blocks per
-/// pixel, of the patch of the pixel that pooled output q's tap `a` covers. An argmax of
+/// `blocks[q][a]` is the first lane block, in a sample's patch matrix of `row_stride() / W`
+/// blocks per pixel, of the patch of the pixel that pooled output q's tap `a` covers. An argmax of
 /// `NOWHERE`, or of a tap outside the input, gets the zero row past the last pixel's. A row
 /// for every byte value (not just the window's taps) makes the argmax an index that needs no
 /// bounds check, and costs two cache lines per pooled output.
@@ -264,6 +264,8 @@ impl<'a, const W: usize> Routes<'a, W> {
                     conv.patch_rows(xp, &live.live, &conv.row_offsets(g), stride, patches);
                     let patches = patches.as_chunks::<W>().0;
                     for b in 0..stride / W {
+                        // Eight channels' accumulators at a time: with sixteen, LLVM kept them
+                        // in memory.
                         let mut c = g * cout_g;
                         while c < (g + 1) * cout_g {
                             c += if (g + 1) * cout_g - c >= 8 {

@@ -1,6 +1,7 @@
 //! The convolution layer kind: `relu?(conv(x, W) + b)` with any kernel, stride, padding and
-//! groups (the paper's two towers). The arithmetic is in `conv` (direct, im2col) and
-//! `winograd`; `conv_algo` runs whichever `autotune` chose for each pass.
+//! groups (the paper's two towers). The arithmetic is in `conv` (direct, im2col), `winograd`
+//! and `conv_pool` (a direct convolution and the max-pool after it as one pass); `conv_algo`
+//! runs whichever `autotune` chose for each pass.
 
 use super::conv::Conv;
 use super::conv_pool::{direct_pooled_backward, direct_pooled_forward};
