@@ -21,9 +21,9 @@
 use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
+use super::sample_ranges;
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, SCRATCH_B, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::simd::{Lanes, for_lane_blocks, load, store};
-use super::{Window, sample_ranges};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -53,9 +53,6 @@ pub fn direct_pooled_forward(
     // same with them warm.)
     let (kp, w, row_len) = (pool.win.kernel, pool.win.w.input, pool.win.w.input * c);
     let ring_windows = windows.map_inputs(|i| (i / w % kp) * w + i % w);
-    let rows_needed: Vec<usize> = (0..pool.win.h.output)
-        .map(|i| (0..kp).filter_map(|ky| Window::tap(&pool.win.h, pool.win.stride, i, ky)).max().map_or(0, |r| r + 1))
-        .collect();
     // An empty window's outputs all equal relu?(bias), so the first tap is its maximum (where
     // the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
     let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
@@ -67,7 +64,8 @@ pub fn direct_pooled_forward(
             live.find(conv, &pool_rows, &pool_cols, xp);
             let (mut done, mut active) = (0, live.active.iter().peekable());
             ring_windows.for_each(|q, taps| {
-                let needed = rows_needed[q / pool.win.w.output];
+                // Pooled row i reads the convolution's rows up to pool_rows[i].end.
+                let needed = pool_rows[q / pool.win.w.output].end;
                 if needed > done {
                     conv.forward_padded(xp, &live.live, &offsets, weight, bias, done..needed, ring, |oy| (oy % kp) * row_len);
                     done = needed;
@@ -222,6 +220,8 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
 struct Routes<'a, const W: usize> {
     conv: &'a Conv,
     blocks: Vec<[u32; 256]>,
+    /// `Conv::group_offsets`, for the patch rows.
+    offsets: Vec<Vec<usize>>,
 }
 
 impl<'a, const W: usize> Routes<'a, W> {
@@ -230,7 +230,7 @@ impl<'a, const W: usize> Routes<'a, W> {
         let block = |pixel: usize| u32::try_from(pixel * nb).expect("a sample's patch blocks fit 32 bits");
         let mut blocks = vec![[block(conv.win.out_pixels()); 256]; pool.win.out_pixels()];
         pool.win.for_each_window(|q, window| window.iter().for_each(|&(t, p)| blocks[q][t] = block(p)));
-        Routes { conv, blocks }
+        Routes { conv, blocks, offsets: conv.group_offsets() }
     }
 
     /// Floats per channel of the transposed weight gradient, and per pixel of the patch
@@ -260,8 +260,8 @@ impl<'a, const W: usize> Routes<'a, W> {
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
                 let patches = aligned(patches, (opix + 1) * stride);
-                for g in 0..conv.groups {
-                    conv.patch_rows(xp, &live.live, &conv.row_offsets(g), stride, patches);
+                for (g, offsets) in self.offsets.iter().enumerate() {
+                    conv.patch_rows(xp, &live.live, offsets, stride, patches);
                     let patches = patches.as_chunks::<W>().0;
                     for b in 0..stride / W {
                         // Eight channels' accumulators at a time: with sixteen, LLVM kept them
