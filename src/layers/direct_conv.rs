@@ -13,7 +13,15 @@
 
 use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
-use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
+use super::simd::{L, Lanes, for_lane_blocks, is_nonzero, load, store};
+
+/// The forward's block of sums held in registers: `FORWARD_PIXELS` output pixels by
+/// `FORWARD_CHANNELS` channels, with one block of weights. AVX-512's 32 vector registers hold
+/// 4 pixels by 4 vectors (16 sums, 4 weight vectors); AVX2's 16 do not (LLVM spilled the sums
+/// to the stack), so there it is 6 pixels by 2 vectors (12 sums, 2 weights, one broadcast
+/// input), the shape of the `gemm` crate's AVX2 kernel.
+const FORWARD_PIXELS: usize = if L == 16 { 4 } else { 6 };
+const FORWARD_CHANNELS: usize = if L == 16 { 4 * L } else { 2 * L };
 
 /// Each output row's live columns (`Conv::find_live`), and the spans that found them.
 #[derive(Default)]
@@ -162,10 +170,10 @@ impl Conv {
     }
 
     /// Forward of output rows `rows` of one padded sample: `y = relu?(conv(xp, weight) +
-    /// bias)`, output row `oy` at `y[row_at(oy)..]`. Output channels go in blocks of 4L, L, then
-    /// 1 and pixels in fours: 16 accumulators in registers, each weight row loaded once for four
-    /// pixels. Where none of the four is `live`, no weight row is read; `offsets` are
-    /// `group_offsets()`.
+    /// bias)`, output row `oy` at `y[row_at(oy)..]`. Output channels go in blocks of
+    /// `FORWARD_CHANNELS`, L, then 1 and pixels in blocks of `FORWARD_PIXELS`, the sums in
+    /// registers, each weight row loaded once for the block's pixels. Where none of a block's
+    /// pixels is `live`, no weight row is read; `offsets` are `group_offsets()`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_padded(
         &self,
@@ -180,14 +188,14 @@ impl Conv {
     ) {
         let cout_g = self.out_c / self.groups;
         for (g, offsets) in offsets.iter().enumerate() {
-            for_lane_blocks!(g * cout_g..(g + 1) * cout_g, |c, N| {
+            for_lane_blocks!(g * cout_g..(g + 1) * cout_g, wide = FORWARD_CHANNELS, |c, N| {
                 self.forward_channels::<N>(xp, live, offsets, weight, bias, rows.clone(), y, &row_at, c)
             });
         }
     }
 
     /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
-    /// pixel of `rows`, four at a time where it can.
+    /// pixel of `rows`, `FORWARD_PIXELS` at a time where it can.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_channels<const N: usize>(
@@ -205,14 +213,14 @@ impl Conv {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
         for oy in rows {
             let (corner, y) = (|ox: usize| (oy * s * wp + ox * s) * self.in_c, &mut y[row_at(oy)..][..ow * self.out_c]);
-            // Pixels left of the live columns, the live ones, and those right of them: fours,
-            // then ones, of each.
+            // Pixels left of the live columns, the live ones, and those right of them: blocks
+            // of `FORWARD_PIXELS`, then ones, of each.
             let live = &live.rows[oy];
             let mut ox = 0;
             for (end, offsets) in [(live.start, &offsets[..0]), (live.end, offsets), (ow, &offsets[..0])] {
-                while ox + 4 <= end {
-                    self.forward_pixels::<N, 4>(xp, offsets, weight, bias, y, c, ox, corner(ox));
-                    ox += 4;
+                while ox + FORWARD_PIXELS <= end {
+                    self.forward_pixels::<N, FORWARD_PIXELS>(xp, offsets, weight, bias, y, c, ox, corner(ox));
+                    ox += FORWARD_PIXELS;
                 }
                 while ox < end {
                     self.forward_pixels::<N, 1>(xp, offsets, weight, bias, y, c, ox, corner(ox));

@@ -80,18 +80,21 @@ impl<const N: usize> Lanes<N> {
     }
 }
 
-/// Run `$body` over the channels `$range` in blocks of 4L, L, then 1 channels: `$c` is a
-/// block's first channel and `$n` its width, as a constant, since the kernels take it as a
-/// const generic (which a closure cannot pass on). Four vectors a block hide the latency of
-/// the kernels' dependent adds; the narrower blocks take what is left.
+/// Run `$body` over the channels `$range` in blocks of 4L (or `wide = W` channels), L, then 1
+/// channels: `$c` is a block's first channel and `$n` its width, as a constant, since the
+/// kernels take it as a const generic (which a closure cannot pass on). Four vectors a block
+/// hide the latency of the kernels' dependent adds; the narrower blocks take what is left.
 macro_rules! for_lane_blocks {
-    ($range:expr, |$c:ident, $n:ident| $body:expr) => {{
+    ($range:expr, |$c:ident, $n:ident| $body:expr) => {
+        $crate::layers::simd::for_lane_blocks!($range, wide = 4 * $crate::layers::simd::L, |$c, $n| $body)
+    };
+    ($range:expr, wide = $wide:expr, |$c:ident, $n:ident| $body:expr) => {{
         let range: std::ops::Range<usize> = $range;
         let mut $c = range.start;
         while $c < range.end {
             $c += match range.end - $c {
-                left if left >= 4 * $crate::layers::simd::L => {
-                    const $n: usize = 4 * $crate::layers::simd::L;
+                left if left >= $wide => {
+                    const $n: usize = $wide;
                     $body;
                     $n
                 }
