@@ -14,7 +14,7 @@ pub enum ConvAlgo {
     Direct,
     /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
     Im2col,
-    /// Winograd F(4x4, 3x3) and F(2x2, 5x5): 3x3 and 5x5 stride-1 SAME layers.
+    /// Winograd F(4x4, 3x3) and F(4x4, 5x5): 3x3 and 5x5 stride-1 SAME layers.
     Winograd,
 }
 

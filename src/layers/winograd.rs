@@ -1,22 +1,29 @@
 //! Winograd convolution (Lavin & Gray, 2016) for the stride-1 SAME layers with 3x3 kernels,
-//! as F(4x4, 3x3), and with 5x5 kernels (AlexNet's conv2), as F(2x2, 5x5).
+//! as F(4x4, 3x3) on 6x6 input tiles, and with 5x5 kernels (AlexNet's conv2), as F(4x4, 5x5)
+//! on 8x8 input tiles.
 //!
-//! Both work on 6x6 input tiles, interpolating at the same points (0, 1, -1, 2, -2 and
-//! infinity), so they share the input transform `B` and differ only in the output transform
-//! `A` and the kernel transform `G` (`Tile`). Each MxM output tile is
-//! `A^T [ (G g G^T) . (B^T d B) ] A` for the 6x6 input tile `d`: per tile and channel pair, 36
-//! multiplications instead of 144 (3x3: 16 outputs x 9 taps) or 100 (5x5: 4 outputs x 25
-//! taps). The elementwise products summed over input channels become 36 independent GEMMs,
-//! `M[xi] = V[xi] U[xi]` with `V[xi]` of shape tiles x in_c and `U[xi]` in_c x out_c, so the
-//! work stays in the `gemm` crate (for grouped layers, like the two-tower AlexNet's, one GEMM
-//! per group on its blocks of V, U and M). On the seed model's 14x14 and 7x7 layers (tiles
-//! padded to 16x16 and 8x8) that is 3x fewer flops than im2col, on AlexNet's 27x27 conv2
-//! (padded to 28x28) 2.6x, in all three passes:
+//! Each variant interpolates at fixed points (6x6: 0, 1, -1, 2, -2 and infinity; 8x8: 0, 1,
+//! -1, 1/2, -1/2, 2, -2 and infinity): the input transform `B` depends only on the points, the
+//! output transform `A` and the kernel transform `G` also on the tile sizes (`Tile`). Each MxM
+//! output tile is `A^T [ (G g G^T) . (B^T d B) ] A` for the input tile `d`: per tile and channel
+//! pair, 36 multiplications instead of 144 (3x3: 16 outputs x 9 taps), or 64 instead of 400
+//! (5x5: 16 outputs x 25 taps). The elementwise products summed over input channels become
+//! one GEMM per transformed point, `M[xi] = V[xi] U[xi]` with `V[xi]` of shape tiles x in_c
+//! and `U[xi]` in_c x out_c, so the work stays in the `gemm` crate (for grouped layers, like
+//! the two-tower AlexNet's, one GEMM per group on its blocks of V, U and M). On the seed
+//! model's 14x14 and 7x7 layers (tiles padded to 16x16 and 8x8) that is 3x fewer flops than
+//! im2col, on AlexNet's 13x13 conv3-conv5 (16x16) 2.6x, on its 27x27 conv2 (28x28) 5.8x, in
+//! all three passes:
 //!
 //! - forward: `Y = A^T (V U) A`;
 //! - weight gradient: `dU[xi] = V[xi]^T dM[xi]` with `dM = A dY A^T`, then `dW = G^T dU G`;
 //! - input gradient: `dV[xi] = dM[xi] U[xi]^T`, then `dX += B dV B^T` scattered over the
-//!   overlapping 6x6 input tiles.
+//!   overlapping input tiles.
+//!
+//! (For the 5x5 kernel F(4x4, 5x5) replaced F(2x2, 5x5), whose 6x6 tiles took 36
+//! multiplications per 4 outputs: 2.25x the GEMM flops of the 8x8 tiles. The 8x8 tiles' points
+//! round no worse here: AlexNet's conv2 at batch 5 is within 1.1e-5 of the largest value in all
+//! three passes, as it was with 6x6 tiles.)
 //!
 //! Transforms work on vectors of channels (NHWC keeps channels contiguous), written once for
 //! any width: the target's full width `simd::L` (16 lanes with AVX-512) where both channel
@@ -30,10 +37,6 @@ use super::simd::{L, Lanes, MIN_L, load, store};
 use super::{split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
-/// Side of an input tile: M + R - 1 = 6 for both variants.
-const ALPHA: usize = 6;
-/// Number of transformed-domain points.
-const XI: usize = ALPHA * ALPHA;
 /// Tiles per chunk in backward: the weight gradient accumulates into all of dU (36 x in_c x
 /// out_c) once per chunk, so chunks there are long.
 const BACKWARD_TILES: usize = 256;
@@ -60,15 +63,24 @@ pub fn applies(conv: &Conv) -> bool {
         && conv.out_c.is_multiple_of(MIN_L)
 }
 
-/// Run `$f::<lanes, M, R, variant>` for the layer's kernel size, at the widest width both
-/// channel counts allow.
+/// Input and output tile sides (A, M) of the variant for a kernel size (`dispatch` runs it).
+fn tile_sides(kernel: usize) -> (usize, usize) {
+    match kernel {
+        3 => (6, 4),
+        5 => (8, 4),
+        k => unreachable!("Winograd for a {k}x{k} kernel: `applies` admits 3x3 and 5x5 only"),
+    }
+}
+
+/// Run `$f::<lanes, A, M, R, variant>` for the layer's kernel size (the sides `tile_sides`
+/// gives), at the widest width both channel counts allow.
 macro_rules! dispatch {
     ($conv:expr, $f:ident($($arg:expr),*)) => {
         match ($conv.win.kernel, $conv.in_c.is_multiple_of(L) && $conv.out_c.is_multiple_of(L)) {
-            (3, true) => $f::<L, 4, 3, F4x3>($($arg),*),
-            (3, false) => $f::<MIN_L, 4, 3, F4x3>($($arg),*),
-            (5, true) => $f::<L, 2, 5, F2x5>($($arg),*),
-            (5, false) => $f::<MIN_L, 2, 5, F2x5>($($arg),*),
+            (3, true) => $f::<L, 6, 4, 3, F4x3>($($arg),*),
+            (3, false) => $f::<MIN_L, 6, 4, 3, F4x3>($($arg),*),
+            (5, true) => $f::<L, 8, 4, 5, F4x5>($($arg),*),
+            (5, false) => $f::<MIN_L, 8, 4, 5, F4x5>($($arg),*),
             (k, _) => unreachable!("Winograd for a {k}x{k} kernel: `applies` admits 3x3 and 5x5 only"),
         }
     };
@@ -92,9 +104,14 @@ pub fn backward(conv: &Conv, n: usize, saved: &[f32], d_output: &[f32], d_input:
     dispatch!(conv, backward_at(conv, n, saved, d_output, d_input, d_weight))
 }
 
-/// Side of an output tile: 4 for 3x3 kernels, 2 for 5x5.
+/// Side of an output tile.
 fn tile_side(conv: &Conv) -> usize {
-    ALPHA + 1 - conv.win.kernel
+    tile_sides(conv.win.kernel).1
+}
+
+/// Transformed points per tile: A * A.
+fn points(conv: &Conv) -> usize {
+    tile_sides(conv.win.kernel).0.pow(2)
 }
 
 fn tiles(conv: &Conv) -> (usize, usize) {
@@ -108,17 +125,17 @@ fn tiles_per_sample(conv: &Conv) -> usize {
 }
 
 fn u_len(conv: &Conv) -> usize {
-    XI * (conv.in_c / conv.groups) * conv.out_c
+    points(conv) * (conv.in_c / conv.groups) * conv.out_c
 }
 
 /// Floats a training forward pass keeps for backward: U, then V of every tile of the batch.
 pub fn saved_len(conv: &Conv, batch: usize) -> usize {
-    u_len(conv) + XI * batch * tiles_per_sample(conv) * conv.in_c
+    u_len(conv) + points(conv) * batch * tiles_per_sample(conv) * conv.in_c
 }
 
-// The input transform `B^T` (and `B`, for the input gradient), shared by both variants.
+// The 6-point input transform `B^T`, and `B` for the input gradient.
 #[inline(always)]
-fn bt<const N: usize>([d0, d1, d2, d3, d4, d5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+fn bt6<const N: usize>([d0, d1, d2, d3, d4, d5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
     [
         4.0 * d0 - 5.0 * d2 + d4,
         d3 + d4 - 4.0 * (d1 + d2),
@@ -129,7 +146,7 @@ fn bt<const N: usize>([d0, d1, d2, d3, d4, d5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] 
     ]
 }
 #[inline(always)]
-fn b<const N: usize>([v0, v1, v2, v3, v4, v5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+fn b6<const N: usize>([v0, v1, v2, v3, v4, v5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
     [
         4.0 * v0,
         4.0 * (v2 - v1) + 2.0 * (v4 - v3) + 4.0 * v5,
@@ -139,25 +156,39 @@ fn b<const N: usize>([v0, v1, v2, v3, v4, v5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
         v5,
     ]
 }
-/// The maps that set a variant F(MxM, RxR) apart: the output transform `A^T` (6 -> M) and its
-/// transpose (for the output gradient), the kernel transform `G` (R -> 6) and its transpose
+
+/// A variant F(MxM, RxR) on AxA input tiles (A = M + R - 1): the input transform `B^T` (A -> A)
+/// and its transpose (for the input gradient), the output transform `A^T` (A -> M) and its
+/// transpose (for the output gradient), the kernel transform `G` (R -> A) and its transpose
 /// (for the weight gradient). Row i of `A^T` holds the points' i-th powers (infinity's column
 /// only in the last row); row p of `G` is p's powers 0..R-1 over the product of p's distances
-/// to the other finite points (infinity's row picks the last tap).
-trait Tile<const M: usize, const R: usize> {
-    fn at<const N: usize>(m: [Lanes<N>; 6]) -> [Lanes<N>; M];
-    fn a<const N: usize>(y: [Lanes<N>; M]) -> [Lanes<N>; 6];
-    fn g<const N: usize>(k: [Lanes<N>; R]) -> [Lanes<N>; 6];
-    fn gt<const N: usize>(u: [Lanes<N>; 6]) -> [Lanes<N>; R];
+/// to the other finite points (infinity's row picks the last tap); `B^T` is what makes
+/// `A^T [(G g) . (B^T d)]` the correlation of g and d (`maps_compute_the_correlation` checks
+/// each variant's maps, and that the transposes are transposes).
+trait Tile<const A: usize, const M: usize, const R: usize> {
+    fn bt<const N: usize>(d: [Lanes<N>; A]) -> [Lanes<N>; A];
+    fn b<const N: usize>(v: [Lanes<N>; A]) -> [Lanes<N>; A];
+    fn at<const N: usize>(m: [Lanes<N>; A]) -> [Lanes<N>; M];
+    fn a<const N: usize>(y: [Lanes<N>; M]) -> [Lanes<N>; A];
+    fn g<const N: usize>(k: [Lanes<N>; R]) -> [Lanes<N>; A];
+    fn gt<const N: usize>(u: [Lanes<N>; A]) -> [Lanes<N>; R];
 }
 
 /// F(4x4, 3x3): the 3x3 layers.
 struct F4x3;
-/// F(2x2, 5x5): the 5x5 layers.
-struct F2x5;
+/// F(4x4, 5x5): the 5x5 layers.
+struct F4x5;
 
 // The maps written out, so the matrices' zeros cost nothing.
-impl Tile<4, 3> for F4x3 {
+impl Tile<6, 4, 3> for F4x3 {
+    #[inline(always)]
+    fn bt<const N: usize>(d: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+        bt6(d)
+    }
+    #[inline(always)]
+    fn b<const N: usize>(v: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+        b6(v)
+    }
     #[inline(always)]
     fn at<const N: usize>([m0, m1, m2, m3, m4, m5]: [Lanes<N>; 6]) -> [Lanes<N>; 4] {
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
@@ -186,31 +217,59 @@ impl Tile<4, 3> for F4x3 {
     }
 }
 
-impl Tile<2, 5> for F2x5 {
+// Points in the order 0, 1, -1, 1/2, -1/2, 2, -2, infinity; `B^T`'s and `G`'s first rows
+// negated (as NNPACK's 8x8 transforms have them), which cancels.
+impl Tile<8, 4, 5> for F4x5 {
     #[inline(always)]
-    fn at<const N: usize>([m0, m1, m2, m3, m4, m5]: [Lanes<N>; 6]) -> [Lanes<N>; 2] {
-        [m0 + m1 + m2 + m3 + m4, m1 - m2 + 2.0 * (m3 - m4) + m5]
+    fn bt<const N: usize>([d0, d1, d2, d3, d4, d5, d6, d7]: [Lanes<N>; 8]) -> [Lanes<N>; 8] {
+        let (s1, t1) = (d2 + d6 - 4.25 * d4, d1 + d5 - 4.25 * d3);
+        let (s2, t2) = (4.0 * d2 - 5.0 * d4 + d6, 2.0 * d1 - 2.5 * d3 + 0.5 * d5);
+        let (s3, t3) = (0.25 * d2 - 1.25 * d4 + d6, 0.5 * d1 - 2.5 * d3 + 2.0 * d5);
+        [d0 - d6 + 5.25 * (d4 - d2), s1 + t1, s1 - t1, s2 + t2, s2 - t2, s3 + t3, s3 - t3, d7 - d1 + 5.25 * (d3 - d5)]
     }
     #[inline(always)]
-    fn a<const N: usize>([y0, y1]: [Lanes<N>; 2]) -> [Lanes<N>; 6] {
-        let y2 = 2.0 * y1;
-        [y0, y0 + y1, y0 - y1, y0 + y2, y0 - y2, y1]
-    }
-    #[inline(always)]
-    fn g<const N: usize>([g0, g1, g2, g3, g4]: [Lanes<N>; 5]) -> [Lanes<N>; 6] {
-        let (even, odd) = (g0 + g2 + g4, g1 + g3);
-        let (even2, odd2) = ((1.0 / 24.0) * g0 + (1.0 / 6.0) * g2 + (2.0 / 3.0) * g4, (1.0 / 12.0) * g1 + (1.0 / 3.0) * g3);
-        [0.25 * g0, (-1.0 / 6.0) * (even + odd), (-1.0 / 6.0) * (even - odd), even2 + odd2, even2 - odd2, g4]
-    }
-    #[inline(always)]
-    fn gt<const N: usize>([u0, u1, u2, u3, u4, u5]: [Lanes<N>; 6]) -> [Lanes<N>; 5] {
-        let (s12, d21, s34, d34) = (u1 + u2, u2 - u1, u3 + u4, u3 - u4);
+    fn b<const N: usize>([v0, v1, v2, v3, v4, v5, v6, v7]: [Lanes<N>; 8]) -> [Lanes<N>; 8] {
+        let (p12, m12, p34, m34, p56, m56) = (v1 + v2, v1 - v2, v3 + v4, v3 - v4, v5 + v6, v5 - v6);
         [
-            0.25 * u0 - (1.0 / 6.0) * s12 + (1.0 / 24.0) * s34,
-            (1.0 / 6.0) * d21 + (1.0 / 12.0) * d34,
-            (1.0 / 6.0) * (s34 - s12),
-            (1.0 / 6.0) * d21 + (1.0 / 3.0) * d34,
-            (2.0 / 3.0) * s34 - (1.0 / 6.0) * s12 + u5,
+            v0,
+            m12 + 2.0 * m34 + 0.5 * m56 - v7,
+            p12 + 4.0 * p34 + 0.25 * p56 - 5.25 * v0,
+            5.25 * v7 - 4.25 * m12 - 2.5 * (m34 + m56),
+            5.25 * v0 - 4.25 * p12 - 5.0 * p34 - 1.25 * p56,
+            m12 + 0.5 * m34 + 2.0 * m56 - 5.25 * v7,
+            p12 + p34 + p56 - v0,
+            v7,
+        ]
+    }
+    #[inline(always)]
+    fn at<const N: usize>([m0, m1, m2, m3, m4, m5, m6, m7]: [Lanes<N>; 8]) -> [Lanes<N>; 4] {
+        let (p12, m12, p34, m34, p56, m56) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4, m5 + m6, m5 - m6);
+        [m0 + p12 + p34 + p56, m12 + 0.5 * m34 + 2.0 * m56, p12 + 0.25 * p34 + 4.0 * p56, m12 + 0.125 * m34 + 8.0 * m56 + m7]
+    }
+    #[inline(always)]
+    fn a<const N: usize>([y0, y1, y2, y3]: [Lanes<N>; 4]) -> [Lanes<N>; 8] {
+        let (e1, o1) = (y0 + y2, y1 + y3);
+        let (e2, o2) = (y0 + 0.25 * y2, 0.5 * y1 + 0.125 * y3);
+        let (e3, o3) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+        [y0, e1 + o1, e1 - o1, e2 + o2, e2 - o2, e3 + o3, e3 - o3, y3]
+    }
+    #[inline(always)]
+    fn g<const N: usize>([k0, k1, k2, k3, k4]: [Lanes<N>; 5]) -> [Lanes<N>; 8] {
+        let (even, odd) = (k0 + k2 + k4, k1 + k3);
+        let (e2, o2) = ((32.0 / 45.0) * k0 + (8.0 / 45.0) * k2 + (2.0 / 45.0) * k4, (16.0 / 45.0) * k1 + (4.0 / 45.0) * k3);
+        let (e3, o3) = ((1.0 / 90.0) * k0 + (2.0 / 45.0) * k2 + (8.0 / 45.0) * k4, (1.0 / 45.0) * k1 + (4.0 / 45.0) * k3);
+        [k0, (-2.0 / 9.0) * (even + odd), (-2.0 / 9.0) * (even - odd), e2 + o2, e2 - o2, e3 + o3, e3 - o3, k4]
+    }
+    #[inline(always)]
+    fn gt<const N: usize>([u0, u1, u2, u3, u4, u5, u6, u7]: [Lanes<N>; 8]) -> [Lanes<N>; 5] {
+        let (p12, m12, p34, m34, p56, m56) = (u1 + u2, u1 - u2, u3 + u4, u3 - u4, u5 + u6, u5 - u6);
+        let (e, o) = ((-2.0 / 9.0) * p12, (-2.0 / 9.0) * m12);
+        [
+            u0 + e + (32.0 / 45.0) * p34 + (1.0 / 90.0) * p56,
+            o + (16.0 / 45.0) * m34 + (1.0 / 45.0) * m56,
+            e + (8.0 / 45.0) * p34 + (2.0 / 45.0) * p56,
+            o + (4.0 / 45.0) * m34 + (4.0 / 45.0) * m56,
+            e + (2.0 / 45.0) * p34 + (8.0 / 45.0) * p56 + u7,
         ]
     }
 }
@@ -241,10 +300,14 @@ fn two_d<const N: usize, const S: usize, const T: usize>(
 
 /// U[ci][xi][co] = (G g G^T)[xi] for every weight's channel pair (ci counting within the
 /// group, as in the HWIO weights). The layout makes U[xi] an (in_c / groups) x out_c matrix
-/// with row stride 36 * out_c, whose column block g is group g's.
-fn transform_weights<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(conv: &Conv, weight: &[f32], u: &mut [f32]) {
+/// with row stride A * A * out_c, whose column block g is group g's.
+fn transform_weights<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
+    conv: &Conv,
+    weight: &[f32],
+    u: &mut [f32],
+) {
     let (cin_g, cout) = (conv.in_c / conv.groups, conv.out_c);
-    u.par_chunks_mut(XI * cout).enumerate().for_each(|(ci, u)| {
+    u.par_chunks_mut(A * A * cout).enumerate().for_each(|(ci, u)| {
         for co in (0..cout).step_by(N) {
             let mut gk = [[Lanes::<N>::default(); R]; R];
             for (k, v) in gk.iter_mut().flatten().enumerate() {
@@ -273,15 +336,20 @@ fn tile_position(conv: &Conv, t: usize) -> (usize, usize, usize) {
 }
 
 /// V[t][xi][c] for the tiles in `chunk`.
-fn transform_input<const N: usize, const M: usize>(conv: &Conv, input: &[f32], chunk: std::ops::Range<usize>, v: &mut [f32]) {
+fn transform_input<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
+    conv: &Conv,
+    input: &[f32],
+    chunk: std::ops::Range<usize>,
+    v: &mut [f32],
+) {
     let pad = conv.win.h.pad_before as isize;
     let (h, w, c) = (conv.win.h.input as isize, conv.win.w.input as isize, conv.in_c);
     for (t, tile) in chunk.clone().enumerate() {
         let (n, ty, tx) = tile_position(conv, tile);
         let x = &input[n * conv.in_len()..(n + 1) * conv.in_len()];
-        let vt = &mut v[t * XI * c..(t + 1) * XI * c];
+        let vt = &mut v[t * A * A * c..(t + 1) * A * A * c];
         for ch in (0..c).step_by(N) {
-            let mut d = [[Lanes::<N>::default(); 6]; 6];
+            let mut d = [[Lanes::<N>::default(); A]; A];
             for (i, row) in d.iter_mut().enumerate() {
                 let y = (M * ty) as isize - pad + i as isize;
                 if y < 0 || y >= h {
@@ -294,27 +362,27 @@ fn transform_input<const N: usize, const M: usize>(conv: &Conv, input: &[f32], c
                     }
                 }
             }
-            for (xi, val) in two_d(&d, bt).iter().flatten().enumerate() {
+            for (xi, val) in two_d(&d, T::bt).iter().flatten().enumerate() {
                 store(vt, xi * c + ch, *val);
             }
         }
     }
 }
 
-/// Matrix `xi` of a `[row][xi][col]` tensor from column `col` on (a group's block), as a GEMM
-/// operand (transposed if `t`).
-fn slab(data: &[f32], cols: usize, xi: usize, col: usize, t: bool) -> Operand<'_> {
+/// Matrix `xi` of a `[row][xi][col]` tensor of `points` per row from column `col` on (a
+/// group's block), as a GEMM operand (transposed if `t`).
+fn slab(data: &[f32], points: usize, cols: usize, xi: usize, col: usize, t: bool) -> Operand<'_> {
     let s = &data[xi * cols + col..];
-    if t { Operand::t(s, XI * cols) } else { Operand::new(s, XI * cols) }
+    if t { Operand::t(s, points * cols) } else { Operand::new(s, points * cols) }
 }
 
 /// Every (transformed point, group) pair: one GEMM each.
-fn point_groups(groups: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..XI).flat_map(move |xi| (0..groups).map(move |g| (xi, g)))
+fn point_groups(points: usize, groups: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..points).flat_map(move |xi| (0..groups).map(move |g| (xi, g)))
 }
 
 /// `forward` at `N` lanes, for variant `T`.
-fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
+fn forward_at<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
     conv: &Conv,
     n: usize,
     input: &[f32],
@@ -325,7 +393,7 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
 ) {
     let (cin, cout, groups) = (conv.in_c, conv.out_c, conv.groups);
     let (cin_g, cout_g) = (cin / groups, cout / groups);
-    let tps = tiles_per_sample(conv);
+    let (tps, xis) = (tiles_per_sample(conv), A * A);
     let mut u_own = Vec::new();
     let owned = saved.is_none();
     let (u, v_all) = match saved {
@@ -338,32 +406,32 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
             (&mut u_own[..], None)
         }
     };
-    transform_weights::<N, M, R, T>(conv, weight, u);
+    transform_weights::<N, A, M, R, T>(conv, weight, u);
     let u: &[f32] = u;
     let ranges = sample_ranges(n);
     let mut outs = split_by_ranges(&mut output[..n * conv.out_len()], &ranges, conv.out_len());
     let mut v_parts: Vec<Option<&mut [f32]>> = match v_all {
-        Some(v) => split_by_ranges(&mut v[..XI * n * tps * cin], &ranges, XI * tps * cin).into_iter().map(Some).collect(),
+        Some(v) => split_by_ranges(&mut v[..xis * n * tps * cin], &ranges, xis * tps * cin).into_iter().map(Some).collect(),
         None => ranges.iter().map(|_| None).collect(),
     };
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let min_tiles = if cin >= 256 { DEEP_MIN_TILES } else { 1 };
-    let forward_tiles = (FORWARD_CHUNK_BYTES / (XI * (cin + cout) * size_of::<f32>())).max(min_tiles);
+    let forward_tiles = (FORWARD_CHUNK_BYTES / (xis * (cin + cout) * size_of::<f32>())).max(min_tiles);
     ranges.par_iter().zip(outs.par_iter_mut()).zip(v_parts.par_iter_mut()).for_each(|((range, out), v_keep)| {
         for chunk in tile_chunks(conv, range.clone(), forward_tiles) {
             let t_count = chunk.len();
             let mut run = |v: &mut [f32]| {
-                transform_input::<N, M>(conv, input, chunk.clone(), v);
-                with_scratch(&SCRATCH_B, XI * t_count * cout, |m| {
-                    for (xi, g) in point_groups(groups) {
+                transform_input::<N, A, M, R, T>(conv, input, chunk.clone(), v);
+                with_scratch(&SCRATCH_B, xis * t_count * cout, |m| {
+                    for (xi, g) in point_groups(xis, groups) {
                         matmul(
                             t_count,
                             cout_g,
                             cin_g,
-                            slab(v, cin, xi, g * cin_g, false),
-                            slab(u, cout, xi, g * cout_g, false),
+                            slab(v, xis, cin, xi, g * cin_g, false),
+                            slab(u, xis, cout, xi, g * cout_g, false),
                             &mut m[xi * cout + g * cout_g..],
-                            XI * cout,
+                            xis * cout,
                             false,
                         );
                     }
@@ -371,9 +439,9 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
                     for (t, tile) in chunk.clone().enumerate() {
                         let (nn, ty, tx) = tile_position(conv, tile);
                         let y = &mut out[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
-                        let mt = &m[t * XI * cout..(t + 1) * XI * cout];
+                        let mt = &m[t * xis * cout..(t + 1) * xis * cout];
                         for co in (0..cout).step_by(N) {
-                            let mut mm = [[Lanes::<N>::default(); 6]; 6];
+                            let mut mm = [[Lanes::<N>::default(); A]; A];
                             for (xi, v) in mm.iter_mut().flatten().enumerate() {
                                 *v = load(mt, xi * cout + co);
                             }
@@ -394,10 +462,10 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
             };
             match v_keep {
                 Some(v) => {
-                    let off = XI * (chunk.start - range.start * tps) * cin;
-                    run(&mut v[off..off + XI * t_count * cin]);
+                    let off = xis * (chunk.start - range.start * tps) * cin;
+                    run(&mut v[off..off + xis * t_count * cin]);
                 }
-                None => with_scratch(&SCRATCH_A, XI * t_count * cin, run),
+                None => with_scratch(&SCRATCH_A, xis * t_count * cin, run),
             }
         }
     });
@@ -407,7 +475,7 @@ fn forward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
 }
 
 /// `prepare_backward` at `N` lanes.
-fn prepare_backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
+fn prepare_backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
     conv: &Conv,
     n: usize,
     input: &[f32],
@@ -416,25 +484,25 @@ fn prepare_backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M
     want_u: bool,
     want_v: bool,
 ) {
-    let tps = tiles_per_sample(conv);
+    let (tps, xis) = (tiles_per_sample(conv), A * A);
     let (u, v_all) = saved.split_at_mut(u_len(conv));
     if want_u {
-        transform_weights::<N, M, R, T>(conv, weight, u);
+        transform_weights::<N, A, M, R, T>(conv, weight, u);
     }
     if want_v {
         let ranges = sample_ranges(n);
-        let mut v_parts = split_by_ranges(&mut v_all[..XI * n * tps * conv.in_c], &ranges, XI * tps * conv.in_c);
+        let mut v_parts = split_by_ranges(&mut v_all[..xis * n * tps * conv.in_c], &ranges, xis * tps * conv.in_c);
         ranges.par_iter().zip(v_parts.par_iter_mut()).for_each(|(range, v)| {
             for chunk in tile_chunks(conv, range.clone(), BACKWARD_TILES) {
-                let off = XI * (chunk.start - range.start * tps) * conv.in_c;
-                transform_input::<N, M>(conv, input, chunk.clone(), &mut v[off..off + XI * chunk.len() * conv.in_c]);
+                let off = xis * (chunk.start - range.start * tps) * conv.in_c;
+                transform_input::<N, A, M, R, T>(conv, input, chunk.clone(), &mut v[off..off + xis * chunk.len() * conv.in_c]);
             }
         });
     }
 }
 
 /// `backward` at `N` lanes, for variant `T`.
-fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
+fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
     conv: &Conv,
     n: usize,
     saved: &[f32],
@@ -444,6 +512,7 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
 ) {
     let (cin, cout, groups) = (conv.in_c, conv.out_c, conv.groups);
     let (cin_g, cout_g) = (cin / groups, cout / groups);
+    let xis = A * A;
     let (u, v_all) = saved.split_at(u_len(conv));
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let pad = conv.win.h.pad_before;
@@ -462,14 +531,14 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
         // The first chunk writes dU, later ones accumulate: the partial needs no zeroing.
         for (nth, chunk) in tile_chunks(conv, range.clone(), BACKWARD_TILES).enumerate() {
             let t_count = chunk.len();
-            let voff = XI * chunk.start * cin;
-            let v = &v_all[voff..voff + XI * t_count * cin];
-            with_scratch(&SCRATCH_B, XI * t_count * cout, |dm| {
+            let voff = xis * chunk.start * cin;
+            let v = &v_all[voff..voff + xis * t_count * cin];
+            with_scratch(&SCRATCH_B, xis * t_count * cout, |dm| {
                 // dM = A dY A^T per tile (zero beyond the image).
                 for (t, tile) in chunk.clone().enumerate() {
                     let (nn, ty, tx) = tile_position(conv, tile);
                     let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
-                    let dmt = &mut dm[t * XI * cout..(t + 1) * XI * cout];
+                    let dmt = &mut dm[t * xis * cout..(t + 1) * xis * cout];
                     for co in (0..cout).step_by(N) {
                         let mut yt = [[Lanes::<N>::default(); M]; M];
                         for (i, row) in yt.iter_mut().enumerate().take(h - M * ty) {
@@ -483,35 +552,35 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
                     }
                 }
                 // dU[xi] += V[xi]^T dM[xi], group by group.
-                for (xi, g) in point_groups(groups).filter(|_| want_dw) {
-                    let (v_g, dm_g) = (slab(v, cin, xi, g * cin_g, true), slab(dm, cout, xi, g * cout_g, false));
-                    matmul(cin_g, cout_g, t_count, v_g, dm_g, &mut du[xi * cout + g * cout_g..], XI * cout, nth > 0);
+                for (xi, g) in point_groups(xis, groups).filter(|_| want_dw) {
+                    let (v_g, dm_g) = (slab(v, xis, cin, xi, g * cin_g, true), slab(dm, xis, cout, xi, g * cout_g, false));
+                    matmul(cin_g, cout_g, t_count, v_g, dm_g, &mut du[xi * cout + g * cout_g..], xis * cout, nth > 0);
                 }
                 let Some(dx) = dx.as_deref_mut() else { return };
-                with_scratch(&SCRATCH_C, XI * t_count * cin, |dv| {
-                    // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the 6x6 input tiles.
-                    for (xi, g) in point_groups(groups) {
+                with_scratch(&SCRATCH_C, xis * t_count * cin, |dv| {
+                    // dV[xi] = dM[xi] U[xi]^T, then dX += B dV B^T over the AxA input tiles.
+                    for (xi, g) in point_groups(xis, groups) {
                         matmul(
                             t_count,
                             cin_g,
                             cout_g,
-                            slab(dm, cout, xi, g * cout_g, false),
-                            slab(u, cout, xi, g * cout_g, true),
+                            slab(dm, xis, cout, xi, g * cout_g, false),
+                            slab(u, xis, cout, xi, g * cout_g, true),
                             &mut dv[xi * cin + g * cin_g..],
-                            XI * cin,
+                            xis * cin,
                             false,
                         );
                     }
                     for (t, tile) in chunk.clone().enumerate() {
                         let (nn, ty, tx) = tile_position(conv, tile);
                         let gx = &mut dx[(nn - range.start) * conv.in_len()..(nn - range.start + 1) * conv.in_len()];
-                        let dvt = &dv[t * XI * cin..(t + 1) * XI * cin];
+                        let dvt = &dv[t * xis * cin..(t + 1) * xis * cin];
                         for ch in (0..cin).step_by(N) {
-                            let mut d = [[Lanes::<N>::default(); 6]; 6];
+                            let mut d = [[Lanes::<N>::default(); A]; A];
                             for (xi, val) in d.iter_mut().flatten().enumerate() {
                                 *val = load(dvt, xi * cin + ch);
                             }
-                            for (i, row) in two_d(&d, b).iter().enumerate() {
+                            for (i, row) in two_d(&d, T::b).iter().enumerate() {
                                 let iy = (M * ty + i).wrapping_sub(pad);
                                 if iy >= h {
                                     continue;
@@ -536,9 +605,9 @@ fn backward_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
     sum_partials(partials, &mut du);
     // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
     let mut by_channel = take(R * R * cin_g * cout);
-    by_channel.par_chunks_mut(R * R * cout).zip(du.par_chunks(XI * cout)).for_each(|(dw, du)| {
+    by_channel.par_chunks_mut(R * R * cout).zip(du.par_chunks(xis * cout)).for_each(|(dw, du)| {
         for co in (0..cout).step_by(N) {
-            let mut ut = [[Lanes::<N>::default(); 6]; 6];
+            let mut ut = [[Lanes::<N>::default(); A]; A];
             for (xi, v) in ut.iter_mut().flatten().enumerate() {
                 *v = load(du, xi * cout + co);
             }
@@ -571,9 +640,57 @@ mod tests {
         }
     }
 
+    /// One variant's 1-D maps as matrices (column j: the map of the j-th unit vector), at one lane.
+    fn matrix<const I: usize, const O: usize>(f: impl Fn([Lanes<1>; I]) -> [Lanes<1>; O]) -> [[f64; I]; O] {
+        let mut m = [[0.0; I]; O];
+        for j in 0..I {
+            let mut e = [Lanes([0.0]); I];
+            e[j] = Lanes([1.0]);
+            for (i, v) in f(e).iter().enumerate() {
+                m[i][j] = v.0[0] as f64;
+            }
+        }
+        m
+    }
+
+    /// `A^T [(G g) . (B^T d)]` is the correlation `y[i] = sum_k g[k] d[i + k]` for every unit g
+    /// and d (so for all, by linearity), and `b`, `a`, `gt` are the transposes of `bt`, `at`, `g`.
+    fn check_maps<const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>() {
+        let (bt, at, g) = (matrix(T::bt::<1>), matrix(T::at::<1>), matrix(T::g::<1>));
+        // y[i] = sum over points x of at[i][x] * (G g)[x] * (B^T d)[x], for g = e_k and d = e_j.
+        for (k, j) in (0..R).flat_map(|k| (0..A).map(move |j| (k, j))) {
+            for (i, row) in at.iter().enumerate() {
+                let y: f64 = row.iter().zip(&g).zip(&bt).map(|((a, g), bt)| a * g[k] * bt[j]).sum();
+                let want = if j == i + k { 1.0 } else { 0.0 };
+                assert!((y - want).abs() < 1e-5, "F({M}, {R}): output {i}, tap {k}, input {j}: {y}");
+            }
+        }
+        let transposed = |m: &[[f64; A]], t: Vec<Vec<f64>>, what: &str| {
+            for (i, row) in m.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    assert!((v - t[j][i]).abs() < 1e-6, "F({M}, {R}): {what}[{j}][{i}]");
+                }
+            }
+        };
+        transposed(&bt, matrix(T::b::<1>).iter().map(|r| r.to_vec()).collect(), "b");
+        transposed(&at, matrix(T::a::<1>).iter().map(|r| r.to_vec()).collect(), "a");
+        let gt = matrix(T::gt::<1>);
+        for (i, row) in g.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                assert!((v - gt[j][i]).abs() < 1e-6, "F({M}, {R}): gt[{j}][{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn maps_compute_the_correlation() {
+        check_maps::<6, 4, 3, F4x3>();
+        check_maps::<8, 4, 5, F4x5>();
+    }
+
     /// Every pass of variant `T` at `N` lanes against im2col (itself checked against naive
     /// loops and finite differences).
-    fn matches_im2col_at<const N: usize, const M: usize, const R: usize, T: Tile<M, R>>(
+    fn matches_im2col_at<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
         h: usize,
         w: usize,
         cin: usize,
@@ -593,17 +710,17 @@ mod tests {
         let (mut y_ref, mut y) = (vec![0.0; batch * conv.out_len()], vec![0.0; batch * conv.out_len()]);
         im2col_forward(&conv, batch, &x, &wt, &bias, &mut y_ref);
         let mut saved = vec![0.0; saved_len(&conv, batch)];
-        forward_at::<N, M, R, T>(&conv, batch, &x, &wt, &bias, &mut y, Some(&mut saved));
+        forward_at::<N, A, M, R, T>(&conv, batch, &x, &wt, &bias, &mut y, Some(&mut saved));
         close("forward", &y, &y_ref, tolerance);
         let mut prepared = vec![0.0; saved.len()];
-        prepare_backward_at::<N, M, R, T>(&conv, batch, &x, &wt, &mut prepared, true, true);
+        prepare_backward_at::<N, A, M, R, T>(&conv, batch, &x, &wt, &mut prepared, true, true);
         assert_eq!(prepared, saved, "prepare_backward lays U and V out as forward does");
         let mut dy = random_vec(y.len(), 4);
         relu_bias_backward(&conv, batch, &y_ref, &mut dy, &mut vec![0.0; cout]);
         let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
         im2col_backward(&conv, batch, &x, &wt, &dy, Some(&mut dx_ref), Some(&mut dw_ref));
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; wt.len()]);
-        backward_at::<N, M, R, T>(&conv, batch, &saved, &dy, Some(&mut dx), Some(&mut dw));
+        backward_at::<N, A, M, R, T>(&conv, batch, &saved, &dy, Some(&mut dx), Some(&mut dw));
         close("dx", &dx, &dx_ref, tolerance);
         close("dw", &dw, &dw_ref, tolerance);
     }
@@ -616,18 +733,18 @@ mod tests {
         for (h, w, cin, cout, groups, batch) in
             [(8, 8, 16, 32, 1, 2), (14, 14, 32, 16, 1, 3), (7, 7, 16, 16, 1, 5), (5, 9, 48, 16, 1, 1), (7, 6, 16, 32, 2, 2)]
         {
-            matches_im2col_at::<8, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
-            matches_im2col_at::<16, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<8, 6, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<16, 6, 4, 3, F4x3>(h, w, cin, cout, groups, batch);
         }
         for (h, w, cin, cout, groups, batch) in
             [(8, 8, 16, 32, 1, 2), (9, 9, 32, 16, 1, 3), (5, 7, 16, 16, 1, 2), (1, 3, 16, 32, 1, 2), (9, 8, 32, 16, 2, 2)]
         {
-            matches_im2col_at::<8, 2, 5, F2x5>(h, w, cin, cout, groups, batch);
-            matches_im2col_at::<16, 2, 5, F2x5>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<8, 8, 4, 5, F4x5>(h, w, cin, cout, groups, batch);
+            matches_im2col_at::<16, 8, 4, 5, F4x5>(h, w, cin, cout, groups, batch);
         }
         // Channels that are multiples of 8 only run at 8 lanes.
-        matches_im2col_at::<8, 4, 3, F4x3>(6, 6, 8, 24, 1, 2);
-        matches_im2col_at::<8, 2, 5, F2x5>(6, 6, 8, 24, 1, 2);
+        matches_im2col_at::<8, 6, 4, 3, F4x3>(6, 6, 8, 24, 1, 2);
+        matches_im2col_at::<8, 8, 4, 5, F4x5>(6, 6, 8, 24, 1, 2);
     }
 
     /// The seed model's conv2 and conv3 and AlexNet's conv2 (one tower and two) at batches
@@ -636,9 +753,9 @@ mod tests {
     #[test]
     #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 4-140")]
     fn several_chunks_per_thread_match_im2col() {
-        matches_im2col_at::<L, 4, 3, F4x3>(14, 14, 64, 128, 1, 40);
-        matches_im2col_at::<L, 4, 3, F4x3>(7, 7, 128, 256, 1, 140);
-        matches_im2col_at::<L, 2, 5, F2x5>(27, 27, 96, 256, 1, 5);
-        matches_im2col_at::<L, 2, 5, F2x5>(27, 27, 96, 256, 2, 4);
+        matches_im2col_at::<L, 6, 4, 3, F4x3>(14, 14, 64, 128, 1, 40);
+        matches_im2col_at::<L, 6, 4, 3, F4x3>(7, 7, 128, 256, 1, 140);
+        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 1, 5);
+        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 2, 4);
     }
 }
