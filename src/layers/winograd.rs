@@ -42,13 +42,14 @@ use rayon::prelude::*;
 const BACKWARD_TILES: usize = 256;
 /// Bytes of V and M per chunk in forward, which reads each once: small enough to stay in cache
 /// between the transforms and the GEMMs. On a Zen 4 core (1 MB L2) 1.5-3 MB run the seed model's
-/// conv2 and conv3 forward 10-15% faster than the 7-14 MB of 256-tile chunks, and AlexNet's
-/// conv2 (5x5) 15% faster than in whole samples (196 tiles, 10 MB).
+/// conv2 and conv3 forward 10-15% faster than the 7-14 MB of 256-tile chunks.
 const FORWARD_CHUNK_BYTES: usize = 2 << 20;
-/// But deep layers (in_c >= 256: the GEMMs are compute-bound) take chunks of at least this many
-/// tiles: each chunk packs U (in_c x out_c per point) again, and AlexNet's conv3-conv5 at batch
-/// 16 ran 1.5x slower in 16-tile chunks than in 64-tile ones, and 128 beat 64 by 4% (Zen 4).
-const DEEP_MIN_TILES: usize = 128;
+/// But a chunk has at least this many tiles: they are the rows of its GEMMs, and below that
+/// the `gemm` crate runs its narrow edge kernels and packs U (in_c x out_c per point) again for
+/// few rows. AlexNet's conv3-conv5 at batch 16 ran 1.5x slower in 16-tile chunks than in 64-tile
+/// ones, and 128 beat 64 by 4% (Zen 4); its conv2 (8x8 tiles, 90 KB each) forward takes 13.5 ms
+/// in 128-tile chunks against 16.6 in the 23 tiles of 2 MB (Xeon, Emerald Rapids).
+const MIN_FORWARD_TILES: usize = 128;
 
 /// Whether `conv` can take the Winograd path (else it goes through im2col).
 pub fn applies(conv: &Conv) -> bool {
@@ -415,8 +416,7 @@ fn forward_at<const N: usize, const A: usize, const M: usize, const R: usize, T:
         None => ranges.iter().map(|_| None).collect(),
     };
     let (h, w) = (conv.win.h.output, conv.win.w.output);
-    let min_tiles = if cin >= 256 { DEEP_MIN_TILES } else { 1 };
-    let forward_tiles = (FORWARD_CHUNK_BYTES / (xis * (cin + cout) * size_of::<f32>())).max(min_tiles);
+    let forward_tiles = (FORWARD_CHUNK_BYTES / (xis * (cin + cout) * size_of::<f32>())).max(MIN_FORWARD_TILES);
     ranges.par_iter().zip(outs.par_iter_mut()).zip(v_parts.par_iter_mut()).for_each(|((range, out), v_keep)| {
         for chunk in tile_chunks(conv, range.clone(), forward_tiles) {
             let t_count = chunk.len();
@@ -701,7 +701,7 @@ mod tests {
         let conv = Conv { win: Window::new(h, w, R, 1, Padding::Same).unwrap(), in_c: cin, out_c: cout, groups, relu: true };
         assert!(applies(&conv));
         // Rounding grows with the taps summed: 3x3 kernels stay within 1e-5 of the largest
-        // value; 5x5 ones (AlexNet's conv2 at batch 5: 1.1e-5 in the weight gradient) get 25/9
+        // value; 5x5 ones (AlexNet's conv2 at batch 5: 1.1e-5 in the input gradient) get 25/9
         // of that.
         let tolerance = 1e-5 * (R * R) as f32 / 9.0;
         let x = random_vec(batch * conv.in_len(), 1);
@@ -751,11 +751,13 @@ mod tests {
     /// that give each thread several forward and backward chunks (the dU accumulation across
     /// chunks, V kept per chunk, chunks ending inside a sample).
     #[test]
-    #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 4-140")]
+    #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 6-140")]
     fn several_chunks_per_thread_match_im2col() {
         matches_im2col_at::<L, 6, 4, 3, F4x3>(14, 14, 64, 128, 1, 40);
         matches_im2col_at::<L, 6, 4, 3, F4x3>(7, 7, 128, 256, 1, 140);
-        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 1, 5);
-        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 2, 4);
+        // 49 tiles per sample: 5-6 samples a thread are 245-294 tiles, two or three forward
+        // chunks and two backward ones, each ending inside a sample.
+        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 1, 11);
+        matches_im2col_at::<L, 8, 4, 5, F4x5>(27, 27, 96, 256, 2, 6);
     }
 }
