@@ -37,7 +37,7 @@ use super::simd::{L, Lanes, MIN_L, load, store};
 use super::{split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
-/// Tiles per chunk in backward: the weight gradient accumulates into all of dU (36 x in_c x
+/// Tiles per chunk in backward: the weight gradient accumulates into all of dU (A * A x in_c x
 /// out_c) once per chunk, so chunks there are long.
 const BACKWARD_TILES: usize = 256;
 /// Bytes of V and M per chunk in forward, which reads each once: small enough to stay in cache
@@ -134,30 +134,6 @@ pub fn saved_len(conv: &Conv, batch: usize) -> usize {
     u_len(conv) + points(conv) * batch * tiles_per_sample(conv) * conv.in_c
 }
 
-// The 6-point input transform `B^T`, and `B` for the input gradient.
-#[inline(always)]
-fn bt6<const N: usize>([d0, d1, d2, d3, d4, d5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
-    [
-        4.0 * d0 - 5.0 * d2 + d4,
-        d3 + d4 - 4.0 * (d1 + d2),
-        4.0 * (d1 - d2) - d3 + d4,
-        2.0 * (d3 - d1) - d2 + d4,
-        2.0 * (d1 - d3) - d2 + d4,
-        4.0 * d1 - 5.0 * d3 + d5,
-    ]
-}
-#[inline(always)]
-fn b6<const N: usize>([v0, v1, v2, v3, v4, v5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
-    [
-        4.0 * v0,
-        4.0 * (v2 - v1) + 2.0 * (v4 - v3) + 4.0 * v5,
-        Lanes::<N>::default() - 5.0 * v0 - 4.0 * (v1 + v2) - v3 - v4,
-        v1 - v2 + 2.0 * (v3 - v4) - 5.0 * v5,
-        v0 + v1 + v2 + v3 + v4,
-        v5,
-    ]
-}
-
 /// A variant F(MxM, RxR) on AxA input tiles (A = M + R - 1): the input transform `B^T` (A -> A)
 /// and its transpose (for the input gradient), the output transform `A^T` (A -> M) and its
 /// transpose (for the output gradient), the kernel transform `G` (R -> A) and its transpose
@@ -180,15 +156,30 @@ struct F4x3;
 /// F(4x4, 5x5): the 5x5 layers.
 struct F4x5;
 
-// The maps written out, so the matrices' zeros cost nothing.
+// The maps written out, so the matrices' zeros cost nothing. Points in the order 0, 1, -1, 2,
+// -2, infinity.
 impl Tile<6, 4, 3> for F4x3 {
     #[inline(always)]
-    fn bt<const N: usize>(d: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
-        bt6(d)
+    fn bt<const N: usize>([d0, d1, d2, d3, d4, d5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+        [
+            4.0 * d0 - 5.0 * d2 + d4,
+            d3 + d4 - 4.0 * (d1 + d2),
+            4.0 * (d1 - d2) - d3 + d4,
+            2.0 * (d3 - d1) - d2 + d4,
+            2.0 * (d1 - d3) - d2 + d4,
+            4.0 * d1 - 5.0 * d3 + d5,
+        ]
     }
     #[inline(always)]
-    fn b<const N: usize>(v: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
-        b6(v)
+    fn b<const N: usize>([v0, v1, v2, v3, v4, v5]: [Lanes<N>; 6]) -> [Lanes<N>; 6] {
+        [
+            4.0 * v0,
+            4.0 * (v2 - v1) + 2.0 * (v4 - v3) + 4.0 * v5,
+            Lanes::<N>::default() - 5.0 * v0 - 4.0 * (v1 + v2) - v3 - v4,
+            v1 - v2 + 2.0 * (v3 - v4) - 5.0 * v5,
+            v0 + v1 + v2 + v3 + v4,
+            v5,
+        ]
     }
     #[inline(always)]
     fn at<const N: usize>([m0, m1, m2, m3, m4, m5]: [Lanes<N>; 6]) -> [Lanes<N>; 4] {
@@ -323,7 +314,7 @@ fn transform_weights<const N: usize, const A: usize, const M: usize, const R: us
 
 /// The tiles of a thread's sample range (numbered across the batch, sample by sample, row by
 /// row) in chunks of `tiles` (the last shorter): a chunk may end inside a sample, so that a
-/// 27x27 layer's 196 tiles per sample need not all be in flight at once.
+/// 27x27 layer's 49 tiles per sample need not all be in flight at once.
 fn tile_chunks(conv: &Conv, samples: std::ops::Range<usize>, tiles: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let tps = tiles_per_sample(conv);
     let (first, end) = (samples.start * tps, samples.end * tps);
