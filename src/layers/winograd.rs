@@ -64,17 +64,9 @@ pub fn applies(conv: &Conv) -> bool {
         && conv.out_c.is_multiple_of(MIN_L)
 }
 
-/// Input and output tile sides (A, M) of the variant for a kernel size (`dispatch` runs it).
-fn tile_sides(kernel: usize) -> (usize, usize) {
-    match kernel {
-        3 => (6, 4),
-        5 => (8, 4),
-        k => unreachable!("Winograd for a {k}x{k} kernel: `applies` admits 3x3 and 5x5 only"),
-    }
-}
-
-/// Run `$f::<lanes, A, M, R, variant>` for the layer's kernel size (the sides `tile_sides`
-/// gives), at the widest width both channel counts allow.
+/// Run `$f::<lanes, A, M, R, variant>` for the layer's kernel size, at the widest width both
+/// channel counts allow: the one table of which variant, and so which tile sides, each kernel
+/// size gets.
 macro_rules! dispatch {
     ($conv:expr, $f:ident($($arg:expr),*)) => {
         match ($conv.win.kernel, $conv.in_c.is_multiple_of(L) && $conv.out_c.is_multiple_of(L)) {
@@ -105,14 +97,22 @@ pub fn backward(conv: &Conv, n: usize, saved: &[f32], d_output: &[f32], d_input:
     dispatch!(conv, backward_at(conv, n, saved, d_output, d_input, d_weight))
 }
 
+/// Input and output tile sides (A, M) of the layer's variant, read off `dispatch`.
+fn tile_sides(conv: &Conv) -> (usize, usize) {
+    fn sides<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>() -> (usize, usize) {
+        (A, M)
+    }
+    dispatch!(conv, sides())
+}
+
 /// Side of an output tile.
 fn tile_side(conv: &Conv) -> usize {
-    tile_sides(conv.win.kernel).1
+    tile_sides(conv).1
 }
 
 /// Transformed points per tile: A * A.
 fn points(conv: &Conv) -> usize {
-    tile_sides(conv.win.kernel).0.pow(2)
+    tile_sides(conv).0.pow(2)
 }
 
 fn tiles(conv: &Conv) -> (usize, usize) {
@@ -632,8 +632,8 @@ mod tests {
     }
 
     /// One variant's 1-D maps as matrices (column j: the map of the j-th unit vector), at one lane.
-    fn matrix<const I: usize, const O: usize>(f: impl Fn([Lanes<1>; I]) -> [Lanes<1>; O]) -> [[f64; I]; O] {
-        let mut m = [[0.0; I]; O];
+    fn matrix<const I: usize, const O: usize>(f: impl Fn([Lanes<1>; I]) -> [Lanes<1>; O]) -> Vec<Vec<f64>> {
+        let mut m = vec![vec![0.0; I]; O];
         for j in 0..I {
             let mut e = [Lanes([0.0]); I];
             e[j] = Lanes([1.0]);
@@ -656,21 +656,16 @@ mod tests {
                 assert!((y - want).abs() < 1e-5, "F({M}, {R}): output {i}, tap {k}, input {j}: {y}");
             }
         }
-        let transposed = |m: &[[f64; A]], t: Vec<Vec<f64>>, what: &str| {
+        let transposed = |m: &[Vec<f64>], t: Vec<Vec<f64>>, what: &str| {
             for (i, row) in m.iter().enumerate() {
                 for (j, v) in row.iter().enumerate() {
                     assert!((v - t[j][i]).abs() < 1e-6, "F({M}, {R}): {what}[{j}][{i}]");
                 }
             }
         };
-        transposed(&bt, matrix(T::b::<1>).iter().map(|r| r.to_vec()).collect(), "b");
-        transposed(&at, matrix(T::a::<1>).iter().map(|r| r.to_vec()).collect(), "a");
-        let gt = matrix(T::gt::<1>);
-        for (i, row) in g.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                assert!((v - gt[j][i]).abs() < 1e-6, "F({M}, {R}): gt[{j}][{i}]");
-            }
-        }
+        transposed(&bt, matrix(T::b::<1>), "b");
+        transposed(&at, matrix(T::a::<1>), "a");
+        transposed(&g, matrix(T::gt::<1>), "gt");
     }
 
     #[test]
