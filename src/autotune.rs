@@ -9,7 +9,7 @@ use crate::files::write_atomic;
 use crate::layers::conv::{Conv, relu_bias_backward};
 use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
-use crate::layers::winograd;
+use crate::layers::winograd::{self, Transforms};
 use crate::model::{ConvPlan, Model};
 use crate::roofline::best_of_three_ms;
 use anyhow::{Context, Result};
@@ -43,7 +43,7 @@ pub struct LayerTimes {
 }
 
 /// Bumped when an algorithm's kernels change speed, so cached choices are measured again.
-const KERNELS: u32 = 6;
+const KERNELS: u32 = 7;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]
@@ -207,10 +207,17 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
     let probe = rayon::current_num_threads().min(batch);
     let mut t = LayerTimes::default();
     let order = [ConvAlgo::Winograd, ConvAlgo::Im2col, ConvAlgo::Direct];
-    // Forward (keeping Winograd's transforms, as training does).
+    // Forward, as the run's passes use Winograd's transforms: training keeps U and V for
+    // backward, evaluation keeps U across passes (the best of three times the kept U).
+    let (mut cached_of, mut cached_u) = (Vec::new(), vec![0.0; if winograd { winograd::u_len(conv) } else { 0 }]);
     for algo in order.into_iter().filter(|a| a.applies(conv)) {
-        let run = |n: usize, y: &mut [f32], saved: &mut Vec<f32>| {
-            conv_algo::forward(conv, algo, n, &x, &w, &b, y, (training && winograd).then_some(saved))
+        let mut run = |n: usize, y: &mut [f32], saved: &mut Vec<f32>| {
+            let transforms = match (algo, training) {
+                (ConvAlgo::Winograd, true) => Transforms::Keep(saved),
+                (ConvAlgo::Winograd, false) => Transforms::Cache { of: &mut cached_of, u: &mut cached_u },
+                _ => Transforms::Discard,
+            };
+            conv_algo::forward(conv, algo, n, &x, &w, &b, y, transforms)
         };
         if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| best_of_three_ms(|| run(n, &mut y, &mut saved))) {
             t.forward.insert(algo, ms);
@@ -221,7 +228,7 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
     }
     // The transforms the Winograd gradients read, for the gradient timings below.
     if winograd {
-        conv_algo::forward(conv, ConvAlgo::Winograd, batch, &x, &w, &b, &mut y, Some(&mut saved));
+        conv_algo::forward(conv, ConvAlgo::Winograd, batch, &x, &w, &b, &mut y, Transforms::Keep(&mut saved));
         relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
         let mut scratch = saved.clone();
         t.winograd_u = best_of_three_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));

@@ -10,6 +10,7 @@
 use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, matmul};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned_copy, give_back, take, take_zeroed, with_scratch};
+use super::simd::copy_run;
 use super::{Window, sample_ranges, split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
@@ -62,7 +63,7 @@ impl Conv {
                         let iy = Window::tap(&win.h, win.stride, oy, ky);
                         if let (Some(iy), Some(ix0), 1) = (iy, ix0, self.groups) {
                             let s = (iy * win.w.input + ix0) * self.in_c;
-                            dst[ky * k * cin_g..(ky + 1) * k * cin_g].copy_from_slice(&x[s..s + k * cin_g]);
+                            copy_run(&mut dst[ky * k * cin_g..(ky + 1) * k * cin_g], &x[s..s + k * cin_g]);
                             continue;
                         }
                         for kx in 0..k {
@@ -70,7 +71,7 @@ impl Conv {
                             match (iy, Window::tap(&win.w, win.stride, ox, kx)) {
                                 (Some(iy), Some(ix)) => {
                                     let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
-                                    d.copy_from_slice(&x[s..s + cin_g]);
+                                    copy_run(d, &x[s..s + cin_g]);
                                 }
                                 _ => d.fill(0.0),
                             }

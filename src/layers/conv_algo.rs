@@ -4,7 +4,7 @@
 //! `ConvAlgos::heuristic` is the choice without measuring.
 
 use super::conv::{Conv, direct_backward, direct_forward, im2col_backward, im2col_forward, relu_bias_backward};
-use super::winograd;
+use super::winograd::{self, Transforms};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -86,12 +86,12 @@ pub fn forward(
     weight: &[f32],
     bias: &[f32],
     output: &mut [f32],
-    saved: Option<&mut Vec<f32>>,
+    transforms: Transforms,
 ) {
     match algo {
         ConvAlgo::Direct => direct_forward(conv, batch, input, weight, bias, output),
         ConvAlgo::Im2col => im2col_forward(conv, batch, input, weight, bias, output),
-        ConvAlgo::Winograd => winograd::forward(conv, batch, input, weight, bias, output, saved),
+        ConvAlgo::Winograd => winograd::forward(conv, batch, input, weight, bias, output, transforms),
     }
 }
 
@@ -259,7 +259,7 @@ mod tests {
         // The masked output gradient, from one forward output shared by every backward below
         // (so no algorithm sees a ReLU flip another's rounding caused), and the naive values.
         let mut y_ref = vec![0.0; batch * c.out_len()];
-        forward(c, ConvAlgo::Im2col, batch, &x, &w, &b, &mut y_ref, None);
+        forward(c, ConvAlgo::Im2col, batch, &x, &w, &b, &mut y_ref, Transforms::Discard);
         let (mut dy, mut db) = (r.clone(), vec![0.0; c.out_c]);
         relu_bias_backward(c, batch, &y_ref, &mut dy, &mut db);
         for co in 0..c.out_c {
@@ -271,7 +271,8 @@ mod tests {
         for fwd in ConvAlgo::ALL.into_iter().filter(|a| a.applies(c)) {
             let mut y = vec![0.0; batch * c.out_len()];
             let mut saved = vec![0.0; saved_len];
-            forward(c, fwd, batch, &x, &w, &b, &mut y, (saved_len > 0).then_some(&mut saved));
+            let transforms = if saved_len > 0 { Transforms::Keep(&mut saved) } else { Transforms::Discard };
+            forward(c, fwd, batch, &x, &w, &b, &mut y, transforms);
             for &(n, oy, ox, co) in &positions {
                 let mut want = naive_output(c, &x, &w, n, oy, ox, co) + b[co] as f64;
                 if c.relu {

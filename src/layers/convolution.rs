@@ -9,7 +9,8 @@ use super::conv_algo::{self, ConvAlgo, ConvAlgos};
 use super::pool::MaxPool;
 use super::simd::L;
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Saved, Spec};
-use super::{Padding, Window, winograd};
+use super::winograd::{self, Transforms};
+use super::{Padding, Window};
 use crate::onnx_graph::{OnnxGraph, int, ints};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -67,17 +68,25 @@ impl Layer for Convolution {
     }
 
     fn saved(&self, batch: usize, training: bool, algos: Option<ConvAlgos>) -> Saved {
-        if training && algos.is_some_and(|a| a.keeps_winograd_transforms()) {
-            Saved::Values(vec![0.0; winograd::saved_len(&self.conv, batch)])
-        } else {
-            Saved::None
+        match algos {
+            Some(a) if training && a.keeps_winograd_transforms() => Saved::Values(vec![0.0; winograd::saved_len(&self.conv, batch)]),
+            // No weights yet: the first pass makes U.
+            Some(a) if !training && a.forward == ConvAlgo::Winograd => {
+                Saved::Transformed { of: Vec::new(), values: vec![0.0; winograd::u_len(&self.conv)] }
+            }
+            _ => Saved::None,
         }
     }
 
     fn forward(&self, f: Forward) {
         let [w, b] = f.params else { unreachable!("weight and bias") };
         let algo = f.algos.expect("a plan for every convolution").forward;
-        conv_algo::forward(&self.conv, algo, f.n, f.x, &w.value, &b.value, f.y, f.saved.values());
+        let transforms = match f.saved {
+            Saved::Values(saved) => Transforms::Keep(saved),
+            Saved::Transformed { of, values } => Transforms::Cache { of, u: values },
+            _ => Transforms::Discard,
+        };
+        conv_algo::forward(&self.conv, algo, f.n, f.x, &w.value, &b.value, f.y, transforms);
     }
 
     fn backward(&self, b: Backward) {

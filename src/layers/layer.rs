@@ -157,6 +157,12 @@ pub enum Saved {
     None,
     Argmax(Vec<u8>),
     Values(Vec<f32>),
+    /// An evaluation workspace's parameters transformed for the layer's algorithm (a Winograd
+    /// convolution's U), kept across passes with a copy of the weights they were made from.
+    Transformed {
+        of: Vec<f32>,
+        values: Vec<f32>,
+    },
 }
 
 impl Saved {

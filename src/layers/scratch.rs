@@ -50,6 +50,10 @@ pub fn take(len: usize) -> Vec<f32> {
 
 /// Return a buffer from `take_zeroed` for reuse.
 pub fn give_back(v: Vec<f32>) {
+    // Empty vectors (placeholders for partials not wanted) would only take the pool's places.
+    if v.capacity() == 0 {
+        return;
+    }
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if pool.len() < 64 {
         pool.push(v);

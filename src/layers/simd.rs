@@ -51,6 +51,27 @@ mod zmm {
         MulAdd(f32),
     }
 
+    /// `to = from` a register at a time (`whole::<N>()` holds): the copies between slices and
+    /// lane arrays, which LLVM would otherwise move as ymm halves, and a zmm load of a value
+    /// just stored as two halves waits for both stores to retire (no store forwarding).
+    #[inline(always)]
+    pub fn copy<const N: usize>(to: &mut [f32; N], from: &[f32; N]) {
+        for k in (0..N).step_by(16) {
+            // SAFETY: k + 16 <= N since N is a multiple of 16; AVX-512F is enabled (module cfg).
+            unsafe { _mm512_storeu_ps(to.as_mut_ptr().add(k), _mm512_loadu_ps(from.as_ptr().add(k))) }
+        }
+    }
+
+    /// `to = from` for fewer than 16 floats, as one masked load and store.
+    #[inline(always)]
+    pub fn copy_tail(to: &mut [f32], from: &[f32]) {
+        assert!(to.len() < 16 && to.len() == from.len());
+        let mask = ((1u32 << to.len()) - 1) as u16;
+        // SAFETY: the mask limits both accesses to the slices' floats, which the assert makes
+        // the same number (masked-off lanes neither fault nor write); AVX-512F is on.
+        unsafe { _mm512_mask_storeu_ps(to.as_mut_ptr(), mask, _mm512_maskz_loadu_ps(mask, from.as_ptr())) }
+    }
+
     /// `a = op(a, b)` a register at a time (`whole::<N>()` holds).
     #[inline(always)]
     pub fn apply<const N: usize>(op: Op, a: &mut [f32; N], b: &[f32; N]) {
@@ -187,17 +208,60 @@ pub fn is_nonzero(v: f32) -> bool {
 
 #[inline(always)]
 pub fn load<const N: usize>(s: &[f32], at: usize) -> Lanes<N> {
-    Lanes(s[at..at + N].try_into().expect("N lanes"))
+    let s: &[f32; N] = s[at..at + N].try_into().expect("N lanes");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if zmm::whole::<N>() {
+        let mut v = Lanes::default();
+        zmm::copy(&mut v.0, s);
+        return v;
+    }
+    Lanes(*s)
 }
 
 #[inline(always)]
 pub fn store<const N: usize>(s: &mut [f32], at: usize, v: Lanes<N>) {
-    s[at..at + N].copy_from_slice(&v.0);
+    let s: &mut [f32; N] = (&mut s[at..at + N]).try_into().expect("N lanes");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if zmm::whole::<N>() {
+        return zmm::copy(s, &v.0);
+    }
+    *s = v.0;
+}
+
+/// `to.copy_from_slice(from)` as inline vector moves: for the short runs of im2col (AlexNet's
+/// conv1 copies 33-float window rows, 33,000 per sample), where a `memcpy` call each costs
+/// more than the copy.
+#[inline(always)]
+pub fn copy_run(to: &mut [f32], from: &[f32]) {
+    assert_eq!(to.len(), from.len(), "copy_run lengths");
+    let whole = to.len() - to.len() % L;
+    for at in (0..whole).step_by(L) {
+        store::<L>(to, at, load::<L>(from, at));
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    zmm::copy_tail(&mut to[whole..], &from[whole..]);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    to[whole..].copy_from_slice(&from[whole..]);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_nonzero;
+    use super::{copy_run, is_nonzero};
+
+    #[test]
+    fn copy_run_copies_every_length() {
+        let from: Vec<f32> = (0..100).map(|i| i as f32 + 0.5).collect();
+        for len in 0..70 {
+            for offset in [0, 1, 7] {
+                let mut to = vec![-1.0; 80];
+                copy_run(&mut to[offset..offset + len], &from[3..3 + len]);
+                for (i, v) in to.iter().enumerate() {
+                    let want = if (offset..offset + len).contains(&i) { from[3 + i - offset] } else { -1.0 };
+                    assert_eq!(*v, want, "len {len}, offset {offset}, index {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn is_nonzero_takes_minus_zero_for_zero() {
