@@ -26,29 +26,48 @@ impl<const N: usize> Default for Lanes<N> {
     }
 }
 
+/// The lane-wise operations, as `a = op(a, b)`.
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Sub,
+    Mul,
+    /// `a = a + s * b`, fused where the target has FMA.
+    MulAdd(f32),
+}
+
+impl Op {
+    /// One lane: the definition, and the path for widths and targets without `zmm`.
+    #[inline(always)]
+    fn lane(self, a: f32, b: f32) -> f32 {
+        match self {
+            Op::Add => a + b,
+            Op::Sub => a - b,
+            Op::Mul => a * b,
+            // Without FMA hardware `f32::mul_add` is a library call, so there it stays two.
+            Op::MulAdd(s) => {
+                if HAS_FMA {
+                    s.mul_add(b, a)
+                } else {
+                    a + s * b
+                }
+            }
+        }
+    }
+}
+
 /// AVX-512 operations on whole zmm registers, for widths that are multiples of 16. Written
 /// with the ISA's intrinsics because LLVM's tuning for Intel server cores (`prefer-256-bit`)
-/// makes its vectorisers split the plain lane loops below into pairs of 256-bit instructions;
-/// explicit 512-bit operations stay whole. (The loops remain the definition, and the path for
-/// every other width and target.)
+/// makes its vectorisers split plain lane loops into pairs of 256-bit instructions; explicit
+/// 512-bit operations stay whole. The same bits as `Op::lane`.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod zmm {
+    use super::Op;
     use std::arch::x86_64::*;
 
     /// Whether `N` lanes are whole zmm registers.
     pub const fn whole<const N: usize>() -> bool {
         N.is_multiple_of(16)
-    }
-
-    /// The lane-wise operations, as `a = op(a, b)`.
-    #[derive(Clone, Copy)]
-    pub enum Op {
-        Add,
-        Sub,
-        /// `a = s * a` (b unused).
-        Scale(f32),
-        /// `a = a + s * b`, fused.
-        MulAdd(f32),
     }
 
     /// `to = from` a register at a time (`whole::<N>()` holds): the copies between slices and
@@ -83,7 +102,7 @@ mod zmm {
                 let r = match op {
                     Op::Add => _mm512_add_ps(x, y),
                     Op::Sub => _mm512_sub_ps(x, y),
-                    Op::Scale(s) => _mm512_mul_ps(_mm512_set1_ps(s), x),
+                    Op::Mul => _mm512_mul_ps(x, y),
                     Op::MulAdd(s) => _mm512_fmadd_ps(_mm512_set1_ps(s), y, x),
                 };
                 _mm512_storeu_ps(a.as_mut_ptr().add(k), r);
@@ -92,49 +111,41 @@ mod zmm {
     }
 }
 
-impl<const N: usize> std::ops::Add for Lanes<N> {
-    type Output = Lanes<N>;
+impl<const N: usize> Lanes<N> {
+    /// `op(self, b)` lane by lane, as whole zmm registers where there are some.
     #[inline(always)]
-    fn add(mut self, o: Lanes<N>) -> Lanes<N> {
+    fn apply(mut self, op: Op, b: Lanes<N>) -> Lanes<N> {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         if zmm::whole::<N>() {
-            zmm::apply(zmm::Op::Add, &mut self.0, &o.0);
+            zmm::apply(op, &mut self.0, &b.0);
             return self;
         }
         for l in 0..N {
-            self.0[l] += o.0[l];
+            self.0[l] = op.lane(self.0[l], b.0[l]);
         }
         self
+    }
+}
+
+impl<const N: usize> std::ops::Add for Lanes<N> {
+    type Output = Lanes<N>;
+    #[inline(always)]
+    fn add(self, o: Lanes<N>) -> Lanes<N> {
+        self.apply(Op::Add, o)
     }
 }
 impl<const N: usize> std::ops::Sub for Lanes<N> {
     type Output = Lanes<N>;
     #[inline(always)]
-    fn sub(mut self, o: Lanes<N>) -> Lanes<N> {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if zmm::whole::<N>() {
-            zmm::apply(zmm::Op::Sub, &mut self.0, &o.0);
-            return self;
-        }
-        for l in 0..N {
-            self.0[l] -= o.0[l];
-        }
-        self
+    fn sub(self, o: Lanes<N>) -> Lanes<N> {
+        self.apply(Op::Sub, o)
     }
 }
 impl<const N: usize> std::ops::Mul<Lanes<N>> for f32 {
     type Output = Lanes<N>;
     #[inline(always)]
-    fn mul(self, mut o: Lanes<N>) -> Lanes<N> {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if zmm::whole::<N>() {
-            zmm::apply(zmm::Op::Scale(self), &mut o.0, &[0.0; N]);
-            return o;
-        }
-        for l in 0..N {
-            o.0[l] *= self;
-        }
-        o
+    fn mul(self, o: Lanes<N>) -> Lanes<N> {
+        o.apply(Op::Mul, Lanes::splat(self))
     }
 }
 
@@ -145,18 +156,10 @@ impl<const N: usize> Lanes<N> {
     }
     /// `self + a * b` lane-wise, as one fused multiply-add per lane where the target has them
     /// (Rust never contracts `x + a * b` into one: written so, it is a multiply and an add, half
-    /// the rate). Without FMA hardware `f32::mul_add` is a library call, so there it stays two.
+    /// the rate).
     #[inline(always)]
-    pub fn mul_add(mut self, a: f32, b: Lanes<N>) -> Lanes<N> {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if zmm::whole::<N>() {
-            zmm::apply(zmm::Op::MulAdd(a), &mut self.0, &b.0);
-            return self;
-        }
-        for l in 0..N {
-            self.0[l] = if HAS_FMA { a.mul_add(b.0[l], self.0[l]) } else { self.0[l] + a * b.0[l] };
-        }
-        self
+    pub fn mul_add(self, a: f32, b: Lanes<N>) -> Lanes<N> {
+        self.apply(Op::MulAdd(a), b)
     }
     /// Lane-wise `max(self, 0)`.
     #[inline(always)]
