@@ -13,6 +13,7 @@ use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned_copy, give_back, take, take
 use super::simd::copy_run;
 use super::{Window, sample_ranges, split_by_ranges, sum_partials};
 use rayon::prelude::*;
+use std::ops::Range;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Conv {
@@ -23,9 +24,13 @@ pub struct Conv {
     pub relu: bool,
 }
 
-/// Aim for im2col chunks of about 2 MB: large enough for efficient GEMMs, small enough to stay
-/// in the 1 MB L2 + shared L3 while the GEMM reads them back.
-const COL_CHUNK_FLOATS: usize = 1 << 19;
+/// im2col chunks of about 1 MB, counted in output pixels (rows of patches) rather than whole
+/// samples: small enough to stay in L2 while the GEMM packs them back (one sample of AlexNet's
+/// conv1 is 4.4 MB of patches).
+const COL_CHUNK_FLOATS: usize = 1 << 18;
+/// But a chunk has at least this many rows: they are its GEMM's rows, and each call packs the
+/// weights again (2.7-3.5 MB for AlexNet's conv3-conv5).
+const MIN_CHUNK_ROWS: usize = 256;
 
 impl Conv {
     pub fn in_len(&self) -> usize {
@@ -41,77 +46,78 @@ impl Conv {
     pub fn weight_len(&self) -> usize {
         self.patch_len() * self.out_c
     }
-    fn chunk_samples(&self) -> usize {
-        (COL_CHUNK_FLOATS / (self.win.out_pixels() * self.patch_len()).max(1)).max(1)
+    fn chunk_rows(&self) -> usize {
+        (COL_CHUNK_FLOATS / self.patch_len().max(1)).max(MIN_CHUNK_ROWS)
     }
 
-    /// Gather the patches of samples `n0..n1` (of `input`) for group `g` into `col`.
-    fn im2col(&self, input: &[f32], n0: usize, n1: usize, g: usize, col: &mut [f32]) {
+    /// Sample, output row and output column of im2col row `r` (rows number the output pixels
+    /// across the batch, sample by sample).
+    fn row_position(&self, r: usize) -> (usize, usize, usize) {
+        let (opix, ow) = (self.win.out_pixels(), self.win.w.output);
+        (r / opix, r % opix / ow, r % ow)
+    }
+
+    /// Gather the patches of im2col rows `rows` (of `input`) for group `g` into `col`.
+    fn im2col(&self, input: &[f32], rows: Range<usize>, g: usize, col: &mut [f32]) {
         let (win, k) = (&self.win, self.win.kernel);
         let cin_g = self.in_c / self.groups;
-        let mut row = 0;
-        for n in n0..n1 {
+        for (dst, r) in col.chunks_exact_mut(self.patch_len()).zip(rows) {
+            let (n, oy, ox) = self.row_position(r);
             let x = &input[n * self.in_len()..(n + 1) * self.in_len()];
-            for oy in 0..win.h.output {
-                for ox in 0..win.w.output {
-                    let dst = &mut col[row * self.patch_len()..(row + 1) * self.patch_len()];
-                    // Where a window row lies inside the input and the group is all of the
-                    // channels, its k pixels are one contiguous run of k * in_c floats (NHWC):
-                    // one copy instead of k (AlexNet's conv1: 33 floats, not 11 runs of 3).
-                    let ix0 = (ox * win.stride).checked_sub(win.w.pad_before).filter(|&ix| ix + k <= win.w.input);
-                    for ky in 0..k {
-                        let iy = Window::tap(&win.h, win.stride, oy, ky);
-                        if let (Some(iy), Some(ix0), 1) = (iy, ix0, self.groups) {
-                            let s = (iy * win.w.input + ix0) * self.in_c;
-                            copy_run(&mut dst[ky * k * cin_g..(ky + 1) * k * cin_g], &x[s..s + k * cin_g]);
-                            continue;
+            // Where a window row lies inside the input and the group is all of the channels,
+            // its k pixels are one contiguous run of k * in_c floats (NHWC): one copy instead
+            // of k (AlexNet's conv1: 33 floats, not 11 runs of 3).
+            let ix0 = (ox * win.stride).checked_sub(win.w.pad_before).filter(|&ix| ix + k <= win.w.input);
+            for ky in 0..k {
+                let iy = Window::tap(&win.h, win.stride, oy, ky);
+                if let (Some(iy), Some(ix0), 1) = (iy, ix0, self.groups) {
+                    let s = (iy * win.w.input + ix0) * self.in_c;
+                    copy_run(&mut dst[ky * k * cin_g..(ky + 1) * k * cin_g], &x[s..s + k * cin_g]);
+                    continue;
+                }
+                for kx in 0..k {
+                    let d = &mut dst[(ky * k + kx) * cin_g..(ky * k + kx + 1) * cin_g];
+                    match (iy, Window::tap(&win.w, win.stride, ox, kx)) {
+                        (Some(iy), Some(ix)) => {
+                            let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
+                            copy_run(d, &x[s..s + cin_g]);
                         }
-                        for kx in 0..k {
-                            let d = &mut dst[(ky * k + kx) * cin_g..(ky * k + kx + 1) * cin_g];
-                            match (iy, Window::tap(&win.w, win.stride, ox, kx)) {
-                                (Some(iy), Some(ix)) => {
-                                    let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
-                                    copy_run(d, &x[s..s + cin_g]);
-                                }
-                                _ => d.fill(0.0),
-                            }
-                        }
+                        _ => d.fill(0.0),
                     }
-                    row += 1;
                 }
             }
         }
     }
 
-    /// Scatter-add patch gradients `dcol` of samples `n0..n1`, group `g`, into `d_input`
-    /// (indexed from sample `n0`).
-    fn col2im(&self, dcol: &[f32], n0: usize, n1: usize, g: usize, d_input: &mut [f32]) {
-        let (cin_g, opix) = (self.in_c / self.groups, self.win.out_pixels());
-        for n in 0..n1 - n0 {
-            let dx = &mut d_input[n * self.in_len()..(n + 1) * self.in_len()];
-            self.win.for_each_window(|o, taps| {
-                let src = &dcol[(n * opix + o) * self.patch_len()..(n * opix + o + 1) * self.patch_len()];
-                for &(tap, i) in taps {
-                    let s = i * self.in_c + g * cin_g;
-                    let d = &src[tap * cin_g..(tap + 1) * cin_g];
+    /// Scatter-add the patch gradients `dcol` of im2col rows `rows`, group `g`, into `d_input`,
+    /// which holds the samples from `first` on. Rows in order, taps in order: the additions
+    /// into each input value come in output order whatever the chunks.
+    fn col2im(&self, dcol: &[f32], rows: Range<usize>, first: usize, g: usize, d_input: &mut [f32]) {
+        let (win, k, cin_g) = (&self.win, self.win.kernel, self.in_c / self.groups);
+        for (src, r) in dcol.chunks_exact(self.patch_len()).zip(rows) {
+            let (n, oy, ox) = self.row_position(r);
+            let dx = &mut d_input[(n - first) * self.in_len()..(n - first + 1) * self.in_len()];
+            for ky in 0..k {
+                let Some(iy) = Window::tap(&win.h, win.stride, oy, ky) else { continue };
+                for kx in 0..k {
+                    let Some(ix) = Window::tap(&win.w, win.stride, ox, kx) else { continue };
+                    let s = (iy * win.w.input + ix) * self.in_c + g * cin_g;
+                    let d = &src[(ky * k + kx) * cin_g..(ky * k + kx + 1) * cin_g];
                     for (a, b) in dx[s..s + cin_g].iter_mut().zip(d) {
                         *a += b;
                     }
                 }
-            });
+            }
         }
     }
 }
 
-/// Run `f(n0, n1)` over `samples` in chunks whose im2col buffer fits `COL_CHUNK_FLOATS`.
-fn for_each_chunk(conv: &Conv, samples: std::ops::Range<usize>, mut f: impl FnMut(usize, usize)) {
-    let chunk = conv.chunk_samples();
-    let mut n0 = samples.start;
-    while n0 < samples.end {
-        let n1 = (n0 + chunk).min(samples.end);
-        f(n0, n1);
-        n0 = n1;
-    }
+/// Run `f(rows)` over the im2col rows of `samples` in chunks of `chunk_rows` (the last
+/// shorter; a chunk may end inside a sample).
+fn for_each_chunk(conv: &Conv, samples: Range<usize>, mut f: impl FnMut(Range<usize>)) {
+    let opix = conv.win.out_pixels();
+    let (first, end) = (samples.start * opix, samples.end * opix);
+    (first..end).step_by(conv.chunk_rows()).for_each(|r| f(r..(r + conv.chunk_rows()).min(end)));
 }
 
 /// Grouped convolutions are the paper's towers: one task per group over the whole batch, so
@@ -122,11 +128,11 @@ fn towers_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], bias
     let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
     let mut towers: Vec<Vec<f32>> = (0..conv.groups).map(|_| take(batch * opix * cout_g)).collect();
     towers.par_iter_mut().enumerate().for_each(|(g, out_g)| {
-        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
-            for_each_chunk(conv, 0..batch, |n0, n1| {
-                conv.im2col(input, n0, n1, g, col);
+        with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
+            for_each_chunk(conv, 0..batch, |rows| {
+                conv.im2col(input, rows.clone(), g, col);
                 let w = Operand::new(&weight[g * cout_g..], conv.out_c);
-                matmul((n1 - n0) * opix, cout_g, pl, Operand::new(col, pl), w, &mut out_g[n0 * opix * cout_g..], cout_g, false);
+                matmul(rows.len(), cout_g, pl, Operand::new(col, pl), w, &mut out_g[rows.start * cout_g..], cout_g, false);
             });
         });
     });
@@ -160,26 +166,25 @@ fn towers_backward(
     d_input: Option<&mut [f32]>,
     d_weight: Option<&mut [f32]>,
 ) {
-    let (cout_g, pl, opix) = (conv.out_c / conv.groups, conv.patch_len(), conv.win.out_pixels());
+    let (cout_g, pl) = (conv.out_c / conv.groups, conv.patch_len());
     let (need_dx, need_dw) = (d_input.is_some(), d_weight.is_some());
     let grads: Vec<(Vec<f32>, Vec<f32>)> = (0..conv.groups)
         .into_par_iter()
         .map(|g| {
             let mut dw = if need_dw { take_zeroed(pl * cout_g) } else { Vec::new() };
             let mut dx = if need_dx { take_zeroed(batch * conv.in_len()) } else { Vec::new() };
-            with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
-                for_each_chunk(conv, 0..batch, |n0, n1| {
-                    let rows = (n1 - n0) * opix;
-                    let dy_g = Operand::new(&dy[n0 * conv.out_len() + g * cout_g..], conv.out_c);
+            with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
+                for_each_chunk(conv, 0..batch, |rows| {
+                    let dy_g = Operand::new(&dy[rows.start * conv.out_c + g * cout_g..], conv.out_c);
                     if need_dw {
-                        conv.im2col(input, n0, n1, g, col);
-                        matmul(pl, cout_g, rows, Operand::t(col, pl), dy_g, &mut dw, cout_g, true);
+                        conv.im2col(input, rows.clone(), g, col);
+                        matmul(pl, cout_g, rows.len(), Operand::t(col, pl), dy_g, &mut dw, cout_g, true);
                     }
                     if need_dx {
                         // The patch gradients reuse the im2col buffer: its patches are spent.
                         let w_t = Operand::t(&weight[g * cout_g..], conv.out_c);
-                        matmul(rows, pl, cout_g, dy_g, w_t, col, pl, false);
-                        conv.col2im(col, n0, n1, g, &mut dx[n0 * conv.in_len()..]);
+                        matmul(rows.len(), pl, cout_g, dy_g, w_t, col, pl, false);
+                        conv.col2im(col, rows, 0, g, &mut dx);
                     }
                 });
             });
@@ -219,11 +224,12 @@ pub fn im2col_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], 
     let ranges = sample_ranges(batch);
     let mut outs = split_by_ranges(&mut output[..batch * conv.out_len()], &ranges, conv.out_len());
     ranges.par_iter().zip(outs.par_iter_mut()).for_each(|(range, out)| {
-        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
-            for_each_chunk(conv, range.clone(), |n0, n1| {
-                let y = &mut out[(n0 - range.start) * conv.out_len()..(n1 - range.start) * conv.out_len()];
-                conv.im2col(input, n0, n1, 0, col);
-                matmul((n1 - n0) * opix, conv.out_c, pl, Operand::new(col, pl), Operand::new(weight, conv.out_c), y, conv.out_c, false);
+        with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
+            for_each_chunk(conv, range.clone(), |rows| {
+                let first = range.start * opix;
+                let y = &mut out[(rows.start - first) * conv.out_c..(rows.end - first) * conv.out_c];
+                conv.im2col(input, rows.clone(), 0, col);
+                matmul(rows.len(), conv.out_c, pl, Operand::new(col, pl), Operand::new(weight, conv.out_c), y, conv.out_c, false);
                 bias_relu(y, bias, conv.relu);
             });
         });
@@ -280,18 +286,17 @@ pub fn im2col_backward(
     }
     let (pl, opix, oc) = (conv.patch_len(), conv.win.out_pixels(), conv.out_c);
     per_range_backward(conv, batch, d_input, d_weight, None, |range, dy_at, mut dx, mut dw, _| {
-        with_scratch(&SCRATCH_A, conv.chunk_samples() * opix * pl, |col| {
-            for_each_chunk(conv, range.clone(), |n0, n1| {
-                let rows = (n1 - n0) * opix;
-                let dy = Operand::new(&d_output[dy_at + (n0 - range.start) * conv.out_len()..], oc);
+        with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
+            for_each_chunk(conv, range.clone(), |rows| {
+                let dy = Operand::new(&d_output[dy_at + (rows.start - range.start * opix) * oc..], oc);
                 if let Some(dw) = dw.as_deref_mut() {
-                    conv.im2col(input, n0, n1, 0, col);
-                    matmul(pl, oc, rows, Operand::t(col, pl), dy, dw, oc, true);
+                    conv.im2col(input, rows.clone(), 0, col);
+                    matmul(pl, oc, rows.len(), Operand::t(col, pl), dy, dw, oc, true);
                 }
                 if let Some(dx) = dx.as_deref_mut() {
                     // The patch gradients reuse the im2col buffer: its patches are spent.
-                    matmul(rows, pl, oc, dy, Operand::t(weight, oc), col, pl, false);
-                    conv.col2im(col, n0, n1, 0, &mut dx[(n0 - range.start) * conv.in_len()..]);
+                    matmul(rows.len(), pl, oc, dy, Operand::t(weight, oc), col, pl, false);
+                    conv.col2im(col, rows, range.start, 0, dx);
                 }
             });
         });
@@ -411,6 +416,7 @@ mod tests {
         }
     }
 
+    type ForwardFn = fn(&Conv, usize, &[f32], &[f32], &[f32], &mut [f32]);
     type BackwardFn = fn(&Conv, usize, &[f32], &[f32], &[f32], Option<&mut [f32]>, Option<&mut [f32]>);
 
     /// On inputs with blank regions, where the direct loops skip empty windows, their gradients
@@ -429,6 +435,35 @@ mod tests {
             };
             for (a, b) in grads(direct_backward).iter().zip(grads(im2col_backward)) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b} for {c:?}");
+            }
+        }
+    }
+
+    /// Patches of 1,152 floats make 256-row im2col chunks, which end inside the 17x17 maps'
+    /// samples: the GEMMs, the weight gradient accumulated across chunks and the scatter of
+    /// patch gradients onto the inputs all agree with the direct loops, in one tower and two.
+    #[test]
+    fn chunks_ending_inside_samples_match_direct_loops() {
+        for groups in [1, 2] {
+            let c = Conv { win: Window::new(17, 17, 3, 1, Padding::Same).unwrap(), in_c: 128 * groups, out_c: 8, groups, relu: true };
+            assert_eq!((c.chunk_rows(), c.win.out_pixels()), (256, 289));
+            let batch = 2;
+            let (x, w, b) = (random_vec(batch * c.in_len(), 1), random_vec(c.weight_len(), 2), random_vec(c.out_c, 3));
+            let outputs = [direct_forward as ForwardFn, im2col_forward].map(|run| {
+                let mut y = vec![0.0; batch * c.out_len()];
+                run(&c, batch, &x, &w, &b, &mut y);
+                y
+            });
+            let dy = random_vec(batch * c.out_len(), 4);
+            let grads = [direct_backward as BackwardFn, im2col_backward].map(|run| {
+                let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
+                run(&c, batch, &x, &w, &dy, Some(&mut dx), Some(&mut dw));
+                dx.into_iter().chain(dw).collect::<Vec<f32>>()
+            });
+            for [want, got] in [outputs, grads] {
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}, {groups} groups");
+                }
             }
         }
     }
