@@ -87,8 +87,8 @@ pub enum Transforms<'a> {
     Keep(&'a mut [f32]),
     /// An evaluation workspace's U (`u_len` floats), kept across passes with the weights it was
     /// made from (`of`) and remade only when their bits differ: making U writes 6-21 MB per
-    /// layer for AlexNet's conv2-conv5 (a thirteenth of an inference pass); comparing reads the
-    /// weights, a quarter to a ninth of that.
+    /// layer for AlexNet's conv2-conv5 (a thirteenth of an inference pass); comparing only
+    /// reads the weights and their copy, 2 x 9/36 (3x3) or 2 x 25/64 (5x5) as many floats.
     Cache { of: &'a mut Vec<f32>, u: &'a mut [f32] },
 }
 
