@@ -250,6 +250,32 @@ mod tests {
         assert_eq!(y7[15], 48.0);
     }
 
+    /// Against a naive max and first-argmax over each window, on values with many ties and on
+    /// 83 channels, so that every block width runs (4L, L and single channels).
+    #[test]
+    fn forward_matches_naive_max_and_first_argmax() {
+        let p = pool(9, 8, 83);
+        let batch = 2;
+        let x: Vec<f32> = random_vec(batch * p.in_len(), 13).iter().map(|v| (v * 4.0).round()).collect();
+        let (mut y, mut idx) = (vec![0.0; batch * p.out_len()], vec![0; batch * p.out_len()]);
+        max_pool_forward(&p, batch, &x, &mut y, Some(&mut idx));
+        for n in 0..batch {
+            p.win.for_each_window(|o, taps| {
+                for ch in 0..p.channels {
+                    let (mut best, mut arg) = (f32::NEG_INFINITY, taps[0].0);
+                    for &(tap, i) in taps {
+                        let v = x[n * p.in_len() + i * p.channels + ch];
+                        if v > best {
+                            (best, arg) = (v, tap);
+                        }
+                    }
+                    let at = n * p.out_len() + o * p.channels + ch;
+                    assert_eq!((y[at], idx[at] as usize), (best, arg), "sample {n}, output {o}, channel {ch}");
+                }
+            });
+        }
+    }
+
     #[test]
     fn backward_routes_to_argmax_and_matches_finite_differences() {
         // 3 channels take the one-channel blocks; 70 the 4L- and L-channel blocks too.
