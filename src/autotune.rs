@@ -209,7 +209,7 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
     let order = [ConvAlgo::Winograd, ConvAlgo::Im2col, ConvAlgo::Direct];
     // Forward, as the run's passes use Winograd's transforms: training keeps U and V for
     // backward, evaluation keeps U across passes (the best of three times the kept U).
-    let (mut cached_of, mut cached_u) = (Vec::new(), vec![0.0; if winograd { winograd::u_len(conv) } else { 0 }]);
+    let (mut cached_of, mut cached_u) = (Vec::new(), vec![0.0; if winograd && !training { winograd::u_len(conv) } else { 0 }]);
     for algo in order.into_iter().filter(|a| a.applies(conv)) {
         let mut run = |n: usize, y: &mut [f32], saved: &mut Vec<f32>| {
             let transforms = match (algo, training) {

@@ -115,9 +115,9 @@ impl Conv {
 /// Run `f(rows)` over the im2col rows of `samples` in chunks of `chunk_rows` (the last
 /// shorter; a chunk may end inside a sample).
 fn for_each_chunk(conv: &Conv, samples: Range<usize>, mut f: impl FnMut(Range<usize>)) {
-    let opix = conv.win.out_pixels();
+    let (opix, chunk) = (conv.win.out_pixels(), conv.chunk_rows());
     let (first, end) = (samples.start * opix, samples.end * opix);
-    (first..end).step_by(conv.chunk_rows()).for_each(|r| f(r..(r + conv.chunk_rows()).min(end)));
+    (first..end).step_by(chunk).for_each(|r| f(r..(r + chunk).min(end)));
 }
 
 /// Grouped convolutions are the paper's towers: one task per group over the whole batch, so
@@ -224,9 +224,9 @@ pub fn im2col_forward(conv: &Conv, batch: usize, input: &[f32], weight: &[f32], 
     let ranges = sample_ranges(batch);
     let mut outs = split_by_ranges(&mut output[..batch * conv.out_len()], &ranges, conv.out_len());
     ranges.par_iter().zip(outs.par_iter_mut()).for_each(|(range, out)| {
+        let first = range.start * opix;
         with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
             for_each_chunk(conv, range.clone(), |rows| {
-                let first = range.start * opix;
                 let y = &mut out[(rows.start - first) * conv.out_c..(rows.end - first) * conv.out_c];
                 conv.im2col(input, rows.clone(), 0, col);
                 matmul(rows.len(), conv.out_c, pl, Operand::new(col, pl), Operand::new(weight, conv.out_c), y, conv.out_c, false);
@@ -284,11 +284,12 @@ pub fn im2col_backward(
     if conv.groups > 1 {
         return towers_backward(conv, batch, input, weight, &d_output[..batch * conv.out_len()], d_input, d_weight);
     }
-    let (pl, opix, oc) = (conv.patch_len(), conv.win.out_pixels(), conv.out_c);
-    per_range_backward(conv, batch, d_input, d_weight, None, |range, dy_at, mut dx, mut dw, _| {
+    let (pl, oc) = (conv.patch_len(), conv.out_c);
+    per_range_backward(conv, batch, d_input, d_weight, None, |range, _, mut dx, mut dw, _| {
         with_scratch(&SCRATCH_A, conv.chunk_rows() * pl, |col| {
             for_each_chunk(conv, range.clone(), |rows| {
-                let dy = Operand::new(&d_output[dy_at + (rows.start - range.start * opix) * oc..], oc);
+                // Row r's output gradient is at r * oc of the batch's.
+                let dy = Operand::new(&d_output[rows.start * oc..], oc);
                 if let Some(dw) = dw.as_deref_mut() {
                     conv.im2col(input, rows.clone(), 0, col);
                     matmul(pl, oc, rows.len(), Operand::t(col, pl), dy, dw, oc, true);

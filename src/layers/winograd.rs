@@ -406,26 +406,29 @@ fn forward_at<const N: usize, const A: usize, const M: usize, const R: usize, T:
     let (cin_g, cout_g) = (cin / groups, cout / groups);
     let (tps, xis) = (tiles_per_sample(conv), A * A);
     let mut u_own = Vec::new();
-    let (u, v_all): (&[f32], _) = match transforms {
+    // Where U goes, where V goes (kept for backward or not), and whether U is to be made.
+    let (u, v_all, make_u) = match transforms {
         Transforms::Keep(s) => {
             let (u, v) = s.split_at_mut(u_len(conv));
-            transform_weights::<N, A, M, R, T>(conv, weight, u);
-            (u, Some(v))
+            (u, Some(v), true)
         }
         Transforms::Cache { of, u } => {
-            if !same_bits(of, weight) {
-                transform_weights::<N, A, M, R, T>(conv, weight, u);
+            let stale = !same_bits(of, weight);
+            if stale {
                 of.clear();
                 of.extend_from_slice(weight);
             }
-            (u, None)
+            (u, None, stale)
         }
         Transforms::Discard => {
             u_own = take(u_len(conv));
-            transform_weights::<N, A, M, R, T>(conv, weight, &mut u_own);
-            (&u_own[..], None)
+            (&mut u_own[..], None, true)
         }
     };
+    if make_u {
+        transform_weights::<N, A, M, R, T>(conv, weight, u);
+    }
+    let u: &[f32] = u;
     let ranges = sample_ranges(n);
     let mut outs = split_by_ranges(&mut output[..n * conv.out_len()], &ranges, conv.out_len());
     let mut v_parts: Vec<Option<&mut [f32]>> = match v_all {
