@@ -22,7 +22,7 @@ use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::sample_ranges;
-use super::scratch::{ALIGN_SLACK, SCRATCH_A, SCRATCH_B, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
+use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::simd::{Lanes, for_lane_blocks, load, store};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -59,8 +59,7 @@ pub fn direct_pooled_forward(
     let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
     let sample = |(ring, live): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
         let ring = aligned(ring, kp * row_len);
-        with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
-            conv.pad_sample(&input[n * il..(n + 1) * il], xp);
+        conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
             live.find(conv, &pool_rows, &pool_cols, xp);
             let (mut done, mut active) = (0, live.active.iter().peekable());
             ring_windows.for_each(|q, taps| {
@@ -254,8 +253,7 @@ impl<'a, const W: usize> Routes<'a, W> {
         let conv = self.conv;
         let (opix, stride) = (conv.win.out_pixels(), self.row_stride());
         let cout_g = conv.out_c / conv.groups;
-        with_scratch(&SCRATCH_B, conv.padded_len(), |xp| {
-            conv.pad_sample(x, xp);
+        conv.with_padded(x, |xp| {
             live.find(conv, pool_rows, pool_cols, xp);
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {

@@ -17,11 +17,20 @@ use super::simd::{L, Lanes, for_lane_blocks, is_nonzero, load, store};
 
 /// The forward's block of sums held in registers: `FORWARD_PIXELS` output pixels by
 /// `FORWARD_CHANNELS` channels, with one block of weights. AVX-512's 32 vector registers hold
-/// 4 pixels by 4 vectors (16 sums, 4 weight vectors); AVX2's 16 do not (LLVM spilled the sums
-/// to the stack), so there it is 6 pixels by 2 vectors (12 sums, 2 weights, one broadcast
-/// input), the shape of the `gemm` crate's AVX2 kernel.
-const FORWARD_PIXELS: usize = if L == 16 { 4 } else { 6 };
+/// 6 pixels by 4 vectors (24 sums, 4 weight vectors, one broadcast input; 4 pixels, 16 sums,
+/// left the FMA pipes short of work: the paper's conv1 forward 20.5 -> 18.1 ms per batch of
+/// 16 on one core of a Xeon); AVX2's 16 do not (LLVM spilled the sums to the stack), so there
+/// it is 6 pixels by 2 vectors (12 sums, 2 weights, one broadcast input), the shape of the
+/// `gemm` crate's AVX2 kernel.
+const FORWARD_PIXELS: usize = 6;
 const FORWARD_CHANNELS: usize = if L == 16 { 4 * L } else { 2 * L };
+
+/// The weight gradient's block of sums held in registers: `WEIGHT_GRAD_ROWS` weight rows by
+/// 4L channels, over chunks of `WEIGHT_GRAD_PIXELS` output pixels. AVX-512 holds 6 rows by 4
+/// vectors (24 sums, 4 gradient vectors, one broadcast input); AVX2 3 by 4 (12 sums).
+const WEIGHT_GRAD_ROWS: usize = if L == 16 { 6 } else { 3 };
+/// 64 pixels of the paper's conv1 output gradient: 24 KB, half of L1.
+const WEIGHT_GRAD_PIXELS: usize = 64;
 
 /// Each output row's live columns (`Conv::find_live`), and the spans that found them.
 #[derive(Default)]
@@ -34,8 +43,7 @@ pub(super) struct LiveColumns {
 impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
     pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
-        with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
-            self.pad_sample(x, xp);
+        self.with_padded(x, |xp| {
             let mut live = LiveColumns::default();
             self.find_live(xp, &mut live);
             let row_len = self.win.w.output * self.out_c;
@@ -58,8 +66,7 @@ impl Conv {
         dx: Option<&mut [f32]>,
     ) {
         if let Some(dw) = dw {
-            with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
-                self.pad_sample(x, xp);
+            self.with_padded(x, |xp| {
                 let mut live = LiveColumns::default();
                 self.find_live(xp, &mut live);
                 let ow = self.win.w.output;
@@ -132,8 +139,22 @@ impl Conv {
         h * w * self.in_c
     }
 
+    /// `f` of sample `x` as a padded sample: `x` itself where the windows neither reach past
+    /// its edges nor stop short of them (the paper's conv1: 618 KB a sample not copied),
+    /// else a copy with zeros around it, in this thread's scratch.
+    pub(super) fn with_padded<R>(&self, x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        let ((hp, wp), win) = (self.padded_dims(), &self.win);
+        if win.h.pad_before == 0 && win.w.pad_before == 0 && (hp, wp) == (win.h.input, win.w.input) {
+            return f(x);
+        }
+        with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
+            self.pad_sample(x, xp);
+            f(xp)
+        })
+    }
+
     /// Write sample `x` into `xp` (`padded_len()` floats) with zeros around it.
-    pub(super) fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
+    fn pad_sample(&self, x: &[f32], xp: &mut [f32]) {
         xp.fill(0.0);
         self.for_each_interior_row(|padded, at, len| xp[padded..padded + len].copy_from_slice(&x[at..at + len]));
     }
@@ -211,8 +232,12 @@ impl Conv {
         c: usize,
     ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
+        let reach = offsets.iter().copied().max().unwrap_or(0);
         for oy in rows {
             let (corner, y) = (|ox: usize| (oy * s * wp + ox * s) * self.in_c, &mut y[row_at(oy)..][..ow * self.out_c]);
+            // What `forward_pixels` reads without bounds checks: every tap of the row's last
+            // window lies inside the padded sample, and so do the others', which start before it.
+            assert!(corner(ow - 1) + reach < xp.len(), "output row {oy}'s windows lie inside the padded sample");
             // Pixels left of the live columns, the live ones, and those right of them: blocks
             // of `FORWARD_PIXELS`, then ones, of each.
             let live = &live.rows[oy];
@@ -231,7 +256,10 @@ impl Conv {
     }
 
     /// Channels `c..c + N` of the `P` pixels from `ox` on of one output row `y`, the first
-    /// pixel's window corner at `corner`.
+    /// pixel's window corner at `corner`. The caller has checked that the row's windows lie
+    /// inside `xp`: the input reads go unchecked (six bounds checks a tap took as many
+    /// instructions as its FMAs; the paper's conv1 forward 20.5 -> 18.1 ms per batch of 16 on
+    /// one core of a Xeon).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_pixels<const N: usize, const P: usize>(
@@ -251,7 +279,8 @@ impl Conv {
         for (r, off) in offsets.iter().enumerate() {
             let w = load::<N>(weight, r * oc + c);
             for (p, a) in acc.iter_mut().enumerate() {
-                *a = a.mul_add(xp[corner + off + p * step], w);
+                // SAFETY: pixel ox + p lies in the row whose windows the caller checked.
+                *a = a.mul_add(unsafe { *xp.get_unchecked(corner + off + p * step) }, w);
             }
         }
         let b = load::<N>(bias, c);
@@ -262,21 +291,29 @@ impl Conv {
     }
 
     /// Weight gradient of one padded sample, added into `dw`: `dw[r][c] += sum over pixels o of
-    /// xp[corner(o) + offset(r)] * dy[o][c]`. Weight rows go in threes and channels in blocks of
-    /// 4L, L, then 1: 12 accumulators in registers, each gradient row loaded once for three
-    /// weight rows.
+    /// xp[corner(o) + offset(r)] * dy[o][c]`, over the pixels in chunks of
+    /// `WEIGHT_GRAD_PIXELS`, whose output gradient rows stay in L1 while every weight row's
+    /// sums go over them. (Over a whole sample at once, the paper's conv1 read its 1.2 MB of
+    /// output gradient from L2 once per block of weight rows.)
     fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], dw: &mut [f32]) {
         let cout_g = self.out_c / self.groups;
-        for g in 0..self.groups {
-            let offsets = self.row_offsets(g);
-            let mut r = 0;
-            while r < offsets.len() {
-                let block = &offsets[r..];
-                r += if block.len() >= 3 {
-                    self.weight_grad_rows::<3>(xp, dy, pixels, dw, block, r, g * cout_g)
-                } else {
-                    self.weight_grad_rows::<1>(xp, dy, pixels, dw, block, r, g * cout_g)
-                };
+        let offsets = self.group_offsets();
+        for chunk in pixels.chunks(WEIGHT_GRAD_PIXELS) {
+            for (g, offsets) in offsets.iter().enumerate() {
+                // What `weight_grad_block` reads without bounds checks: every tap of the
+                // chunk's last window (corners ascend with the pixels) lies inside the sample.
+                let reach = offsets.iter().copied().max().unwrap_or(0);
+                let last_corner = chunk.last().map_or(0, |&(_, corner)| corner);
+                assert!(last_corner + reach < xp.len(), "the windows lie inside the padded sample");
+                let mut r = 0;
+                while r < offsets.len() {
+                    let block = &offsets[r..];
+                    r += if block.len() >= WEIGHT_GRAD_ROWS {
+                        self.weight_grad_rows::<WEIGHT_GRAD_ROWS>(xp, dy, chunk, dw, block, r, g * cout_g)
+                    } else {
+                        self.weight_grad_rows::<1>(xp, dy, chunk, dw, block, r, g * cout_g)
+                    };
+                }
             }
         }
     }
@@ -299,7 +336,9 @@ impl Conv {
         T
     }
 
-    /// Weight rows `r..r + T` (at `offsets`), channels `c..c + N`.
+    /// Weight rows `r..r + T` (at `offsets`), channels `c..c + N`: the sums start from `dw`'s
+    /// and stay in registers over `pixels`, whose windows the caller has checked lie inside
+    /// `xp`.
     #[inline(always)]
     fn weight_grad_block<const N: usize, const T: usize>(
         &self,
@@ -312,16 +351,16 @@ impl Conv {
         c: usize,
     ) {
         let oc = self.out_c;
-        let mut acc = [Lanes::<N>::default(); T];
+        let mut acc: [Lanes<N>; T] = std::array::from_fn(|t| load::<N>(dw, (r + t) * oc + c));
         for &(o, corner) in pixels {
             let d = load::<N>(dy, o * oc + c);
             for (a, off) in acc.iter_mut().zip(offsets) {
-                *a = a.mul_add(xp[corner + off], d);
+                // SAFETY: the caller checked that the windows of `pixels` lie inside `xp`.
+                *a = a.mul_add(unsafe { *xp.get_unchecked(corner + off) }, d);
             }
         }
         for (t, a) in acc.into_iter().enumerate() {
-            let at = (r + t) * oc + c;
-            store(dw, at, load::<N>(dw, at) + a);
+            store(dw, (r + t) * oc + c, a);
         }
     }
 

@@ -169,7 +169,7 @@ impl<const N: usize> Lanes<N> {
     }
 }
 
-/// Run `$body` over the channels `$range` in blocks of 4L (or `wide = W` channels), L, then 1
+/// Run `$body` over the channels `$range` in blocks of 4L (or `wide = W` channels), half that, L, then 1
 /// channels: `$c` is a block's first channel and `$n` its width, as a constant, since the
 /// kernels take it as a const generic (which a closure cannot pass on). Four vectors a block
 /// hide the latency of the kernels' dependent adds; the narrower blocks take what is left.
@@ -184,6 +184,14 @@ macro_rules! for_lane_blocks {
             $c += match range.end - $c {
                 left if left >= $wide => {
                     const $n: usize = $wide;
+                    $body;
+                    $n
+                }
+                // Half the wide block where it is wider than that (the paper's 96 channels
+                // are 64 + 32, not 64 + 16 + 16, whose one-vector blocks left the FMA pipes
+                // waiting on each sum's latency).
+                left if $wide > 2 * $crate::layers::simd::L && left >= $wide / 2 => {
+                    const $n: usize = $wide / 2;
                     $body;
                     $n
                 }
