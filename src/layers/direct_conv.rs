@@ -332,15 +332,23 @@ impl Conv {
     ) -> usize {
         let offsets: [usize; T] = offsets[..T].try_into().expect("T rows");
         let cout_g = self.out_c / self.groups;
-        for_lane_blocks!(c0..c0 + cout_g, |c, N| self.weight_grad_block::<N, T>(xp, dy, pixels, dw, offsets, r, c));
+        // Rows whose taps are neighbours in the sample (one window row of one group, as 55 of
+        // the paper's conv1's 60 blocks are) read them at fixed distances from the first: no
+        // offsets to load per pixel, which LLVM kept on the stack.
+        if offsets.iter().enumerate().all(|(t, &off)| off == offsets[0] + t) {
+            for_lane_blocks!(c0..c0 + cout_g, |c, N| self.weight_grad_block::<N, T, true>(xp, dy, pixels, dw, offsets, r, c));
+        } else {
+            for_lane_blocks!(c0..c0 + cout_g, |c, N| self.weight_grad_block::<N, T, false>(xp, dy, pixels, dw, offsets, r, c));
+        }
         T
     }
 
     /// Weight rows `r..r + T` (at `offsets`), channels `c..c + N`: the sums start from `dw`'s
     /// and stay in registers over `pixels`, whose windows the caller has checked lie inside
-    /// `xp`.
+    /// `xp`. `NEIGHBOURS`: the taps are `offsets[0] + t`.
     #[inline(always)]
-    fn weight_grad_block<const N: usize, const T: usize>(
+    #[allow(clippy::too_many_arguments)]
+    fn weight_grad_block<const N: usize, const T: usize, const NEIGHBOURS: bool>(
         &self,
         xp: &[f32],
         dy: &[f32],
@@ -354,9 +362,10 @@ impl Conv {
         let mut acc: [Lanes<N>; T] = std::array::from_fn(|t| load::<N>(dw, (r + t) * oc + c));
         for &(o, corner) in pixels {
             let d = load::<N>(dy, o * oc + c);
-            for (a, off) in acc.iter_mut().zip(offsets) {
+            for (t, a) in acc.iter_mut().enumerate() {
+                let at = corner + if NEIGHBOURS { offsets[0] + t } else { offsets[t] };
                 // SAFETY: the caller checked that the windows of `pixels` lie inside `xp`.
-                *a = a.mul_add(unsafe { *xp.get_unchecked(corner + off) }, d);
+                *a = a.mul_add(unsafe { *xp.get_unchecked(at) }, d);
             }
         }
         for (t, a) in acc.into_iter().enumerate() {
