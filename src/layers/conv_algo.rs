@@ -3,7 +3,9 @@
 //! AVX2 can be 2x off on AVX-512), so `autotune` picks per layer and per pass by measurement;
 //! `ConvAlgos::heuristic` is the choice without measuring.
 
-use super::conv::{Conv, direct_backward, direct_forward, im2col_backward, im2col_forward, relu_bias_backward};
+use super::conv::{
+    Conv, direct_backward, direct_forward, direct_weight_and_bias_grad, im2col_backward, im2col_forward, relu_bias_backward,
+};
 use super::winograd::{self, Transforms};
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +97,8 @@ pub fn forward(
     }
 }
 
-/// Backward over a batch: masks `d_output` in place by the ReLU, overwrites `d_bias`,
+/// Backward over a batch: masks `d_output` in place by the ReLU (a first layer whose weight
+/// gradient runs direct loops masks a copy, chunk by chunk, as it reads it), overwrites `d_bias`,
 /// `d_weight` and (unless it is the first layer) `d_input`, each gradient with its own
 /// algorithm. `saved` is what the training forward kept (layers with Winograd anywhere); when
 /// forward was not Winograd, the transforms a Winograd gradient needs are made here.
@@ -113,6 +116,11 @@ pub fn backward(
     d_bias: &mut [f32],
     saved: Option<&mut [f32]>,
 ) {
+    // A first layer's direct weight gradient masks the output gradient as it reads it.
+    let d_weight = match (d_weight, &d_input, algos.weight_grad) {
+        (Some(dw), None, ConvAlgo::Direct) => return direct_weight_and_bias_grad(conv, batch, input, output, d_output, dw, d_bias),
+        (dw, ..) => dw,
+    };
     relu_bias_backward(conv, batch, output, d_output, d_bias);
     let dy = &*d_output;
     let need_dx = d_input.is_some();
@@ -292,9 +300,9 @@ mod tests {
                     let (mut d_out, mut saved) = (r.clone(), saved.clone());
                     let (dx_arg, dw_arg) = (want_dx.then_some(&mut dx[..]), want_dw.then_some(&mut dw[..]));
                     backward(c, algos, batch, &x, &w, &y_ref, &mut d_out, dx_arg, dw_arg, &mut db, (saved_len > 0).then_some(&mut saved));
-                    (dx, dw)
+                    (dx, dw, db)
                 };
-                let (dx, dw) = run(true, true);
+                let (dx, dw, db_both) = run(true, true);
                 for (&(tap, ci, co), &want) in taps.iter().zip(&want_dw) {
                     let got = dw[(tap * (c.in_c / c.groups) + ci) * c.out_c + co];
                     assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, 1.0 + want.abs());
@@ -304,9 +312,16 @@ mod tests {
                     assert_close(&format!("{} dx {c:?}", algos.describe()), got, want, 1.0 + want.abs());
                 }
                 let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
-                // Without an input gradient (the first layer), the weight gradient is the same;
-                // without a weight gradient (a frozen layer), the input gradient is.
-                assert!(close(&run(false, true).1, &dw), "{}", algos.describe());
+                // Without an input gradient (the first layer), the weight and bias gradients are
+                // the same (direct loops then mask the output gradient as they read it: the same
+                // sums in the same order, so the same bits); without a weight gradient (a frozen
+                // layer), the input gradient is.
+                let (_, dw_alone, db_alone) = run(false, true);
+                assert!(close(&dw_alone, &dw), "{}", algos.describe());
+                assert_eq!(db_alone, db_both, "{}: bias gradient without the input gradient", algos.describe());
+                if dw_algo == ConvAlgo::Direct && dx_algo == ConvAlgo::Direct {
+                    assert_eq!(dw_alone, dw, "{}: direct weight gradient without the input gradient", algos.describe());
+                }
                 assert!(close(&run(true, false).0, &dx), "{}", algos.describe());
             }
         }

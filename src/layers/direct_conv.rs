@@ -11,6 +11,7 @@
 //! there without multiplying and the weight gradient skips it: MNIST digits leave most of
 //! conv1's windows empty.
 
+use super::bias_relu::relu_mask_bias_grad;
 use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
 use super::simd::{L, Lanes, for_lane_blocks, is_nonzero, load, store};
@@ -71,12 +72,47 @@ impl Conv {
                 self.find_live(xp, &mut live);
                 let ow = self.win.w.output;
                 let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| live.rows[o / ow].contains(&(o % ow))).copied().collect();
-                self.weight_grad_padded(xp, dy, &pixels, dw);
+                self.weight_grad_padded(xp, dy, &pixels, &self.group_offsets(), dw);
             });
         }
         if let Some(dx) = dx {
             with_scratch(&SCRATCH_C, self.padded_len(), |dxp| self.input_grad_padded(weight, dy, pixels, dxp, dx));
         }
+    }
+
+    /// Weight and bias gradients of sample `x` from its output `y` and its output gradient
+    /// `dy` before the ReLU's mask, added into `dw` and `db`: a chunk of pixels at a time, the
+    /// chunk's gradient rows are masked into scratch and summed into `db`
+    /// (`relu_mask_bias_grad`: the rows in order, as over the whole batch), then the weight
+    /// gradient reads them from L1. `corners`: every pixel (`corners()`).
+    pub(super) fn direct_masked_weight_grad_sample(
+        &self,
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        corners: &[(usize, usize)],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let (ow, oc) = (self.win.w.output, self.out_c);
+        self.with_padded(x, |xp| {
+            let mut live = LiveColumns::default();
+            self.find_live(xp, &mut live);
+            let (mut pixels, offsets) = (Vec::with_capacity(WEIGHT_GRAD_PIXELS), self.group_offsets());
+            with_scratch(&SCRATCH_C, WEIGHT_GRAD_PIXELS * oc, |masked| {
+                for chunk in corners.chunks(WEIGHT_GRAD_PIXELS) {
+                    let rows = chunk[0].0 * oc..(chunk[chunk.len() - 1].0 + 1) * oc;
+                    let masked = &mut masked[..rows.len()];
+                    masked.copy_from_slice(&dy[rows.clone()]);
+                    relu_mask_bias_grad(&y[rows], masked, db, self.relu);
+                    // The chunk's pixels whose windows may hold a nonzero, their rows counted
+                    // from the chunk's first.
+                    pixels.clear();
+                    pixels.extend(chunk.iter().filter(|&&(o, _)| live.rows[o / ow].contains(&(o % ow))).map(|&(o, c)| (o - chunk[0].0, c)));
+                    self.weight_grad_padded(xp, masked, &pixels, &offsets, dw);
+                }
+            });
+        });
     }
 
     /// Every output pixel with the offset of its window's corner in the padded sample.
@@ -294,10 +330,10 @@ impl Conv {
     /// xp[corner(o) + offset(r)] * dy[o][c]`, over the pixels in chunks of
     /// `WEIGHT_GRAD_PIXELS`, whose output gradient rows stay in L1 while every weight row's
     /// sums go over them. (Over a whole sample at once, the paper's conv1 read its 1.2 MB of
-    /// output gradient from L2 once per block of weight rows.)
-    fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], dw: &mut [f32]) {
+    /// output gradient from L2 once per block of weight rows.) `offsets`: `group_offsets()`.
+    fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], offsets: &[Vec<usize>], dw: &mut [f32]) {
         let cout_g = self.out_c / self.groups;
-        let offsets = self.group_offsets();
+
         for chunk in pixels.chunks(WEIGHT_GRAD_PIXELS) {
             for (g, offsets) in offsets.iter().enumerate() {
                 // What `weight_grad_block` reads without bounds checks: every tap of the
