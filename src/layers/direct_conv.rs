@@ -337,10 +337,10 @@ impl Conv {
         for chunk in pixels.chunks(WEIGHT_GRAD_PIXELS) {
             for (g, offsets) in offsets.iter().enumerate() {
                 // What `weight_grad_block` reads without bounds checks: every tap of the
-                // chunk's last window (corners ascend with the pixels) lies inside the sample.
+                // chunk's farthest window lies inside the sample.
                 let reach = offsets.iter().copied().max().unwrap_or(0);
-                let last_corner = chunk.last().map_or(0, |&(_, corner)| corner);
-                assert!(last_corner + reach < xp.len(), "the windows lie inside the padded sample");
+                let farthest = chunk.iter().map(|&(_, corner)| corner).max().unwrap_or(0);
+                assert!(farthest + reach < xp.len(), "the windows lie inside the padded sample");
                 let mut r = 0;
                 while r < offsets.len() {
                     let block = &offsets[r..];
