@@ -101,10 +101,11 @@ impl Conv {
             let (mut pixels, offsets) = (Vec::with_capacity(WEIGHT_GRAD_PIXELS), self.group_offsets());
             with_scratch(&SCRATCH_C, WEIGHT_GRAD_PIXELS * oc, |masked| {
                 for chunk in corners.chunks(WEIGHT_GRAD_PIXELS) {
-                    let rows = chunk[0].0 * oc..(chunk[chunk.len() - 1].0 + 1) * oc;
-                    let masked = &mut masked[..rows.len()];
-                    masked.copy_from_slice(&dy[rows.clone()]);
-                    relu_mask_bias_grad(&y[rows], masked, db, self.relu);
+                    // The chunk's rows of the output and its gradient.
+                    let floats = chunk[0].0 * oc..(chunk[chunk.len() - 1].0 + 1) * oc;
+                    let masked = &mut masked[..floats.len()];
+                    masked.copy_from_slice(&dy[floats.clone()]);
+                    relu_mask_bias_grad(&y[floats], masked, db, self.relu);
                     // The chunk's pixels whose windows may hold a nonzero, their rows counted
                     // from the chunk's first.
                     pixels.clear();
@@ -333,7 +334,6 @@ impl Conv {
     /// output gradient from L2 once per block of weight rows.) `offsets`: `group_offsets()`.
     fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], offsets: &[Vec<usize>], dw: &mut [f32]) {
         let cout_g = self.out_c / self.groups;
-
         for chunk in pixels.chunks(WEIGHT_GRAD_PIXELS) {
             for (g, offsets) in offsets.iter().enumerate() {
                 // What `weight_grad_block` reads without bounds checks: every tap of the
