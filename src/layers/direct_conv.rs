@@ -41,14 +41,19 @@ pub(super) struct LiveColumns {
     pub(super) rows: Vec<std::ops::Range<usize>>,
 }
 
+impl LiveColumns {
+    /// Whether output pixel `o` (of rows `ow` wide) is live: its window may hold a nonzero.
+    fn holds(&self, o: usize, ow: usize) -> bool {
+        self.rows[o / ow].contains(&(o % ow))
+    }
+}
+
 impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
     pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
-        self.with_padded(x, |xp| {
-            let mut live = LiveColumns::default();
-            self.find_live(xp, &mut live);
+        self.with_live(x, |xp, live| {
             let row_len = self.win.w.output * self.out_c;
-            self.forward_padded(xp, &live, &self.group_offsets(), weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
+            self.forward_padded(xp, live, &self.group_offsets(), weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
         });
     }
 
@@ -67,11 +72,9 @@ impl Conv {
         dx: Option<&mut [f32]>,
     ) {
         if let Some(dw) = dw {
-            self.with_padded(x, |xp| {
-                let mut live = LiveColumns::default();
-                self.find_live(xp, &mut live);
+            self.with_live(x, |xp, live| {
                 let ow = self.win.w.output;
-                let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| live.rows[o / ow].contains(&(o % ow))).copied().collect();
+                let pixels: Vec<(usize, usize)> = pixels.iter().filter(|&&(o, _)| live.holds(o, ow)).copied().collect();
                 self.weight_grad_padded(xp, dy, &pixels, &self.group_offsets(), dw);
             });
         }
@@ -95,9 +98,7 @@ impl Conv {
         db: &mut [f32],
     ) {
         let (ow, oc) = (self.win.w.output, self.out_c);
-        self.with_padded(x, |xp| {
-            let mut live = LiveColumns::default();
-            self.find_live(xp, &mut live);
+        self.with_live(x, |xp, live| {
             let (mut pixels, offsets) = (Vec::with_capacity(WEIGHT_GRAD_PIXELS), self.group_offsets());
             with_scratch(&SCRATCH_C, WEIGHT_GRAD_PIXELS * oc, |masked| {
                 for chunk in corners.chunks(WEIGHT_GRAD_PIXELS) {
@@ -109,7 +110,7 @@ impl Conv {
                     // The chunk's pixels whose windows may hold a nonzero, their rows counted
                     // from the chunk's first.
                     pixels.clear();
-                    pixels.extend(chunk.iter().filter(|&&(o, _)| live.rows[o / ow].contains(&(o % ow))).map(|&(o, c)| (o - chunk[0].0, c)));
+                    pixels.extend(chunk.iter().filter(|&&(o, _)| live.holds(o, ow)).map(|&(o, c)| (o - chunk[0].0, c)));
                     self.weight_grad_padded(xp, masked, &pixels, &offsets, dw);
                 }
             });
@@ -187,6 +188,15 @@ impl Conv {
         with_scratch(&SCRATCH_B, self.padded_len(), |xp| {
             self.pad_sample(x, xp);
             f(xp)
+        })
+    }
+
+    /// `f` of sample `x` as a padded sample (`with_padded`) and its live columns (`find_live`).
+    fn with_live<R>(&self, x: &[f32], f: impl FnOnce(&[f32], &LiveColumns) -> R) -> R {
+        self.with_padded(x, |xp| {
+            let mut live = LiveColumns::default();
+            self.find_live(xp, &mut live);
+            f(xp, &live)
         })
     }
 

@@ -169,9 +169,9 @@ impl<const N: usize> Lanes<N> {
     }
 }
 
-/// Run `$body` over the channels `$range` in blocks of 4L (or `wide = W` channels), half that, L, then 1
-/// channels: `$c` is a block's first channel and `$n` its width, as a constant, since the
-/// kernels take it as a const generic (which a closure cannot pass on). Four vectors a block
+/// Run `$body` over the channels `$range` in blocks of 4L (or `wide = W` channels), half that,
+/// L, then 1 channels: `$c` is a block's first channel and `$n` its width, as a constant, since
+/// the kernels take it as a const generic (which a closure cannot pass on). Four vectors a block
 /// hide the latency of the kernels' dependent adds; the narrower blocks take what is left.
 macro_rules! for_lane_blocks {
     ($range:expr, |$c:ident, $n:ident| $body:expr) => {
