@@ -43,7 +43,7 @@ pub struct LayerTimes {
 }
 
 /// Bumped when an algorithm's kernels change speed, so cached choices are measured again.
-const KERNELS: u32 = 9;
+const KERNELS: u32 = 10;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]

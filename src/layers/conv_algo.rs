@@ -16,7 +16,8 @@ pub enum ConvAlgo {
     Direct,
     /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
     Im2col,
-    /// Winograd F(4x4, 3x3) and F(4x4, 5x5): 3x3 and 5x5 stride-1 SAME layers.
+    /// Winograd F(4x4, 3x3) and F(4x4, 5x5): 3x3 and 5x5 stride-1 layers, and strided layers
+    /// whose space-to-depth rewrite is one (AlexNet's conv1).
     Winograd,
 }
 
@@ -349,6 +350,13 @@ mod tests {
             (mk(5, 7, 5, 1, Padding::Explicit(2), 32, 16, 1, false), 1),
             (mk(7, 6, 3, 1, Padding::Same, 16, 32, 2, true), 2),
             (mk(9, 8, 5, 1, Padding::Same, 32, 16, 2, true), 2),
+            // Winograd without padding, and on strided layers' space-to-depth rewrites
+            // (AlexNet's conv1 geometry: 3x3 blocks of 4x4 pixels; a padded one; 5x5 blocks).
+            (mk(9, 10, 3, 1, Padding::Valid, 16, 16, 1, true), 2),
+            (mk(10, 9, 5, 1, Padding::Valid, 8, 16, 1, false), 2),
+            (mk(31, 27, 11, 4, Padding::Valid, 3, 32, 1, true), 2),
+            (mk(21, 20, 5, 2, Padding::Explicit(2), 4, 16, 1, false), 2),
+            (mk(23, 22, 9, 2, Padding::Valid, 2, 16, 1, true), 1),
         ] {
             check_every_algorithm(&c, batch, 64);
         }

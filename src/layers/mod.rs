@@ -12,6 +12,7 @@ pub mod layer;
 pub mod scratch;
 pub mod simd;
 pub mod softmax;
+pub mod space_to_depth;
 pub mod winograd;
 
 #[cfg(test)]
