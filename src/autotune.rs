@@ -4,6 +4,13 @@
 //! The choice is cached per machine (CPU model, vector width, threads, layer shape, batch) in
 //! the user's cache directory, so later runs skip the timing, and a run saves the plan it used
 //! so `--resume` continues with the same algorithms (bit-identical).
+//!
+//! Each pass is timed on cold caches, as it runs inside a step: between one step's pass through
+//! a layer and the next, the rest of the step (the optimiser alone sweeps every weight, gradient
+//! and moment: 1.2 GB for AlexNet) has moved more than the caches hold. Warm timings can rank
+//! algorithms the other way: AlexNet's conv1 by Winograd on 4x4 blocks of pixels took 8-10 ms
+//! warm against direct loops' 9-11, and 12.7-13.4 against 11.7-12.0 cold (Xeon, Emerald Rapids,
+//! batch 16, forward), the step's own 12.2-13.8 against 11.0-12.2.
 
 use crate::files::write_atomic;
 use crate::layers::conv::{Conv, relu_bias_backward};
@@ -11,11 +18,12 @@ use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
 use crate::layers::winograd::{self, Transforms};
 use crate::model::{ConvPlan, Model};
-use crate::roofline::best_of_three_ms;
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 /// `--conv-algo`: measure (`auto`), or force one algorithm on every layer it applies to (the
 /// others keep the heuristic choice).
@@ -42,8 +50,9 @@ pub struct LayerTimes {
     pub winograd_v: f64,
 }
 
-/// Bumped when an algorithm's kernels change speed, so cached choices are measured again.
-const KERNELS: u32 = 10;
+/// Bumped when an algorithm's kernels (or how they are timed) change, so cached choices are
+/// measured again.
+const KERNELS: u32 = 11;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]
@@ -74,6 +83,7 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
     let keys: Vec<Option<String>> =
         model.layers.iter().enumerate().map(|(i, l)| l.conv().map(|conv| cache_key(&machine, conv, batch, training, i > 0))).collect();
     let (mut plan, mut times, mut new_entries) = (Vec::new(), Vec::new(), BTreeMap::new());
+    let mut evict = Vec::new();
     for (i, (layer, key)) in model.layers.iter().zip(&keys).enumerate() {
         let (Some(conv), Some(key)) = (layer.conv(), key) else {
             plan.push(None);
@@ -82,7 +92,10 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
         let algos = match cache.get(key) {
             Some(a) => *a,
             None => {
-                let t = measure(conv, batch, training, i > 0);
+                if evict.is_empty() {
+                    evict = vec![0u8; eviction_bytes()];
+                }
+                let t = measure(conv, batch, training, i > 0, &mut evict);
                 let a = fastest(&t, training, i > 0);
                 times.push((names[i].clone(), t));
                 new_entries.insert(key.clone(), a);
@@ -188,11 +201,45 @@ fn cache_key(machine: &str, conv: &Conv, batch: usize, training: bool, input_gra
     )
 }
 
-/// Time every algorithm that applies on every pass the run needs. Algorithms are tried in order
+/// Bytes written before each timed run to empty the caches: twice the last-level cache
+/// (from sysfs; 32 MB where it does not say), at most 1 GB.
+fn eviction_bytes() -> usize {
+    let size = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok().and_then(|s| cache_size(&s));
+    (2 * size.unwrap_or(32 << 20)).min(1 << 30)
+}
+
+/// Bytes of a sysfs cache size ("307200K", "32M", "512").
+fn cache_size(text: &str) -> Option<usize> {
+    let s = text.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let scale = match unit {
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "" => 1,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok().map(|n| n * scale)
+}
+
+/// The best of three runs of `f` (after one untimed, which sizes its buffers), each after
+/// `evict` is read and written in full, so that it starts on cold caches.
+fn best_of_three_cold_ms(evict: &mut [u8], mut f: impl FnMut()) -> f64 {
+    f();
+    (0..3)
+        .map(|_| {
+            evict.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|b| *b = b.wrapping_add(1)));
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Time every algorithm that applies on every pass the run needs, each on cold caches. Algorithms are tried in order
 /// of their usual speed; one whose sub-batch probe (one sample per thread) predicts more than
 /// 3x the best full-batch time so far is skipped rather than run at full size (direct loops
 /// on a 227x227 layer would take seconds).
-fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> LayerTimes {
+fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &mut [u8]) -> LayerTimes {
     let fill = |len: usize, seed: u32| -> Vec<f32> {
         (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
     };
@@ -219,7 +266,7 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
             };
             conv_algo::forward(conv, algo, n, &x, &w, &b, y, transforms)
         };
-        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| best_of_three_ms(|| run(n, &mut y, &mut saved))) {
+        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| best_of_three_cold_ms(evict, || run(n, &mut y, &mut saved))) {
             t.forward.insert(algo, ms);
         }
     }
@@ -231,21 +278,21 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool) -> Layer
         conv_algo::forward(conv, ConvAlgo::Winograd, batch, &x, &w, &b, &mut y, Transforms::Keep(&mut saved));
         relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
         let mut scratch = saved.clone();
-        t.winograd_u = best_of_three_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));
-        t.winograd_v = best_of_three_ms(|| winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, false, true));
+        t.winograd_u = best_of_three_cold_ms(evict, || winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, true, false));
+        t.winograd_v = best_of_three_cold_ms(evict, || winograd::prepare_backward(conv, batch, &x, &w, &mut scratch, false, true));
     }
     let saved = (winograd).then_some(&saved[..]);
     for algo in order.into_iter().filter(|a| a.applies(conv)) {
         if input_grad {
             let ms = worth_timing(&t.input_grad, probe, batch, |n| {
-                best_of_three_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
+                best_of_three_cold_ms(evict, || conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
             });
             if let Some(ms) = ms {
                 t.input_grad.insert(algo, ms);
             }
         }
         let ms = worth_timing(&t.weight_grad, probe, batch, |n| {
-            best_of_three_ms(|| conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
+            best_of_three_cold_ms(evict, || conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
         });
         if let Some(ms) = ms {
             t.weight_grad.insert(algo, ms);
@@ -331,6 +378,15 @@ impl RunPlans {
 mod tests {
     use super::*;
     use crate::architectures::architecture;
+
+    #[test]
+    fn sysfs_cache_sizes_parse() {
+        assert_eq!(cache_size("307200K\n"), Some(300 << 20));
+        assert_eq!(cache_size("32M"), Some(32 << 20));
+        assert_eq!(cache_size("512"), Some(512));
+        assert_eq!(cache_size("1G"), None);
+        assert_eq!(cache_size(""), None);
+    }
 
     #[test]
     fn the_fastest_combination_counts_winograds_transforms() {
