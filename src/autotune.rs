@@ -44,6 +44,10 @@ pub struct LayerTimes {
     pub forward: BTreeMap<ConvAlgo, f64>,
     pub input_grad: BTreeMap<ConvAlgo, f64>,
     pub weight_grad: BTreeMap<ConvAlgo, f64>,
+    /// Both gradients by one algorithm in one call, as a run makes them when their algorithms
+    /// agree: they share intermediates (Winograd's transformed output gradient, taken for the
+    /// seed model's conv2 in 2.2-2.9 ms less than the two alone).
+    pub both_grads: BTreeMap<ConvAlgo, f64>,
     /// Winograd's transforms when forward was another algorithm: U (input gradient) and V
     /// (weight gradient).
     pub winograd_u: f64,
@@ -52,7 +56,7 @@ pub struct LayerTimes {
 
 /// Bumped when an algorithm's kernels (or how they are timed) change, so cached choices are
 /// measured again.
-const KERNELS: u32 = 11;
+const KERNELS: u32 = 12;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]
@@ -297,6 +301,11 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &
         if let Some(ms) = ms {
             t.weight_grad.insert(algo, ms);
         }
+        if input_grad && t.input_grad.contains_key(&algo) && t.weight_grad.contains_key(&algo) {
+            let ms =
+                best_of_three_cold_ms(evict, || conv_algo::gradients(conv, algo, batch, &x, &w, &dy, saved, Some(&mut dx), Some(&mut dw)));
+            t.both_grads.insert(algo, ms);
+        }
     }
     t
 }
@@ -312,7 +321,8 @@ fn worth_timing(so_far: &BTreeMap<ConvAlgo, f64>, probe: usize, batch: usize, mu
 }
 
 /// The combination with the least total time. A Winograd gradient after a forward pass of
-/// another algorithm pays for the transforms it reads.
+/// another algorithm pays for the transforms it reads; gradients of one algorithm count as the
+/// one call that makes both.
 fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
     let min_of = |m: &BTreeMap<ConvAlgo, f64>| m.iter().min_by(|a, b| a.1.total_cmp(b.1)).map(|(a, _)| *a);
     let forward_only = min_of(&t.forward).unwrap_or(ConvAlgo::Im2col);
@@ -325,7 +335,8 @@ fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
         for (&wg, &tw) in &t.weight_grad {
             let dx_choices: Vec<(ConvAlgo, f64)> = if input_grad { dx_options.clone() } else { vec![(wg, 0.0)] };
             for (dxa, td) in dx_choices {
-                let mut total = tf + tw + td;
+                let both = if input_grad && dxa == wg { t.both_grads.get(&wg) } else { None };
+                let mut total = tf + both.copied().unwrap_or(tw + td);
                 if f != ConvAlgo::Winograd {
                     total += if wg == ConvAlgo::Winograd { t.winograd_v } else { 0.0 };
                     total += if input_grad && dxa == ConvAlgo::Winograd { t.winograd_u } else { 0.0 };
@@ -392,19 +403,25 @@ mod tests {
     fn the_fastest_combination_counts_winograds_transforms() {
         let ms = |pairs: &[(ConvAlgo, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
         let (d, i, w) = (ConvAlgo::Direct, ConvAlgo::Im2col, ConvAlgo::Winograd);
-        let t = LayerTimes {
+        let mut t = LayerTimes {
             forward: ms(&[(i, 5.0), (w, 6.0)]),
             input_grad: ms(&[(i, 10.0), (w, 4.0), (d, 30.0)]),
             weight_grad: ms(&[(i, 8.0), (w, 7.5)]),
+            both_grads: ms(&[(i, 17.0), (w, 11.5)]),
             winograd_u: 0.1,
             winograd_v: 2.0,
         };
         // im2col forward + Winograd dx (U costs 0.1) + im2col dw: 5 + 4.1 + 8 = 17.1 beats
-        // Winograd throughout (6 + 4 + 7.5 = 17.5) and im2col + Winograd dw (5 + 4.1 + 9.5).
+        // Winograd throughout (6 + 11.5 for both gradients in one call = 17.5) and im2col +
+        // Winograd dw (5 + 4.1 + 9.5).
         assert_eq!(fastest(&t, true, true), ConvAlgos { forward: i, input_grad: w, weight_grad: i });
         assert_eq!(fastest(&t, false, true), ConvAlgos::all(i));
         // Without an input gradient (the first layer) dx follows dw.
         assert_eq!(fastest(&t, true, false), ConvAlgos { forward: i, input_grad: i, weight_grad: i });
+        // Where one call makes both gradients faster (6 + 10.9 = 16.9), Winograd throughout
+        // wins, though the two gradients timed alone sum to more (4 + 7.5).
+        t.both_grads.insert(w, 10.9);
+        assert_eq!(fastest(&t, true, true), ConvAlgos::all(w));
     }
 
     #[test]
