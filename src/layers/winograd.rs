@@ -41,8 +41,9 @@ use super::space_to_depth::SpaceToDepth;
 use super::{split_by_ranges, sum_partials};
 use rayon::prelude::*;
 
-/// Tiles per chunk in backward: the weight gradient accumulates into all of dU (A * A x in_c x
-/// out_c) once per chunk, so chunks there are long.
+/// Tiles per chunk in backward: the rows of the input gradient's GEMMs (which pack U again for
+/// each chunk) and, where threads sum the weight gradient over their own samples, one
+/// accumulation into all of their dU (A * A x in_c x out_c) per chunk: so chunks are long.
 const BACKWARD_TILES: usize = 256;
 /// Bytes of V and M per chunk in forward, which reads each once: small enough to stay in cache
 /// between the transforms and the GEMMs. On a Zen 4 core (1 MB L2) 1.5-3 MB run the seed model's
@@ -560,7 +561,13 @@ fn prepare_backward_at<const N: usize, const A: usize, const M: usize, const R: 
     }
 }
 
-/// `backward` at `N` lanes, for variant `T`.
+/// `backward` at `N` lanes, for variant `T`: dM of every tile (and the input gradient from it),
+/// sample ranges in parallel, and the weight gradient summed over the batch in whichever of two
+/// orders moves fewer bytes: each thread over its samples as it goes, the threads' partial dU
+/// added after (the seed model's layers, AlexNet's conv1 and conv2: 2 x 6.3 MB of partials for
+/// conv2 where its batch's dM is 51 MB), or, after the batch's dM is all made, each point over
+/// every tile in one GEMM, points in parallel (AlexNet's conv3-conv5: 9.4 MB of dM where the
+/// partials were 2 x 14 MB; their backward 3.5-4.5 ms faster in the training step).
 fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T: Tile<A, M, R>>(
     conv: &Conv,
     n: usize,
@@ -571,7 +578,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
 ) {
     let (cin, cout, groups) = (conv.in_c, conv.out_c, conv.groups);
     let (cin_g, cout_g) = (cin / groups, cout / groups);
-    let xis = A * A;
+    let (tps, xis) = (tiles_per_sample(conv), A * A);
     let (u, v_all) = saved.split_at(u_len(conv));
     let (h, w) = (conv.win.h.output, conv.win.w.output);
     let (in_h, in_w, pad_h, pad_w) = (conv.win.h.input, conv.win.w.input, conv.win.h.pad_before, conv.win.w.pad_before);
@@ -581,18 +588,25 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
         None => ranges.iter().map(|_| None).collect(),
     };
     let want_dw = d_weight.is_some();
-    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if want_dw { take(u_len(conv)) } else { Vec::new() }).collect();
-    ranges.par_iter().zip(d_ins.par_iter_mut()).zip(partials.par_iter_mut()).for_each(|((range, dx), du)| {
+    let by_points = want_dw && xis * n * tps * cout < ranges.len() * u_len(conv);
+    let by_samples = want_dw && !by_points;
+    let mut dm_all = if by_points { take(xis * n * tps * cout) } else { Vec::new() };
+    let mut dm_parts: Vec<&mut [f32]> = if by_points {
+        split_by_ranges(&mut dm_all, &ranges, xis * tps * cout)
+    } else {
+        ranges.iter().map(|_| Default::default()).collect()
+    };
+    let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if by_samples { take(u_len(conv)) } else { Vec::new() }).collect();
+    let per_range = ranges.par_iter().zip(d_ins.par_iter_mut()).zip(dm_parts.par_iter_mut()).zip(partials.par_iter_mut());
+    per_range.for_each(|(((range, dx), dm_range), du)| {
         let dy = &d_output[range.start * conv.out_len()..range.end * conv.out_len()];
         if let Some(dx) = dx.as_deref_mut() {
             dx.fill(0.0);
         }
-        // The first chunk writes dU, later ones accumulate: the partial needs no zeroing.
+        // The first chunk writes the partial dU, later ones accumulate: it needs no zeroing.
         for (nth, chunk) in tile_chunks(conv, range.clone(), BACKWARD_TILES).enumerate() {
             let t_count = chunk.len();
-            let voff = xis * chunk.start * cin;
-            let v = &v_all[voff..voff + xis * t_count * cin];
-            with_scratch(&SCRATCH_B, xis * t_count * cout, |dm| {
+            let mut from_dm = |dm: &mut [f32]| {
                 // dM = A dY A^T per tile (zero beyond the image).
                 for (t, tile) in chunk.clone().enumerate() {
                     let (nn, ty, tx) = tile_position(conv, tile);
@@ -611,7 +625,8 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                     }
                 }
                 // dU[xi] += V[xi]^T dM[xi], group by group.
-                for (xi, g) in point_groups(xis, groups).filter(|_| want_dw) {
+                for (xi, g) in point_groups(xis, groups).filter(|_| by_samples) {
+                    let v = &v_all[xis * chunk.start * cin..];
                     let (v_g, dm_g) = (slab(v, xis, cin, xi, g * cin_g, true), slab(dm, xis, cout, xi, g * cout_g, false));
                     matmul(cin_g, cout_g, t_count, v_g, dm_g, &mut du[xi * cout + g * cout_g..], xis * cout, nth > 0);
                 }
@@ -655,20 +670,41 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                         }
                     }
                 });
-            });
+            };
+            if by_points {
+                let off = xis * (chunk.start - range.start * tps) * cout;
+                from_dm(&mut dm_range[off..off + xis * t_count * cout]);
+            } else {
+                with_scratch(&SCRATCH_B, xis * t_count * cout, from_dm);
+            }
         }
     });
-    let Some(d_weight) = d_weight else { return partials.into_iter().for_each(give_back) };
-    // Sum the per-thread dU, then dW = G^T dU G back into HWIO.
+    drop(dm_parts);
+    let Some(d_weight) = d_weight else { return };
+    // dU, as U lays it out ([ci][xi][co]: summed partials) or point-major ([xi][ci][co]).
     let mut du = take(u_len(conv));
-    sum_partials(partials, &mut du);
-    // Per input channel into [ci][k][co] (contiguous per task), then transposed to HWIO.
+    let (ci_stride, xi_stride) = if by_points {
+        let tiles_all = n * tps;
+        du.par_chunks_mut(cin_g * cout).enumerate().for_each(|(xi, du)| {
+            for g in 0..groups {
+                let (v_g, dm_g) = (slab(v_all, xis, cin, xi, g * cin_g, true), slab(&dm_all, xis, cout, xi, g * cout_g, false));
+                matmul(cin_g, cout_g, tiles_all, v_g, dm_g, &mut du[g * cout_g..], cout, false);
+            }
+        });
+        give_back(dm_all);
+        (cout, cin_g * cout)
+    } else {
+        sum_partials(partials, &mut du);
+        (xis * cout, cout)
+    };
+    // dW = G^T dU G back into HWIO: per input channel into [ci][k][co] (contiguous per task),
+    // then transposed.
     let mut by_channel = take(R * R * cin_g * cout);
-    by_channel.par_chunks_mut(R * R * cout).zip(du.par_chunks(xis * cout)).for_each(|(dw, du)| {
+    by_channel.par_chunks_mut(R * R * cout).enumerate().for_each(|(ci, dw)| {
         for co in (0..cout).step_by(N) {
             let mut ut = [[Lanes::<N>::default(); A]; A];
             for (xi, v) in ut.iter_mut().flatten().enumerate() {
-                *v = load(du, xi * cout + co);
+                *v = load(&du, ci * ci_stride + xi * xi_stride + co);
             }
             for (k, v) in two_d(&ut, T::gt).iter().flatten().enumerate() {
                 store(dw, k * cout + co, *v);
@@ -851,7 +887,9 @@ mod tests {
 
     /// The seed model's conv2 and conv3 and AlexNet's conv2 (one tower and two) at batches
     /// that give each thread several forward and backward chunks (the dU accumulation across
-    /// chunks, V kept per chunk, chunks ending inside a sample).
+    /// chunks, V kept per chunk, chunks ending inside a sample). At these batches each thread
+    /// sums its own samples' dU; the small shapes above take the other order, points over the
+    /// batch's dM.
     #[test]
     #[cfg_attr(debug_assertions, ignore = "release only: full-size layers at batch 6-140")]
     fn several_chunks_per_thread_match_im2col() {
