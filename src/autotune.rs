@@ -239,10 +239,10 @@ fn best_of_three_cold_ms(evict: &mut [u8], mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Time every algorithm that applies on every pass the run needs, each on cold caches. Algorithms are tried in order
-/// of their usual speed; one whose sub-batch probe (one sample per thread) predicts more than
-/// 3x the best full-batch time so far is skipped rather than run at full size (direct loops
-/// on a 227x227 layer would take seconds).
+/// Time every algorithm that applies on every pass the run needs, each on cold caches.
+/// Algorithms are tried in order of their usual speed; one whose sub-batch probe (one sample
+/// per thread) predicts more than 3x the best full-batch time so far is skipped rather than run
+/// at full size (direct loops on a 227x227 layer would take seconds).
 fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &mut [u8]) -> LayerTimes {
     let fill = |len: usize, seed: u32| -> Vec<f32> {
         (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
