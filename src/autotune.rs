@@ -18,12 +18,12 @@ use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
 use crate::layers::simd::L;
 use crate::layers::winograd::{self, Transforms};
 use crate::model::{ConvPlan, Model};
+use crate::roofline::best_of_three_after_ms;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 /// `--conv-algo`: measure (`auto`), or force one algorithm on every layer it applies to (the
 /// others keep the heuristic choice).
@@ -225,18 +225,10 @@ fn cache_size(text: &str) -> Option<usize> {
     digits.parse::<usize>().ok().map(|n| n * scale)
 }
 
-/// The best of three runs of `f` (after one untimed, which sizes its buffers), each after
-/// `evict` is read and written in full, so that it starts on cold caches.
-fn best_of_three_cold_ms(evict: &mut [u8], mut f: impl FnMut()) -> f64 {
-    f();
-    (0..3)
-        .map(|_| {
-            evict.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|b| *b = b.wrapping_add(1)));
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
+/// `best_of_three_ms` with `evict` read and written in full before each timed run, so that it
+/// starts on cold caches.
+fn best_of_three_cold_ms(evict: &mut [u8], f: impl FnMut()) -> f64 {
+    best_of_three_after_ms(|| evict.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|b| *b = b.wrapping_add(1))), f)
 }
 
 /// Time every algorithm that applies on every pass the run needs, each on cold caches.

@@ -112,10 +112,17 @@ fma_probe!(fma_chains_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm2
 /// Best of three timed runs of `f`, in ms, after one untimed run that warms caches and
 /// scratch buffers: how every kernel timing here is taken (GEMMs, convolution algorithms, the
 /// denormal check).
-pub fn best_of_three_ms(mut f: impl FnMut()) -> f64 {
+pub fn best_of_three_ms(f: impl FnMut()) -> f64 {
+    best_of_three_after_ms(|| {}, f)
+}
+
+/// `best_of_three_ms` with `before` run, untimed, ahead of each timed run (to empty the caches,
+/// say).
+pub fn best_of_three_after_ms(mut before: impl FnMut(), mut f: impl FnMut()) -> f64 {
     f();
     (0..3)
         .map(|_| {
+            before();
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64() * 1e3

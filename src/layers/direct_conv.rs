@@ -345,11 +345,11 @@ impl Conv {
     fn weight_grad_padded(&self, xp: &[f32], dy: &[f32], pixels: &[(usize, usize)], offsets: &[Vec<usize>], dw: &mut [f32]) {
         let cout_g = self.out_c / self.groups;
         for chunk in pixels.chunks(WEIGHT_GRAD_PIXELS) {
+            let farthest = chunk.iter().map(|&(_, corner)| corner).max().unwrap_or(0);
             for (g, offsets) in offsets.iter().enumerate() {
                 // What `weight_grad_block` reads without bounds checks: every tap of the
                 // chunk's farthest window lies inside the sample.
                 let reach = offsets.iter().copied().max().unwrap_or(0);
-                let farthest = chunk.iter().map(|&(_, corner)| corner).max().unwrap_or(0);
                 assert!(farthest + reach < xp.len(), "the windows lie inside the padded sample");
                 let mut r = 0;
                 while r < offsets.len() {

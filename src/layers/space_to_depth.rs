@@ -18,11 +18,8 @@ use rayon::prelude::*;
 pub struct SpaceToDepth {
     /// The stride-1 VALID layer on blocks.
     pub inner: Conv,
-    stride: usize,
-    kernel: usize,
-    in_c: usize,
-    /// The original layer's input size and leading padding, (height, width).
-    input: [Axis; 2],
+    /// The strided layer.
+    outer: Conv,
 }
 
 impl SpaceToDepth {
@@ -38,23 +35,13 @@ impl SpaceToDepth {
         let axis = |a: &Axis| Axis { input: a.output - 1 + blocks, output: a.output, pad_before: 0 };
         let win = Window { h: axis(&conv.win.h), w: axis(&conv.win.w), kernel: blocks, stride: 1 };
         let inner = Conv { win, in_c: s * s * conv.in_c, out_c: conv.out_c, groups: 1, relu: conv.relu };
-        Some(SpaceToDepth { inner, stride: s, kernel: k, in_c: conv.in_c, input: [conv.win.h, conv.win.w] })
-    }
-
-    /// Floats of one original sample.
-    fn sample_len(&self) -> usize {
-        self.input[0].input * self.input[1].input * self.in_c
-    }
-
-    /// The original row at offset `dy` of block row `by`, unless it is padding.
-    fn source_row(&self, by: usize, dy: usize) -> Option<usize> {
-        (by * self.stride + dy).checked_sub(self.input[0].pad_before).filter(|&r| r < self.input[0].input)
+        Some(SpaceToDepth { inner, outer: *conv })
     }
 
     /// Block pixel column `bx`'s original columns `x0..x1` (clipped to the input) and where the
     /// first lands within the block's run of `s` columns.
     fn columns(&self, bx: usize) -> (usize, usize, usize) {
-        let (s, a) = (self.stride, &self.input[1]);
+        let (s, a) = (self.outer.win.stride, &self.outer.win.w);
         let first = (bx * s) as isize - a.pad_before as isize;
         let x0 = first.max(0) as usize;
         let x1 = ((first + s as isize).max(0) as usize).min(a.input);
@@ -64,11 +51,12 @@ impl SpaceToDepth {
     /// Calls `f(block pixel float offset, original sample float offset, floats)` for every run
     /// of one sample: the map both directions share.
     fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
-        let (s, c, inner) = (self.stride, self.in_c, &self.inner.win);
-        let row_len = self.input[1].input * c;
+        let (s, c, inner) = (self.outer.win.stride, self.outer.in_c, &self.inner.win);
+        let row_len = self.outer.win.w.input * c;
         for by in 0..inner.h.input {
             for dy in 0..s {
-                let Some(row) = self.source_row(by, dy) else { continue };
+                // The original row at offset dy of block row by, unless it is padding.
+                let Some(row) = Window::tap(&self.outer.win.h, s, by, dy) else { continue };
                 for bx in 0..inner.w.input {
                     let (x0, x1, lead) = self.columns(bx);
                     let to = (by * inner.w.input + bx) * self.inner.in_c + (dy * s + lead) * c;
@@ -80,7 +68,7 @@ impl SpaceToDepth {
 
     /// `batch` samples into blocks (`inner.in_len()` floats each; padding zero).
     pub fn input(&self, batch: usize, x: &[f32], blocks: &mut [f32]) {
-        let (len, inner_len) = (self.sample_len(), self.inner.in_len());
+        let (len, inner_len) = (self.outer.in_len(), self.inner.in_len());
         blocks[..batch * inner_len].par_chunks_mut(inner_len).zip(x.par_chunks(len)).for_each(|(b, x)| {
             b.fill(0.0);
             self.for_each_run(|to, from, n| b[to..to + n].copy_from_slice(&x[from..from + n]));
@@ -90,7 +78,7 @@ impl SpaceToDepth {
     /// The gradient of `batch` samples from their blocks' gradient (input pixels no window
     /// reads get zero).
     pub fn input_grad(&self, batch: usize, d_blocks: &[f32], dx: &mut [f32]) {
-        let (len, inner_len) = (self.sample_len(), self.inner.in_len());
+        let (len, inner_len) = (self.outer.in_len(), self.inner.in_len());
         dx[..batch * len].par_chunks_mut(len).zip(d_blocks.par_chunks(inner_len)).for_each(|(dx, b)| {
             dx.fill(0.0);
             self.for_each_run(|to, from, n| dx[from..from + n].copy_from_slice(&b[to..to + n]));
@@ -100,11 +88,11 @@ impl SpaceToDepth {
     /// Kernel tap (ky, kx, channel c) of block tap (by, bx) and block channel `bc`, if it is a
     /// real tap (not the overhang).
     fn tap(&self, block_tap: usize, bc: usize) -> Option<(usize, usize)> {
-        let (s, kb) = (self.stride, self.inner.win.kernel);
+        let (s, k, kb, cin) = (self.outer.win.stride, self.outer.win.kernel, self.inner.win.kernel, self.outer.in_c);
         let (by, bx) = (block_tap / kb, block_tap % kb);
-        let (d, c) = (bc / self.in_c, bc % self.in_c);
+        let (d, c) = (bc / cin, bc % cin);
         let (ky, kx) = (by * s + d / s, bx * s + d % s);
-        (ky < self.kernel && kx < self.kernel).then_some((ky * self.kernel + kx, c))
+        (ky < k && kx < k).then_some((ky * k + kx, c))
     }
 
     /// HWIO weights into the block kernel's HWIO (overhang zero).
@@ -112,7 +100,7 @@ impl SpaceToDepth {
         let (cout, bin) = (self.inner.out_c, self.inner.in_c);
         for (i, row) in blocks.chunks_exact_mut(cout).enumerate() {
             match self.tap(i / bin, i % bin) {
-                Some((tap, c)) => row.copy_from_slice(&w[(tap * self.in_c + c) * cout..][..cout]),
+                Some((tap, c)) => row.copy_from_slice(&w[(tap * self.outer.in_c + c) * cout..][..cout]),
                 None => row.fill(0.0),
             }
         }
@@ -123,7 +111,7 @@ impl SpaceToDepth {
         let (cout, bin) = (self.inner.out_c, self.inner.in_c);
         for (i, row) in d_blocks.chunks_exact(cout).enumerate() {
             if let Some((tap, c)) = self.tap(i / bin, i % bin) {
-                dw[(tap * self.in_c + c) * cout..][..cout].copy_from_slice(row);
+                dw[(tap * self.outer.in_c + c) * cout..][..cout].copy_from_slice(row);
             }
         }
     }
