@@ -11,10 +11,18 @@
 //! algorithms the other way: AlexNet's conv1 by Winograd on 4x4 blocks of pixels took 8-10 ms
 //! warm against direct loops' 9-11, and 12.7-13.4 against 11.7-12.0 cold (Xeon, Emerald Rapids,
 //! batch 16, forward), the step's own 12.2-13.8 against 11.0-12.2.
+//!
+//! A convolution that a max-pool follows runs as one pass with it where its forward runs direct
+//! loops (`conv_pool`), so there the choice is between that pair and the other algorithms plus
+//! the max-pool on its own: timed alone, the seed model's conv1 forward at batch 1000 took less
+//! by im2col than by direct loops, but in the pass im2col and max-pool took 50 ms and the fused
+//! pair 8.5 (Xeon).
 
 use crate::files::write_atomic;
 use crate::layers::conv::{Conv, relu_bias_backward};
 use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
+use crate::layers::conv_pool::{direct_pooled_backward, direct_pooled_forward};
+use crate::layers::pool::{MaxPool, max_pool_backward, max_pool_forward};
 use crate::layers::simd::L;
 use crate::layers::winograd::{self, Transforms};
 use crate::model::{ConvPlan, Model};
@@ -52,11 +60,24 @@ pub struct LayerTimes {
     /// (weight gradient).
     pub winograd_u: f64,
     pub winograd_v: f64,
+    /// Where a max-pool follows: the convolution and the max-pool as one pass each way (direct
+    /// loops; forward, and backward when training), and the max-pool on its own (with the
+    /// ReLU mask and bias gradient, which the fused backward makes too), which every other
+    /// choice adds.
+    pub pooled: Option<PooledTimes>,
+}
+
+/// Milliseconds of a convolution with the max-pool after it (see `LayerTimes::pooled`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PooledTimes {
+    /// Absent: skipped as far slower on a sub-batch probe.
+    pub fused: Option<f64>,
+    pub pool_alone: f64,
 }
 
 /// Bumped when an algorithm's kernels (or how they are timed) change, so cached choices are
 /// measured again.
-const KERNELS: u32 = 12;
+const KERNELS: u32 = 13;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]
@@ -84,8 +105,23 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
     let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
     let names = model.layer_names();
     let machine = format!("{} | {L} lanes | {} threads | kernels v{KERNELS}", cpu_model(), rayon::current_num_threads());
-    let keys: Vec<Option<String>> =
-        model.layers.iter().enumerate().map(|(i, l)| l.conv().map(|conv| cache_key(&machine, conv, batch, training, i > 0))).collect();
+    // The max-pool each convolution would run with (as `Workspace` fuses them).
+    let pools: Vec<Option<&MaxPool>> = model
+        .layers
+        .iter()
+        .zip(model.layers.iter().skip(1).map(Some).chain([None]))
+        .map(|(l, next)| {
+            let next = next.filter(|n| l.op.fuses_with(&*n.op, Some(ConvAlgos::all(ConvAlgo::Direct))))?;
+            next.op.downcast::<MaxPool>()
+        })
+        .collect();
+    let keys: Vec<Option<String>> = model
+        .layers
+        .iter()
+        .zip(&pools)
+        .enumerate()
+        .map(|(i, (l, pool))| l.conv().map(|conv| cache_key(&machine, conv, *pool, batch, training, i > 0)))
+        .collect();
     let (mut plan, mut times, mut new_entries) = (Vec::new(), Vec::new(), BTreeMap::new());
     let mut evict = Vec::new();
     for (i, (layer, key)) in model.layers.iter().zip(&keys).enumerate() {
@@ -99,7 +135,11 @@ pub fn choose(model: &Model, batch: usize, training: bool, policy: ConvAlgoPolic
                 if evict.is_empty() {
                     evict = vec![0u8; eviction_bytes()];
                 }
-                let t = measure(conv, batch, training, i > 0, &mut evict);
+                let mut t = measure(conv, batch, training, i > 0, &mut evict);
+                if let Some(pool) = pools[i] {
+                    let unfused_best = fastest_with_ms(&t, training, i > 0).0;
+                    t.pooled = Some(measure_pooled(conv, pool, batch, training, i > 0, unfused_best, &mut evict));
+                }
                 let a = fastest(&t, training, i > 0);
                 times.push((names[i].clone(), t));
                 new_entries.insert(key.clone(), a);
@@ -183,11 +223,12 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-/// `machine` (CPU model, vector width, threads), then the pass kind, batch and layer shape.
-fn cache_key(machine: &str, conv: &Conv, batch: usize, training: bool, input_grad: bool) -> String {
+/// `machine` (CPU model, vector width, threads), then the pass kind, batch, layer shape and
+/// the max-pool it would run with.
+fn cache_key(machine: &str, conv: &Conv, pool: Option<&MaxPool>, batch: usize, training: bool, input_grad: bool) -> String {
     let w = &conv.win;
     format!(
-        "{machine} | {} | batch {batch} | {}x{}x{} -> {}, k{} s{} pad{} groups{}{}",
+        "{machine} | {} | batch {batch} | {}x{}x{} -> {}, k{} s{} pad{} groups{}{}{}",
         match (training, input_grad) {
             (false, _) => "inference",
             (true, true) => "training",
@@ -201,7 +242,11 @@ fn cache_key(machine: &str, conv: &Conv, batch: usize, training: bool, input_gra
         w.stride,
         w.h.pad_before,
         conv.groups,
-        if conv.relu { " relu" } else { "" }
+        if conv.relu { " relu" } else { "" },
+        match pool {
+            Some(p) => format!(", then max-pool k{} s{} pad{}", p.win.kernel, p.win.stride, p.win.h.pad_before),
+            None => String::new(),
+        }
     )
 }
 
@@ -231,23 +276,25 @@ fn best_of_three_cold_ms(evict: &mut [u8], f: impl FnMut()) -> f64 {
     best_of_three_after_ms(|| evict.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|b| *b = b.wrapping_add(1))), f)
 }
 
+/// `len` values in [-0.5, 0.5), by `seed`: inputs for the timings (speed does not depend on them).
+fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
+}
+
 /// Time every algorithm that applies on every pass the run needs, each on cold caches.
 /// Algorithms are tried in order of their usual speed; one whose sub-batch probe (one sample
 /// per thread) predicts more than 3x the best full-batch time so far is skipped rather than run
 /// at full size (direct loops on a 227x227 layer would take seconds).
 fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &mut [u8]) -> LayerTimes {
-    let fill = |len: usize, seed: u32| -> Vec<f32> {
-        (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
-    };
-    let x = fill(batch * conv.in_len(), 1);
-    let w: Vec<f32> = fill(conv.weight_len(), 2).iter().map(|v| v * 0.1).collect();
+    let x = test_values(batch * conv.in_len(), 1);
+    let w: Vec<f32> = test_values(conv.weight_len(), 2).iter().map(|v| v * 0.1).collect();
     let b = vec![0.0; conv.out_c];
     let mut y = vec![0.0; batch * conv.out_len()];
     let winograd = winograd::applies(conv);
     let mut saved = vec![0.0; if winograd { winograd::saved_len(conv, batch) } else { 0 }];
-    let mut dy = fill(batch * conv.out_len(), 3);
+    let mut dy = test_values(batch * conv.out_len(), 3);
     let (mut dx, mut dw, mut db) = (vec![0.0; batch * conv.in_len()], vec![0.0; conv.weight_len()], vec![0.0; conv.out_c]);
-    let probe = rayon::current_num_threads().min(batch);
+    let probe = probe_samples(batch);
     let mut t = LayerTimes::default();
     let order = [ConvAlgo::Winograd, ConvAlgo::Im2col, ConvAlgo::Direct];
     // Forward, as the run's passes use Winograd's transforms: training keeps U and V for
@@ -262,7 +309,7 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &
             };
             conv_algo::forward(conv, algo, n, &x, &w, &b, y, transforms)
         };
-        if let Some(ms) = worth_timing(&t.forward, probe, batch, |n| best_of_three_cold_ms(evict, || run(n, &mut y, &mut saved))) {
+        if let Some(ms) = worth_timing(least(&t.forward), probe, batch, |n| best_of_three_cold_ms(evict, || run(n, &mut y, &mut saved))) {
             t.forward.insert(algo, ms);
         }
     }
@@ -280,14 +327,14 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &
     let saved = (winograd).then_some(&saved[..]);
     for algo in order.into_iter().filter(|a| a.applies(conv)) {
         if input_grad {
-            let ms = worth_timing(&t.input_grad, probe, batch, |n| {
+            let ms = worth_timing(least(&t.input_grad), probe, batch, |n| {
                 best_of_three_cold_ms(evict, || conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, Some(&mut dx), None))
             });
             if let Some(ms) = ms {
                 t.input_grad.insert(algo, ms);
             }
         }
-        let ms = worth_timing(&t.weight_grad, probe, batch, |n| {
+        let ms = worth_timing(least(&t.weight_grad), probe, batch, |n| {
             best_of_three_cold_ms(evict, || conv_algo::gradients(conv, algo, n, &x, &w, &dy, saved, None, Some(&mut dw)))
         });
         if let Some(ms) = ms {
@@ -302,33 +349,94 @@ fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &
     t
 }
 
-/// `time(n)` at the full batch, unless a probe on `probe` samples, scaled, is over 3x the best
-/// of `so_far`.
-fn worth_timing(so_far: &BTreeMap<ConvAlgo, f64>, probe: usize, batch: usize, mut time: impl FnMut(usize) -> f64) -> Option<f64> {
-    let best = so_far.values().copied().fold(f64::INFINITY, f64::min);
+/// Samples of the sub-batch probe that `worth_timing` scales up: one per thread.
+fn probe_samples(batch: usize) -> usize {
+    rayon::current_num_threads().min(batch)
+}
+
+/// The least of `times` (infinite where there are none).
+fn least(times: &BTreeMap<ConvAlgo, f64>) -> f64 {
+    times.values().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// `time(n)` at the full batch, unless a probe on `probe` samples, scaled, is over 3x `best`
+/// (the best time so far).
+fn worth_timing(best: f64, probe: usize, batch: usize, mut time: impl FnMut(usize) -> f64) -> Option<f64> {
     if best.is_finite() && probe < batch && time(probe) * (batch as f64 / probe as f64) > 3.0 * best {
         return None;
     }
     Some(time(batch))
 }
 
+/// The convolution with the max-pool after it: the max-pool alone, and the fused pair (direct
+/// loops) unless its sub-batch probe predicts more than 3x the best unfused choice (the
+/// convolution's `unfused_best` and the max-pool alone), each way the run needs, on cold caches.
+fn measure_pooled(
+    conv: &Conv,
+    pool: &MaxPool,
+    batch: usize,
+    training: bool,
+    input_grad: bool,
+    unfused_best: f64,
+    evict: &mut [u8],
+) -> PooledTimes {
+    let (x, w, b) = (test_values(batch * conv.in_len(), 1), test_values(conv.weight_len(), 2), vec![0.0; conv.out_c]);
+    let (y, d_pooled) = (test_values(batch * conv.out_len(), 3), test_values(batch * pool.out_len(), 4));
+    let (mut pooled, mut argmax, mut dy) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()], vec![0.0; y.len()]);
+    let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; conv.out_c]);
+    let mut pool_alone =
+        best_of_three_cold_ms(evict, || max_pool_forward(pool, batch, &y, &mut pooled, training.then_some(&mut argmax[..])));
+    if training {
+        pool_alone += best_of_three_cold_ms(evict, || {
+            max_pool_backward(pool, batch, &d_pooled, &argmax, &mut dy);
+            relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
+        });
+    }
+    let fused = worth_timing(unfused_best + pool_alone, probe_samples(batch), batch, |n| {
+        let mut ms = best_of_three_cold_ms(evict, || {
+            direct_pooled_forward(conv, pool, n, &x, &w, &b, &mut pooled, training.then_some(&mut argmax[..]))
+        });
+        if training {
+            ms += best_of_three_cold_ms(evict, || {
+                let dx = input_grad.then_some(&mut dx[..]);
+                direct_pooled_backward::<L>(conv, pool, n, &x, &w, &d_pooled, &argmax, dx, Some(&mut dw), &mut db)
+            });
+        }
+        ms
+    });
+    PooledTimes { fused, pool_alone }
+}
+
 /// The combination with the least total time. A Winograd gradient after a forward pass of
 /// another algorithm pays for the transforms it reads; gradients of one algorithm count as the
-/// one call that makes both.
+/// one call that makes both. Where a max-pool follows (`pooled`), a direct forward is the fused
+/// pair, and every other forward adds the max-pool's own time.
 fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
+    fastest_with_ms(t, training, input_grad).1
+}
+
+/// `fastest`'s choice and its total milliseconds.
+fn fastest_with_ms(t: &LayerTimes, training: bool, input_grad: bool) -> (f64, ConvAlgos) {
     let min_of = |m: &BTreeMap<ConvAlgo, f64>| m.iter().min_by(|a, b| a.1.total_cmp(b.1)).map(|(a, _)| *a);
-    let forward_only = min_of(&t.forward).unwrap_or(ConvAlgo::Im2col);
-    if !training {
-        return ConvAlgos::all(forward_only);
-    }
-    let mut best = (f64::INFINITY, ConvAlgos::all(forward_only));
+    let mut best = match t.pooled {
+        Some(PooledTimes { fused: Some(ms), .. }) => (ms, ConvAlgos::all(ConvAlgo::Direct)),
+        _ => (f64::INFINITY, ConvAlgos::all(min_of(&t.forward).unwrap_or(ConvAlgo::Im2col))),
+    };
+    let pool_alone = t.pooled.map_or(0.0, |p| p.pool_alone);
+    let forwards = t.forward.iter().filter(|(f, _)| t.pooled.is_none() || **f != ConvAlgo::Direct);
     let dx_options: Vec<(ConvAlgo, f64)> = if input_grad { t.input_grad.iter().map(|(a, ms)| (*a, *ms)).collect() } else { vec![] };
-    for (&f, &tf) in &t.forward {
+    for (&f, &tf) in forwards {
+        if !training {
+            if tf + pool_alone < best.0 {
+                best = (tf + pool_alone, ConvAlgos::all(f));
+            }
+            continue;
+        }
         for (&wg, &tw) in &t.weight_grad {
             let dx_choices: Vec<(ConvAlgo, f64)> = if input_grad { dx_options.clone() } else { vec![(wg, 0.0)] };
             for (dxa, td) in dx_choices {
                 let both = if input_grad && dxa == wg { t.both_grads.get(&wg) } else { None };
-                let mut total = tf + both.copied().unwrap_or(tw + td);
+                let mut total = tf + pool_alone + both.copied().unwrap_or(tw + td);
                 if f != ConvAlgo::Winograd {
                     total += if wg == ConvAlgo::Winograd { t.winograd_v } else { 0.0 };
                     total += if input_grad && dxa == ConvAlgo::Winograd { t.winograd_u } else { 0.0 };
@@ -339,7 +447,7 @@ fn fastest(t: &LayerTimes, training: bool, input_grad: bool) -> ConvAlgos {
             }
         }
     }
-    best.1
+    best
 }
 
 /// The plan as a run directory saves it: layer name -> algorithms.
@@ -402,6 +510,7 @@ mod tests {
             both_grads: ms(&[(i, 17.0), (w, 11.5)]),
             winograd_u: 0.1,
             winograd_v: 2.0,
+            pooled: None,
         };
         // im2col forward + Winograd dx (U costs 0.1) + im2col dw: 5 + 4.1 + 8 = 17.1 beats
         // Winograd throughout (6 + 11.5 for both gradients in one call = 17.5) and im2col +
@@ -414,6 +523,34 @@ mod tests {
         // wins, though the two gradients timed alone sum to more (4 + 7.5).
         t.both_grads.insert(w, 10.9);
         assert_eq!(fastest(&t, true, true), ConvAlgos::all(w));
+    }
+
+    /// Before a max-pool, a direct forward is the fused pair: it wins where the pair beats the
+    /// best other choice plus the max-pool alone, and a direct forward timed alone (which the
+    /// run would not make) is never chosen.
+    #[test]
+    fn before_a_max_pool_the_fused_pair_competes_with_the_rest_plus_the_pool() {
+        let ms = |pairs: &[(ConvAlgo, f64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+        let (d, i) = (ConvAlgo::Direct, ConvAlgo::Im2col);
+        let mut t = LayerTimes {
+            forward: ms(&[(d, 1.0), (i, 2.0)]),
+            weight_grad: ms(&[(d, 1.0), (i, 3.0)]),
+            pooled: Some(PooledTimes { fused: Some(8.5), pool_alone: 2.0 }),
+            ..LayerTimes::default()
+        };
+        // Inference: im2col 2 + pool 2 = 4 beats the pair's 8.5 (the direct 1 alone is no choice).
+        assert_eq!(fastest(&t, false, false), ConvAlgos::all(i));
+        // Training: im2col 2 + pool 2 + direct dw 1 = 5 beats 8.5.
+        assert_eq!(fastest(&t, true, false), ConvAlgos { forward: i, input_grad: d, weight_grad: d });
+        t.pooled = Some(PooledTimes { fused: Some(3.9), pool_alone: 2.0 });
+        assert_eq!(fastest(&t, false, false), ConvAlgos::all(d));
+        assert_eq!(fastest(&t, true, false), ConvAlgos::all(d));
+        // Skipped on its probe: never chosen.
+        t.pooled = Some(PooledTimes { fused: None, pool_alone: 2.0 });
+        assert_eq!(fastest(&t, false, false), ConvAlgos::all(i));
+        // Without a max-pool after it, direct loops alone are a choice like any other.
+        t.pooled = None;
+        assert_eq!(fastest(&t, false, false), ConvAlgos::all(d));
     }
 
     #[test]
@@ -432,6 +569,7 @@ mod tests {
                 }
             }
             assert_eq!(t.input_grad.is_empty(), name == "conv1", "the first layer has no input gradient");
+            assert!(t.pooled.is_some_and(|p| p.pool_alone > 0.0), "{name}: a max-pool follows every convolution of this model");
         }
         let again = choose(&model, 4, true, ConvAlgoPolicy::Auto, Some(dir.path())).unwrap();
         assert!(again.times.is_empty() && again.source.starts_with("cached in"), "{}", again.source);
