@@ -281,14 +281,18 @@ fn test_values(len: usize, seed: u32) -> Vec<f32> {
     (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect()
 }
 
+/// Inputs for `batch` samples, weights and a zero bias to time `conv` with.
+fn test_layer(conv: &Conv, batch: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = test_values(conv.weight_len(), 2).iter().map(|v| v * 0.1).collect();
+    (test_values(batch * conv.in_len(), 1), w, vec![0.0; conv.out_c])
+}
+
 /// Time every algorithm that applies on every pass the run needs, each on cold caches.
 /// Algorithms are tried in order of their usual speed; one whose sub-batch probe (one sample
 /// per thread) predicts more than 3x the best full-batch time so far is skipped rather than run
 /// at full size (direct loops on a 227x227 layer would take seconds).
 fn measure(conv: &Conv, batch: usize, training: bool, input_grad: bool, evict: &mut [u8]) -> LayerTimes {
-    let x = test_values(batch * conv.in_len(), 1);
-    let w: Vec<f32> = test_values(conv.weight_len(), 2).iter().map(|v| v * 0.1).collect();
-    let b = vec![0.0; conv.out_c];
+    let (x, w, b) = test_layer(conv, batch);
     let mut y = vec![0.0; batch * conv.out_len()];
     let winograd = winograd::applies(conv);
     let mut saved = vec![0.0; if winograd { winograd::saved_len(conv, batch) } else { 0 }];
@@ -380,13 +384,14 @@ fn measure_pooled(
     unfused_best: f64,
     evict: &mut [u8],
 ) -> PooledTimes {
-    let (x, w, b) = (test_values(batch * conv.in_len(), 1), test_values(conv.weight_len(), 2), vec![0.0; conv.out_c]);
+    let (x, w, b) = test_layer(conv, batch);
     let (y, d_pooled) = (test_values(batch * conv.out_len(), 3), test_values(batch * pool.out_len(), 4));
-    let (mut pooled, mut argmax, mut dy) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()], vec![0.0; y.len()]);
+    let (mut pooled, mut argmax) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()]);
     let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; conv.out_c]);
     let mut pool_alone =
         best_of_three_cold_ms(evict, || max_pool_forward(pool, batch, &y, &mut pooled, training.then_some(&mut argmax[..])));
     if training {
+        let mut dy = vec![0.0; y.len()];
         pool_alone += best_of_three_cold_ms(evict, || {
             max_pool_backward(pool, batch, &d_pooled, &argmax, &mut dy);
             relu_bias_backward(conv, batch, &y, &mut dy, &mut db);
