@@ -333,22 +333,28 @@ fn two_d<const N: usize, const S: usize, const T: usize>(
     x: &[[Lanes<N>; S]; S],
     f: impl Fn([Lanes<N>; S]) -> [Lanes<N>; T],
 ) -> [[Lanes<N>; T]; T] {
-    let mut cols = [[Lanes::default(); S]; T];
-    for j in 0..S {
-        let mut col = [Lanes::default(); S];
-        for i in 0..S {
-            col[i] = x[i][j];
-        }
-        let c = f(col);
-        for i in 0..T {
-            cols[i][j] = c[i];
-        }
+    let cols: [[Lanes<N>; T]; S] = array_of(|j| f(array_of(|i| x[i][j])));
+    array_of(|i| f(array_of(|j| cols[j][i])))
+}
+
+/// The S x S tile whose element (i, j) is `at(i, j)`.
+#[inline(always)]
+fn tile_of<const N: usize, const S: usize>(at: impl Fn(usize, usize) -> Lanes<N>) -> [[Lanes<N>; S]; S] {
+    array_of(|i| array_of(|j| at(i, j)))
+}
+
+/// `[f(0), f(1), ..]`, built without first filling the array with zeros: tiles of zeros then
+/// overwritten cost a call to `memset` per tile and channel block, which LLVM did not remove
+/// (5-10% of AlexNet's conv1 Winograd passes in profiles), and `array::from_fn` left its closures
+/// as calls.
+#[inline(always)]
+fn array_of<T: Copy, const S: usize>(mut f: impl FnMut(usize) -> T) -> [T; S] {
+    let mut a = [std::mem::MaybeUninit::<T>::uninit(); S];
+    for (i, v) in a.iter_mut().enumerate() {
+        v.write(f(i));
     }
-    let mut out = [[Lanes::default(); T]; T];
-    for i in 0..T {
-        out[i] = f(cols[i]);
-    }
-    out
+    // SAFETY: every element was written above, and `MaybeUninit<T>` has the layout of `T`.
+    unsafe { std::mem::transmute_copy(&a) }
 }
 
 /// U[ci][xi][co] = (G g G^T)[xi] for every weight's channel pair (ci counting within the
@@ -362,10 +368,7 @@ fn transform_weights<const N: usize, const A: usize, const M: usize, const R: us
     let (cin_g, cout) = (conv.in_c / conv.groups, conv.out_c);
     u.par_chunks_mut(A * A * cout).enumerate().for_each(|(ci, u)| {
         for co in (0..cout).step_by(N) {
-            let mut gk = [[Lanes::<N>::default(); R]; R];
-            for (k, v) in gk.iter_mut().flatten().enumerate() {
-                *v = load(weight, (k * cin_g + ci) * cout + co);
-            }
+            let gk = tile_of::<N, R>(|ky, kx| load(weight, ((ky * R + kx) * cin_g + ci) * cout + co));
             for (xi, v) in two_d(&gk, T::g).iter().flatten().enumerate() {
                 store(u, xi * cout + co, *v);
             }
@@ -402,19 +405,10 @@ fn transform_input<const N: usize, const A: usize, const M: usize, const R: usiz
         let x = &input[n * conv.in_len()..(n + 1) * conv.in_len()];
         let vt = &mut v[t * A * A * c..(t + 1) * A * A * c];
         for ch in (0..c).step_by(N) {
-            let mut d = [[Lanes::<N>::default(); A]; A];
-            for (i, row) in d.iter_mut().enumerate() {
-                let y = (M * ty) as isize - pad_h + i as isize;
-                if y < 0 || y >= h {
-                    continue;
-                }
-                for (j, val) in row.iter_mut().enumerate() {
-                    let xx = (M * tx) as isize - pad_w + j as isize;
-                    if xx >= 0 && xx < w {
-                        *val = load(x, ((y * w + xx) as usize) * c + ch);
-                    }
-                }
-            }
+            let d = tile_of::<N, A>(|i, j| {
+                let (y, xx) = ((M * ty) as isize - pad_h + i as isize, (M * tx) as isize - pad_w + j as isize);
+                if (0..h).contains(&y) && (0..w).contains(&xx) { load(x, ((y * w + xx) as usize) * c + ch) } else { Lanes::default() }
+            });
             for (xi, val) in two_d(&d, T::bt).iter().flatten().enumerate() {
                 store(vt, xi * c + ch, *val);
             }
@@ -503,10 +497,7 @@ fn forward_at<const N: usize, const A: usize, const M: usize, const R: usize, T:
                         let y = &mut out[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
                         let mt = &m[t * xis * cout..(t + 1) * xis * cout];
                         for co in (0..cout).step_by(N) {
-                            let mut mm = [[Lanes::<N>::default(); A]; A];
-                            for (xi, v) in mm.iter_mut().flatten().enumerate() {
-                                *v = load(mt, xi * cout + co);
-                            }
+                            let mm = tile_of::<N, A>(|i, j| load(mt, (i * A + j) * cout + co));
                             let o = two_d(&mm, T::at);
                             let bv = load(bias, co);
                             for (i, row) in o.iter().enumerate().take(h - M * ty) {
@@ -613,12 +604,10 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                     let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
                     let dmt = &mut dm[t * xis * cout..(t + 1) * xis * cout];
                     for co in (0..cout).step_by(N) {
-                        let mut yt = [[Lanes::<N>::default(); M]; M];
-                        for (i, row) in yt.iter_mut().enumerate().take(h - M * ty) {
-                            for (j, val) in row.iter_mut().enumerate().take(w - M * tx) {
-                                *val = load(gy, ((M * ty + i) * w + M * tx + j) * cout + co);
-                            }
-                        }
+                        let yt = tile_of::<N, M>(|i, j| {
+                            let (y, x) = (M * ty + i, M * tx + j);
+                            if y < h && x < w { load(gy, (y * w + x) * cout + co) } else { Lanes::default() }
+                        });
                         for (xi, val) in two_d(&yt, T::a).iter().flatten().enumerate() {
                             store(dmt, xi * cout + co, *val);
                         }
@@ -650,10 +639,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                         let gx = &mut dx[(nn - range.start) * conv.in_len()..(nn - range.start + 1) * conv.in_len()];
                         let dvt = &dv[t * xis * cin..(t + 1) * xis * cin];
                         for ch in (0..cin).step_by(N) {
-                            let mut d = [[Lanes::<N>::default(); A]; A];
-                            for (xi, val) in d.iter_mut().flatten().enumerate() {
-                                *val = load(dvt, xi * cin + ch);
-                            }
+                            let d = tile_of::<N, A>(|i, j| load(dvt, (i * A + j) * cin + ch));
                             for (i, row) in two_d(&d, T::b).iter().enumerate() {
                                 let iy = (M * ty + i).wrapping_sub(pad_h);
                                 if iy >= in_h {
@@ -702,10 +688,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
     let mut by_channel = take(R * R * cin_g * cout);
     by_channel.par_chunks_mut(R * R * cout).enumerate().for_each(|(ci, dw)| {
         for co in (0..cout).step_by(N) {
-            let mut ut = [[Lanes::<N>::default(); A]; A];
-            for (xi, v) in ut.iter_mut().flatten().enumerate() {
-                *v = load(&du, ci * ci_stride + xi * xi_stride + co);
-            }
+            let ut = tile_of::<N, A>(|i, j| load(&du, ci * ci_stride + (i * A + j) * xi_stride + co));
             for (k, v) in two_d(&ut, T::gt).iter().flatten().enumerate() {
                 store(dw, k * cout + co, *v);
             }
