@@ -11,6 +11,7 @@ use crate::layers::linear::linear_forward;
 use crate::model::{Mode, Model, Workspace, forward, train_step_gradients};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::roofline::{self, Roofline};
+use crate::steal;
 use std::time::Instant;
 
 #[derive(Debug, serde::Serialize)]
@@ -23,6 +24,10 @@ pub struct BenchResult {
     pub infer_batch: usize,
     pub infer_samples_per_s: f64,
     pub infer_runs: Vec<f64>,
+    /// The share of CPU time the hypervisor gave to other work during each timed run (empty
+    /// where the system does not say): a slow run with a high steal is the host's doing.
+    pub train_runs_steal: Vec<f64>,
+    pub infer_runs_steal: Vec<f64>,
     /// Peak resident memory of the training and inference runs (not of the timings before them).
     pub peak_rss_mib: f64,
     /// Per layer: name, forward ms and backward ms per training step (with `layers`).
@@ -141,15 +146,13 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         layer_ms = names.into_iter().zip(&times).map(|(n, &(f, b))| (n, per(f), per(b))).collect();
         update_ms = per(upd) - layer_ms.iter().map(|(_, f, b)| f + b).sum::<f64>();
     }
-    let mut train_runs: Vec<f64> = (0..plan.runs)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..plan.steps_per_run {
-                step(model, &mut ws);
-            }
-            (plan.steps_per_run * plan.train_batch) as f64 / t.elapsed().as_secs_f64()
-        })
-        .collect();
+    let (mut train_runs, train_runs_steal) = timed_runs(plan.runs, || {
+        let t = Instant::now();
+        for _ in 0..plan.steps_per_run {
+            step(model, &mut ws);
+        }
+        (plan.steps_per_run * plan.train_batch) as f64 / t.elapsed().as_secs_f64()
+    });
     // What the training steps ran (a fused pair runs direct loops whatever the plan said).
     let conv_algos_training = autotune::named_plan(model, &ws.conv_plan);
     let fused_names = |ws: &Workspace| model.layers.iter().zip(&ws.fused).filter(|(_, f)| **f).map(|(l, _)| l.name.clone()).collect();
@@ -161,14 +164,12 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     let n = plan.infer_batch.min(data.len());
     ews.input_mut()[..n * il].copy_from_slice(&data.images[..n * il]);
     forward(model, &mut ews, n, Mode::Eval);
-    let mut infer_runs: Vec<f64> = (0..plan.runs)
-        .map(|_| {
-            let t = Instant::now();
-            forward(model, &mut ews, n, Mode::Eval);
-            forward(model, &mut ews, n, Mode::Eval);
-            (2 * n) as f64 / t.elapsed().as_secs_f64()
-        })
-        .collect();
+    let (mut infer_runs, infer_runs_steal) = timed_runs(plan.runs, || {
+        let t = Instant::now();
+        forward(model, &mut ews, n, Mode::Eval);
+        forward(model, &mut ews, n, Mode::Eval);
+        (2 * n) as f64 / t.elapsed().as_secs_f64()
+    });
     let mut infer_layer_ms = Vec::new();
     if plan.layers {
         ews.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
@@ -184,6 +185,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         infer_batch: n,
         infer_samples_per_s: median(&mut infer_runs.clone()),
         infer_runs: std::mem::take(&mut infer_runs),
+        train_runs_steal,
+        infer_runs_steal,
         peak_rss_mib: peak_rss_mib(),
         layer_ms,
         update_ms,
@@ -202,6 +205,16 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         conv_algo_times: tuned_train.times.into_iter().chain(tuned_infer.times).collect(),
     })
 }
+
+/// `runs` results of `run`, and the hypervisor's steal during each (empty where unknown).
+fn timed_runs(runs: usize, mut run: impl FnMut() -> f64) -> (Vec<f64>, Vec<f64>) {
+    let (results, steals): (Vec<f64>, Vec<Option<f64>>) = (0..runs).map(|_| steal::measure(&mut run)).unzip();
+    (results, steals.into_iter().collect::<Option<Vec<f64>>>().unwrap_or_default())
+}
+
+/// Steal above this share of CPU time makes timings unreliable: a run then measures the host's
+/// other tenants as much as this program.
+const NOISY_STEAL: f64 = 0.05;
 
 /// The human-readable report of `r` for `model` (`data`: what it ran on), as `bench` prints it.
 pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: usize, layers: bool) -> String {
@@ -228,6 +241,15 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
     writeln!(out, "training:  {:.0} samples/s (batch {}, median of {runs} runs of {steps} steps)", r.train_samples_per_s, r.train_batch)
         .unwrap();
     writeln!(out, "inference: {:.0} samples/s (batch {}, median of {runs} runs)", r.infer_samples_per_s, r.infer_batch).unwrap();
+    if let (Some(train), Some(infer)) = (range_of(&r.train_runs_steal), range_of(&r.infer_runs_steal)) {
+        let percent = |(lo, hi): (f64, f64)| format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi);
+        write!(out, "hypervisor steal: {} of CPU time in the training runs, {} in the inference runs", percent(train), percent(infer))
+            .unwrap();
+        if train.1.max(infer.1) > NOISY_STEAL {
+            write!(out, " (the host ran other work on these CPUs: timings are unreliable)").unwrap();
+        }
+        writeln!(out).unwrap();
+    }
     writeln!(out, "peak memory: {:.0} MiB", r.peak_rss_mib).unwrap();
     for (what, rf) in ["training", "inference"].iter().zip(&r.roofline) {
         writeln!(
@@ -265,6 +287,12 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
         writeln!(out, "{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms).unwrap();
     }
     out
+}
+
+/// Smallest and largest of `v`, if any.
+fn range_of(v: &[f64]) -> Option<(f64, f64)> {
+    let lo = v.iter().copied().reduce(f64::min)?;
+    Some((lo, v.iter().copied().fold(lo, f64::max)))
 }
 
 /// The first fully connected layer's forward pass at batch 64 on inputs of 1e-39 (denormal)

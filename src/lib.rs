@@ -29,6 +29,7 @@ pub mod roofline;
 pub mod run_dir;
 pub mod run_lock;
 pub mod schedule;
+pub mod steal;
 pub mod summary;
 pub mod tensorboard;
 pub mod train;

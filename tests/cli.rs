@@ -158,6 +158,14 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
         assert_eq!(r["denormals_flushed"], true);
     }
     assert!(r["denormal_slowdown"].as_f64().unwrap() > 0.0);
+    // ...with the hypervisor's steal during each timed run, where the system says (Linux).
+    if std::fs::read_to_string("/proc/stat").is_ok() {
+        for runs in ["train_runs_steal", "infer_runs_steal"] {
+            let steal = r[runs].as_array().unwrap();
+            assert_eq!(steal.len(), 1, "{runs}: one per timed run");
+            assert!((0.0..=1.0).contains(&steal[0].as_f64().unwrap()), "{runs}: {steal:?}");
+        }
+    }
     for plan in ["conv_algos_training", "conv_algos_inference"] {
         let names: Vec<&String> = r[plan].as_object().unwrap().keys().collect();
         assert_eq!(names, ["conv1", "conv2", "conv3"], "{plan}");
