@@ -34,6 +34,9 @@ pub struct BenchResult {
     pub layer_ms: Vec<(String, f64, f64)>,
     /// Optimiser update and batch assembly ms per step (with `layers`).
     pub update_ms: f64,
+    /// Per layer with GEMMs (with `layers` and `roofline`): its training GEMMs' ceiling and its
+    /// training time (forward + backward) over that ceiling, measured in the same rounds.
+    pub layer_ceiling: Vec<LayerCeiling>,
     /// Per layer: inference forward ms per batch of `infer_batch` (with `layers`).
     pub infer_layer_ms: Vec<f64>,
     /// The GEMM ceilings of training and inference on this machine (with `roofline`).
@@ -59,6 +62,31 @@ pub struct BenchResult {
     pub conv_algo_source: String,
     /// The measurements behind a choice made now: per layer, ms per pass and algorithm.
     pub conv_algo_times: Vec<(String, LayerTimes)>,
+}
+
+/// One layer's training time against its own im2col GEMMs at the ceiling.
+#[derive(Debug, serde::Serialize)]
+pub struct LayerCeiling {
+    pub layer: String,
+    /// The layer's training GEMMs on `threads` cores at one core's rate (median round), ms.
+    pub ceiling_ms: f64,
+    /// Forward + backward ms over `ceiling_ms`, the median of the rounds' ratios.
+    pub ratio: f64,
+}
+
+/// Rounds of per-layer timing with `--layers --roofline`: each round times the training steps'
+/// layers and then their GEMMs' ceiling, so that each ratio compares figures taken seconds
+/// apart (a shared VM's speed moves by up to 2x between minutes: one ceiling timed before all
+/// the layers put a layer at 1.25x in one run and 0.73x in the next), and the median is
+/// reported.
+const LAYER_ROUNDS_WITH_CEILING: usize = 3;
+
+/// One round of per-layer timing: each layer's forward and backward ms per step, the rest of
+/// the step, and (with the roofline) each layer's training ceiling ms measured right after.
+struct LayerRound {
+    times: Vec<(f64, f64)>,
+    rest: f64,
+    ceiling: Vec<(usize, f64)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -129,22 +157,43 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     for _ in 0..3 {
         step(model, &mut ws);
     }
-    let mut layer_ms = Vec::new();
-    let mut update_ms = 0.0;
+    let (mut layer_ms, mut update_ms, mut layer_ceiling) = (Vec::new(), 0.0, Vec::new());
     if plan.layers {
-        ws.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
+        let rounds = if plan.roofline { LAYER_ROUNDS_WITH_CEILING } else { 1 };
         let steps = plan.steps_per_run;
-        let mut upd = 0.0;
-        for _ in 0..steps {
-            let t = Instant::now();
-            step(model, &mut ws);
-            upd += t.elapsed().as_secs_f64();
-        }
-        let times = ws.layer_seconds.take().expect("profiling on");
         let per = |s: f64| 1e3 * s / steps as f64;
+        let mut rounds_ms: Vec<LayerRound> = Vec::new();
+        for _ in 0..rounds {
+            ws.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
+            let t = Instant::now();
+            for _ in 0..steps {
+                step(model, &mut ws);
+            }
+            let total = per(t.elapsed().as_secs_f64());
+            let times: Vec<(f64, f64)> = ws.layer_seconds.take().expect("profiling on").iter().map(|&(f, b)| (per(f), per(b))).collect();
+            let rest = total - times.iter().map(|(f, b)| f + b).sum::<f64>();
+            let ceiling = if plan.roofline { roofline::measure(model, plan.train_batch, true, threads).layer_ms } else { Vec::new() };
+            rounds_ms.push(LayerRound { times, rest, ceiling });
+        }
+        let median_of = |f: &dyn Fn(&LayerRound) -> Option<f64>| {
+            let mut v: Vec<f64> = rounds_ms.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| median(&mut v))
+        };
         let names = model.layer_names();
-        layer_ms = names.into_iter().zip(&times).map(|(n, &(f, b))| (n, per(f), per(b))).collect();
-        update_ms = per(upd) - layer_ms.iter().map(|(_, f, b)| f + b).sum::<f64>();
+        layer_ms = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), median_of(&|r| Some(r.times[i].0)).unwrap_or(0.0), median_of(&|r| Some(r.times[i].1)).unwrap_or(0.0)))
+            .collect();
+        update_ms = median_of(&|r| Some(r.rest)).unwrap_or(0.0);
+        let ceiling_of = |r: &LayerRound, i: usize| r.ceiling.iter().find(|(l, _)| *l == i).map(|&(_, ms)| ms);
+        layer_ceiling = (0..names.len())
+            .filter_map(|i| {
+                let ceiling_ms = median_of(&|r| ceiling_of(r, i))?;
+                let ratio = median_of(&|r| ceiling_of(r, i).map(|c| (r.times[i].0 + r.times[i].1) / c))?;
+                Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio })
+            })
+            .collect();
     }
     let (mut train_runs, train_runs_steal) = timed_runs(plan.runs, || {
         let t = Instant::now();
@@ -190,6 +239,7 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         peak_rss_mib: peak_rss_mib(),
         layer_ms,
         update_ms,
+        layer_ceiling,
         infer_layer_ms,
         roofline,
         fma_peak_gflops,
@@ -263,21 +313,23 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
     }
     if layers {
         writeln!(out, "milliseconds per training step (batch {}) and per inference batch ({}):", r.train_batch, r.infer_batch).unwrap();
-        let ceiling = |training: bool, i: usize| {
-            let rf = r.roofline.iter().find(|rf| rf.training == training)?;
+        let infer_ceiling = |i: usize| {
+            let rf = r.roofline.iter().find(|rf| !rf.training)?;
             rf.layer_ms.iter().find(|(l, _)| *l == i).map(|(_, ms)| format!("{ms:.2}"))
         };
         let with_ceiling = !r.roofline.is_empty();
         write!(out, "{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference").unwrap();
         if with_ceiling {
-            write!(out, " {:>13} {:>14}", "im2col train", "im2col infer").unwrap();
+            write!(out, " {:>13} {:>7} {:>14}", "im2col train", "ratio", "im2col infer").unwrap();
         }
         writeln!(out, "  algorithms (training; inference)").unwrap();
         for (i, ((name, f, b), inf)) in r.layer_ms.iter().zip(&r.infer_layer_ms).enumerate() {
             write!(out, "{name:<10} {f:>9.2} {b:>9.2} {inf:>10.2}").unwrap();
             if with_ceiling {
                 let dash = || "-".to_string();
-                write!(out, " {:>13} {:>14}", ceiling(true, i).unwrap_or_else(dash), ceiling(false, i).unwrap_or_else(dash)).unwrap();
+                let train = r.layer_ceiling.iter().find(|c| c.layer == *name);
+                let (ceiling, ratio) = train.map_or((dash(), dash()), |c| (format!("{:.2}", c.ceiling_ms), format!("{:.2}x", c.ratio)));
+                write!(out, " {ceiling:>13} {ratio:>7} {:>14}", infer_ceiling(i).unwrap_or_else(dash)).unwrap();
             }
             match (r.conv_algos_training.get(name), r.conv_algos_inference.get(name)) {
                 (Some(t), Some(e)) => writeln!(out, "  {}; fwd {}", t.describe(), e.forward.name()).unwrap(),
@@ -285,6 +337,13 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
             }
         }
         writeln!(out, "{:<10} {:>9.2}  (optimiser update, batch assembly)", "other", r.update_ms).unwrap();
+        if with_ceiling {
+            writeln!(
+                out,
+                "(ratio: forward + backward over the im2col GEMMs' ceiling, the median of {LAYER_ROUNDS_WITH_CEILING} rounds that each time the layers and then their GEMMs; layer times are the median round's)"
+            )
+            .unwrap();
+        }
     }
     out
 }

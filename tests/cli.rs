@@ -136,7 +136,7 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
     let cache = tempfile::tempdir().unwrap();
     let cache = cache.path().to_str().unwrap();
     let args = ["--threads", "1", "bench", "--runs", "1", "--steps", "2", "--infer-batch", "50", "--json", "--cache-dir", cache];
-    let out = alexnet(&[&args[..], &["--roofline"]].concat());
+    let out = alexnet(&[&args[..], &["--roofline", "--layers"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert!(r["train_samples_per_s"].as_f64().unwrap() > 0.0 && r["infer_samples_per_s"].as_f64().unwrap() > 0.0);
@@ -151,6 +151,12 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
         assert!(rf["ceiling_samples_per_s"].as_f64().unwrap() > 0.0);
         // Per layer: the six layers with GEMMs (three convolutions, three fully connected).
         assert_eq!(rf["layer_ms"].as_array().unwrap().len(), 6, "{rf}");
+    }
+    // Each layer with GEMMs against its own training ceiling, timed in the same rounds.
+    let layers: Vec<&str> = r["layer_ceiling"].as_array().unwrap().iter().map(|c| c["layer"].as_str().unwrap()).collect();
+    assert_eq!(layers, ["conv1", "conv2", "conv3", "fc1", "fc2", "fc3"]);
+    for c in r["layer_ceiling"].as_array().unwrap() {
+        assert!(c["ceiling_ms"].as_f64().unwrap() > 0.0 && c["ratio"].as_f64().unwrap() > 0.0, "{c}");
     }
     // The ISA path, the flush-to-zero state and the measured algorithms are reported...
     assert!(["avx512", "avx2+fma", "scalar"].contains(&r["isa"].as_str().unwrap()), "{}", r["isa"]);
