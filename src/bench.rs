@@ -157,44 +157,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     for _ in 0..3 {
         step(model, &mut ws);
     }
-    let (mut layer_ms, mut update_ms, mut layer_ceiling) = (Vec::new(), 0.0, Vec::new());
-    if plan.layers {
-        let rounds = if plan.roofline { LAYER_ROUNDS_WITH_CEILING } else { 1 };
-        let steps = plan.steps_per_run;
-        let per = |s: f64| 1e3 * s / steps as f64;
-        let mut rounds_ms: Vec<LayerRound> = Vec::new();
-        for _ in 0..rounds {
-            ws.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
-            let t = Instant::now();
-            for _ in 0..steps {
-                step(model, &mut ws);
-            }
-            let total = per(t.elapsed().as_secs_f64());
-            let times: Vec<(f64, f64)> = ws.layer_seconds.take().expect("profiling on").iter().map(|&(f, b)| (per(f), per(b))).collect();
-            let rest = total - times.iter().map(|(f, b)| f + b).sum::<f64>();
-            let ceiling = if plan.roofline { roofline::measure(model, plan.train_batch, true, threads).layer_ms } else { Vec::new() };
-            rounds_ms.push(LayerRound { times, rest, ceiling });
-        }
-        let median_of = |f: &dyn Fn(&LayerRound) -> Option<f64>| {
-            let mut v: Vec<f64> = rounds_ms.iter().filter_map(f).collect();
-            (!v.is_empty()).then(|| median(&mut v))
-        };
-        let names = model.layer_names();
-        layer_ms = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), median_of(&|r| Some(r.times[i].0)).unwrap_or(0.0), median_of(&|r| Some(r.times[i].1)).unwrap_or(0.0)))
-            .collect();
-        update_ms = median_of(&|r| Some(r.rest)).unwrap_or(0.0);
-        let ceiling_of = |r: &LayerRound, i: usize| r.ceiling.iter().find(|(l, _)| *l == i).map(|&(_, ms)| ms);
-        layer_ceiling = (0..names.len())
-            .filter_map(|i| {
-                let ceiling_ms = median_of(&|r| ceiling_of(r, i))?;
-                let ratio = median_of(&|r| ceiling_of(r, i).map(|c| (r.times[i].0 + r.times[i].1) / c))?;
-                Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio })
-            })
-            .collect();
-    }
+    let (layer_ms, update_ms, layer_ceiling) =
+        if plan.layers { time_layers(model, &mut ws, plan, threads, &mut step) } else { (Vec::new(), 0.0, Vec::new()) };
     let (mut train_runs, train_runs_steal) = timed_runs(plan.runs, || {
         let t = Instant::now();
         for _ in 0..plan.steps_per_run {
@@ -254,6 +218,51 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         conv_algo_source: tuned_train.source,
         conv_algo_times: tuned_train.times.into_iter().chain(tuned_infer.times).collect(),
     })
+}
+
+/// Each layer's forward and backward ms per training step, the rest of the step, and (with the
+/// roofline) each layer's ratio to its training GEMMs' ceiling: medians over the rounds.
+fn time_layers(
+    model: &mut Model,
+    ws: &mut Workspace,
+    plan: &BenchPlan,
+    threads: usize,
+    step: &mut dyn FnMut(&mut Model, &mut Workspace),
+) -> (Vec<(String, f64, f64)>, f64, Vec<LayerCeiling>) {
+    let rounds = if plan.roofline { LAYER_ROUNDS_WITH_CEILING } else { 1 };
+    let per = |s: f64| 1e3 * s / plan.steps_per_run as f64;
+    let mut rounds_ms: Vec<LayerRound> = Vec::new();
+    for _ in 0..rounds {
+        ws.layer_seconds = Some(vec![(0.0, 0.0); model.layers.len()]);
+        let t = Instant::now();
+        for _ in 0..plan.steps_per_run {
+            step(model, ws);
+        }
+        let total = per(t.elapsed().as_secs_f64());
+        let times: Vec<(f64, f64)> = ws.layer_seconds.take().expect("profiling on").iter().map(|&(f, b)| (per(f), per(b))).collect();
+        let rest = total - times.iter().map(|(f, b)| f + b).sum::<f64>();
+        let ceiling = if plan.roofline { roofline::measure(model, plan.train_batch, true, threads).layer_ms } else { Vec::new() };
+        rounds_ms.push(LayerRound { times, rest, ceiling });
+    }
+    let median_of = |f: &dyn Fn(&LayerRound) -> Option<f64>| {
+        let mut v: Vec<f64> = rounds_ms.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    };
+    let names = model.layer_names();
+    let layer_ms = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), median_of(&|r| Some(r.times[i].0)).unwrap_or(0.0), median_of(&|r| Some(r.times[i].1)).unwrap_or(0.0)))
+        .collect();
+    let ceiling_of = |r: &LayerRound, i: usize| r.ceiling.iter().find(|(l, _)| *l == i).map(|&(_, ms)| ms);
+    let layer_ceiling = (0..names.len())
+        .filter_map(|i| {
+            let ceiling_ms = median_of(&|r| ceiling_of(r, i))?;
+            let ratio = median_of(&|r| ceiling_of(r, i).map(|c| (r.times[i].0 + r.times[i].1) / c))?;
+            Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio })
+        })
+        .collect();
+    (layer_ms, median_of(&|r| Some(r.rest)).unwrap_or(0.0), layer_ceiling)
 }
 
 /// `runs` results of `run`, and the hypervisor's steal during each (empty where unknown).
