@@ -54,6 +54,25 @@ def paper_alexnet():
     return tf.keras.Model(inp, L.Dense(1000)(x)), (227, 227, 3), 1000
 
 
+def cpu_times():
+    """(total, steal) ticks of all CPUs from /proc/stat, as `alexnet bench` reads them; None
+    where the system does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        return (sum(fields), fields[7]) if len(fields) == 8 else None
+    except (OSError, ValueError):
+        return None
+
+
+def steal_since(before):
+    """The share of CPU time since `before` that the hypervisor gave to other work."""
+    after = cpu_times()
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "seed"
     if which == "seed":
@@ -82,8 +101,9 @@ def main():
     for _ in range(3):
         train_step().numpy()
         infer().numpy()
-    train, inference = [], []
+    train, inference, steal = [], [], []
     for _ in range(7):
+        before = cpu_times()
         t = time.perf_counter()
         for _ in range(steps):
             loss = train_step()
@@ -93,10 +113,13 @@ def main():
         infer().numpy()
         infer().numpy()
         inference.append(2 * infer_batch / (time.perf_counter() - t))
+        steal.append(steal_since(before))
     print(f"tensorflow {tf.__version__} {which}: training {statistics.median(train):.1f} samples/s (batch {batch}), "
           f"inference {statistics.median(inference):.1f} samples/s (batch {infer_batch})")
     print("  training runs:", " ".join(f"{v:.0f}" for v in train))
     print("  inference runs:", " ".join(f"{v:.0f}" for v in inference))
+    if None not in steal:
+        print("  hypervisor steal per run (training and inference):", " ".join(f"{100 * v:.1f}%" for v in steal))
 
 
 if __name__ == "__main__":
