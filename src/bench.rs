@@ -82,11 +82,23 @@ pub struct LayerCeiling {
 const LAYER_ROUNDS_WITH_CEILING: usize = 3;
 
 /// One round of per-layer timing: each layer's forward and backward ms per step, the rest of
-/// the step, and (with the roofline) each layer's training ceiling ms measured right after.
+/// the step, and (with the roofline) the training ceiling measured right after.
 struct LayerRound {
     times: Vec<(f64, f64)>,
     rest: f64,
-    ceiling: Vec<(usize, f64)>,
+    ceiling: Option<Roofline>,
+}
+
+/// What `time_layers` measured: medians over its rounds.
+#[derive(Default)]
+struct LayerTiming {
+    /// Per layer: name, forward ms and backward ms per training step.
+    layer_ms: Vec<(String, f64, f64)>,
+    /// The rest of the step (optimiser update, batch assembly).
+    update_ms: f64,
+    layer_ceiling: Vec<LayerCeiling>,
+    /// The training ceiling of the round with the median total (with the roofline).
+    train_ceiling: Option<Roofline>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -119,7 +131,8 @@ pub struct BenchPlan {
     pub steps_per_run: usize,
     /// Also time each layer (adds a little overhead to the totals).
     pub layers: bool,
-    /// Also measure the GEMM ceilings (`roofline::measure`), first, on a quiet machine.
+    /// Also measure the GEMM ceilings (`roofline::measure`): first, on a quiet machine, or for
+    /// training with `layers` in the per-layer rounds (`time_layers`).
     pub roofline: bool,
     /// How the convolutions' algorithms are chosen, and where measured ones are cached.
     pub conv_algo: ConvAlgoPolicy,
@@ -128,13 +141,10 @@ pub struct BenchPlan {
 
 pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &BenchPlan) -> anyhow::Result<BenchResult> {
     let threads = rayon::current_num_threads();
-    let (roofline, fma_peak_gflops) = if plan.roofline {
-        let ceilings =
-            vec![roofline::measure(model, plan.train_batch, true, threads), roofline::measure(model, plan.infer_batch, false, threads)];
-        (ceilings, Some(roofline::fma_peak_gflops()))
-    } else {
-        (Vec::new(), None)
-    };
+    // With `layers`, the training ceiling is timed in the per-layer rounds instead.
+    let mut train_ceiling = (plan.roofline && !plan.layers).then(|| roofline::measure(model, plan.train_batch, true, threads));
+    let infer_ceiling = plan.roofline.then(|| roofline::measure(model, plan.infer_batch, false, threads));
+    let fma_peak_gflops = plan.roofline.then(roofline::fma_peak_gflops);
     let tuned_train = autotune::choose(model, plan.train_batch, true, plan.conv_algo, plan.cache_dir.as_deref())?;
     let tuned_infer = autotune::choose(model, plan.infer_batch.min(data.len()), false, plan.conv_algo, plan.cache_dir.as_deref())?;
     // The peak memory reported is the runs' own: timing the algorithms on cold caches writes
@@ -157,8 +167,8 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
     for _ in 0..3 {
         step(model, &mut ws);
     }
-    let (layer_ms, update_ms, layer_ceiling) =
-        if plan.layers { time_layers(model, &mut ws, plan, threads, &mut step) } else { (Vec::new(), 0.0, Vec::new()) };
+    let layers = if plan.layers { time_layers(model, &mut ws, plan, threads, &mut step) } else { LayerTiming::default() };
+    train_ceiling = train_ceiling.or(layers.train_ceiling);
     let (mut train_runs, train_runs_steal) = timed_runs(plan.runs, || {
         let t = Instant::now();
         for _ in 0..plan.steps_per_run {
@@ -201,11 +211,11 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
         train_runs_steal,
         infer_runs_steal,
         peak_rss_mib: peak_rss_mib(),
-        layer_ms,
-        update_ms,
-        layer_ceiling,
+        layer_ms: layers.layer_ms,
+        update_ms: layers.update_ms,
+        layer_ceiling: layers.layer_ceiling,
         infer_layer_ms,
-        roofline,
+        roofline: train_ceiling.into_iter().chain(infer_ceiling).collect(),
         fma_peak_gflops,
         isa: roofline::fma_isa().to_string(),
         kernel_lanes: crate::layers::simd::L,
@@ -221,14 +231,14 @@ pub fn run(model: &mut Model, opt_cfg: OptimizerConfig, data: &Dataset, plan: &B
 }
 
 /// Each layer's forward and backward ms per training step, the rest of the step, and (with the
-/// roofline) each layer's ratio to its training GEMMs' ceiling: medians over the rounds.
+/// roofline) the training ceiling and each layer's ratio to its own part of it.
 fn time_layers(
     model: &mut Model,
     ws: &mut Workspace,
     plan: &BenchPlan,
     threads: usize,
     step: &mut dyn FnMut(&mut Model, &mut Workspace),
-) -> (Vec<(String, f64, f64)>, f64, Vec<LayerCeiling>) {
+) -> LayerTiming {
     let rounds = if plan.roofline { LAYER_ROUNDS_WITH_CEILING } else { 1 };
     let per = |s: f64| 1e3 * s / plan.steps_per_run as f64;
     let mut rounds_ms: Vec<LayerRound> = Vec::new();
@@ -241,7 +251,7 @@ fn time_layers(
         let total = per(t.elapsed().as_secs_f64());
         let times: Vec<(f64, f64)> = ws.layer_seconds.take().expect("profiling on").iter().map(|&(f, b)| (per(f), per(b))).collect();
         let rest = total - times.iter().map(|(f, b)| f + b).sum::<f64>();
-        let ceiling = if plan.roofline { roofline::measure(model, plan.train_batch, true, threads).layer_ms } else { Vec::new() };
+        let ceiling = plan.roofline.then(|| roofline::measure(model, plan.train_batch, true, threads));
         rounds_ms.push(LayerRound { times, rest, ceiling });
     }
     let median_of = |f: &dyn Fn(&LayerRound) -> Option<f64>| {
@@ -254,7 +264,7 @@ fn time_layers(
         .enumerate()
         .map(|(i, n)| (n.clone(), median_of(&|r| Some(r.times[i].0)).unwrap_or(0.0), median_of(&|r| Some(r.times[i].1)).unwrap_or(0.0)))
         .collect();
-    let ceiling_of = |r: &LayerRound, i: usize| r.ceiling.iter().find(|(l, _)| *l == i).map(|&(_, ms)| ms);
+    let ceiling_of = |r: &LayerRound, i: usize| r.ceiling.as_ref()?.layer_ms.iter().find(|(l, _)| *l == i).map(|&(_, ms)| ms);
     let layer_ceiling = (0..names.len())
         .filter_map(|i| {
             let ceiling_ms = median_of(&|r| ceiling_of(r, i))?;
@@ -262,7 +272,11 @@ fn time_layers(
             Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio })
         })
         .collect();
-    (layer_ms, median_of(&|r| Some(r.rest)).unwrap_or(0.0), layer_ceiling)
+    let update_ms = median_of(&|r| Some(r.rest)).unwrap_or(0.0);
+    let mut ceilings: Vec<Roofline> = rounds_ms.into_iter().filter_map(|r| r.ceiling).collect();
+    ceilings.sort_by(|a, b| a.one_core_ms.total_cmp(&b.one_core_ms));
+    let train_ceiling = (!ceilings.is_empty()).then(|| ceilings.swap_remove(ceilings.len() / 2));
+    LayerTiming { layer_ms, update_ms, layer_ceiling, train_ceiling }
 }
 
 /// `runs` results of `run`, and the hypervisor's steal during each (empty where unknown).
