@@ -5,7 +5,7 @@
 //! the gradient to exactly that input, as TF and PyTorch do.
 
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use super::simd::{for_lane_blocks, is_nonzero};
+use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
 use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
@@ -118,26 +118,18 @@ pub(super) fn pool_window(x: &[f32], taps: &[(usize, usize)], c: usize, nowhere_
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
 fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, nowhere_at_zero: bool, y: &mut [f32], idx: &mut [u8]) {
-    let mut best = [f32::NEG_INFINITY; N];
+    let mut best = Lanes::<N>::splat(f32::NEG_INFINITY);
     let mut arg = [taps[0].0 as u8; N];
     for &(tap, i) in taps {
-        let base = i * c;
-        let xs: &[f32; N] = x[base + cb..base + cb + N].try_into().expect("N channels");
-        // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept the
-        // running maxima on the stack and updated them with masked stores.
-        for l in 0..N {
-            let wins = ((xs[l] > best[l]) as u32).wrapping_neg();
-            best[l] = f32::from_bits((xs[l].to_bits() & wins) | (best[l].to_bits() & !wins));
-            arg[l] = (tap as u8 & wins as u8) | (arg[l] & !wins as u8);
-        }
+        best = best.max_arg(load::<N>(x, i * c + cb), &mut arg, tap as u8);
     }
     if nowhere_at_zero {
-        for l in 0..N {
-            let zeroed = ((best[l] <= 0.0) as u8).wrapping_neg();
-            arg[l] = (NOWHERE & zeroed) | (arg[l] & !zeroed);
+        for (a, &b) in arg.iter_mut().zip(&best.0) {
+            let zeroed = ((b <= 0.0) as u8).wrapping_neg();
+            *a = (NOWHERE & zeroed) | (*a & !zeroed);
         }
     }
-    y[..N].copy_from_slice(&best);
+    store(y, 0, best);
     idx[..N].copy_from_slice(&arg);
 }
 

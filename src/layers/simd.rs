@@ -91,6 +91,25 @@ mod zmm {
         unsafe { _mm512_mask_storeu_ps(to.as_mut_ptr(), mask, _mm512_maskz_loadu_ps(mask, from.as_ptr())) }
     }
 
+    /// The running maximum `best` and its argmax over one more tap (`whole::<N>()` holds):
+    /// where `x > best` (ordered: a NaN never wins), `best = x` and `arg = tap`. A compare
+    /// into a mask register and two masked moves per 16 lanes.
+    #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
+    #[inline(always)]
+    pub fn max_arg<const N: usize>(best: &mut [f32; N], arg: &mut [u8; N], x: &[f32; N], tap: u8) {
+        for k in (0..N).step_by(16) {
+            // SAFETY: k + 16 <= N (N a multiple of 16) for the 16 floats and 16 bytes read and
+            // written; the build enables AVX-512F, BW and VL (this function's cfg).
+            unsafe {
+                let (b, v) = (_mm512_loadu_ps(best.as_ptr().add(k)), _mm512_loadu_ps(x.as_ptr().add(k)));
+                let wins = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, b);
+                _mm512_storeu_ps(best.as_mut_ptr().add(k), _mm512_mask_mov_ps(b, wins, v));
+                let a = _mm_loadu_si128(arg.as_ptr().add(k).cast());
+                _mm_storeu_si128(arg.as_mut_ptr().add(k).cast(), _mm_mask_blend_epi8(wins, a, _mm_set1_epi8(tap as i8)));
+            }
+        }
+    }
+
     /// `a = op(a, b)` a register at a time (`whole::<N>()` holds).
     #[inline(always)]
     pub fn apply<const N: usize>(op: Op, a: &mut [f32; N], b: &[f32; N]) {
@@ -160,6 +179,26 @@ impl<const N: usize> Lanes<N> {
     #[inline(always)]
     pub fn mul_add(self, a: f32, b: Lanes<N>) -> Lanes<N> {
         self.apply(Op::MulAdd(a), b)
+    }
+    /// The running maximum `self` and its argmax `arg` over one more tap: lanes where
+    /// `x > self` (a NaN never wins) take `x`, and their `arg` becomes `tap`. (Written as lane
+    /// loops of bit selects, LLVM's `prefer-256-bit` tuning for Intel server cores split every
+    /// 64-channel block into eight ymm halves: four instructions a half where zmm takes two.)
+    #[inline(always)]
+    pub fn max_arg(mut self, x: Lanes<N>, arg: &mut [u8; N], tap: u8) -> Lanes<N> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512bw", target_feature = "avx512vl"))]
+        if zmm::whole::<N>() {
+            zmm::max_arg(&mut self.0, arg, &x.0, tap);
+            return self;
+        }
+        for (l, a) in arg.iter_mut().enumerate() {
+            // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept the
+            // running maxima on the stack and updated them with masked stores.
+            let wins = ((x.0[l] > self.0[l]) as u32).wrapping_neg();
+            self.0[l] = f32::from_bits((x.0[l].to_bits() & wins) | (self.0[l].to_bits() & !wins));
+            *a = (tap & wins as u8) | (*a & !wins as u8);
+        }
+        self
     }
     /// Lane-wise `max(self, 0)`.
     #[inline(always)]
@@ -257,7 +296,7 @@ pub fn copy_run(to: &mut [f32], from: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_run, is_nonzero};
+    use super::{Lanes, copy_run, is_nonzero};
 
     #[test]
     fn copy_run_copies_every_length() {
@@ -272,6 +311,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `max_arg` at a width of lane loops (8) and at whole zmm registers (16, 64) against the
+    /// definition, lane by lane: ties and NaN keep the earlier maximum, -0 does not beat 0.
+    #[test]
+    fn max_arg_keeps_the_first_strict_maximum() {
+        fn check<const N: usize>() {
+            let values = [0.5, -1.0, f32::NAN, 0.5, 2.0, -0.0, 0.0, f32::NEG_INFINITY, 3.0, -2.5, 1e-40];
+            let tap_value = |t: usize, l: usize| values[(t * 7 + l * 3 + l / 5) % values.len()];
+            let (mut best, mut arg) = (Lanes::<N>::splat(f32::NEG_INFINITY), [0u8; N]);
+            for t in 0..9 {
+                best = best.max_arg(Lanes(std::array::from_fn(|l| tap_value(t, l))), &mut arg, t as u8);
+            }
+            for (l, (got, &got_arg)) in best.0.iter().zip(&arg).enumerate() {
+                let (mut want, mut want_arg) = (f32::NEG_INFINITY, 0u8);
+                for t in 0..9 {
+                    if tap_value(t, l) > want {
+                        (want, want_arg) = (tap_value(t, l), t as u8);
+                    }
+                }
+                assert_eq!((got.to_bits(), got_arg), (want.to_bits(), want_arg), "{N} lanes, lane {l}");
+            }
+        }
+        check::<8>();
+        check::<16>();
+        check::<64>();
     }
 
     #[test]
