@@ -99,7 +99,8 @@ pub fn forward(
 }
 
 /// Backward over a batch: masks `d_output` in place by the ReLU (a first layer whose weight
-/// gradient runs direct loops masks a copy, chunk by chunk, as it reads it), overwrites `d_bias`,
+/// gradient runs direct loops masks a copy, chunk by chunk, as it reads it, and Winograd for
+/// both gradients masks as it transforms it: `d_output` is then left as it was), overwrites `d_bias`,
 /// `d_weight` and (unless it is the first layer) `d_input`, each gradient with its own
 /// algorithm. `saved` is what the training forward kept (layers with Winograd anywhere); when
 /// forward was not Winograd, the transforms a Winograd gradient needs are made here.
@@ -117,12 +118,17 @@ pub fn backward(
     d_bias: &mut [f32],
     saved: Option<&mut [f32]>,
 ) {
-    // A first layer's direct weight gradient masks the output gradient as it reads it.
+    // A first layer's direct weight gradient masks the output gradient as it reads it, and so
+    // does Winograd where it makes both gradients.
     let d_weight = match (d_weight, &d_input, algos.weight_grad) {
         (Some(dw), None, ConvAlgo::Direct) => return direct_weight_and_bias_grad(conv, batch, input, output, d_output, dw, d_bias),
         (dw, ..) => dw,
     };
-    relu_bias_backward(conv, batch, output, d_output, d_bias);
+    let masked_by_winograd = algos.input_grad == ConvAlgo::Winograd && algos.weight_grad == ConvAlgo::Winograd;
+    let mut d_bias = Some(d_bias);
+    if !masked_by_winograd {
+        relu_bias_backward(conv, batch, output, d_output, d_bias.take().expect("the bias gradient"));
+    }
     let dy = &*d_output;
     let need_dx = d_input.is_some();
     let mut saved = saved;
@@ -135,6 +141,10 @@ pub fn backward(
         }
     }
     let saved = saved.as_deref();
+    if let Some(d_bias) = d_bias {
+        let mask = winograd::MaskAndBias { output: conv.relu.then_some(output), d_bias };
+        return winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), dy, Some(mask), d_input, d_weight);
+    }
     // One call when both gradients share an algorithm: they share its intermediates.
     if need_dx && d_weight.is_some() && algos.input_grad == algos.weight_grad {
         gradients(conv, algos.weight_grad, batch, input, weight, dy, saved, d_input, d_weight);
@@ -165,7 +175,9 @@ pub fn gradients(
     match algo {
         ConvAlgo::Direct => direct_backward(conv, batch, input, weight, d_output, d_input, d_weight),
         ConvAlgo::Im2col => im2col_backward(conv, batch, input, weight, d_output, d_input, d_weight),
-        ConvAlgo::Winograd => winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), d_output, d_input, d_weight),
+        ConvAlgo::Winograd => {
+            winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), d_output, None, d_input, d_weight)
+        }
     }
 }
 
@@ -304,6 +316,9 @@ mod tests {
                     (dx, dw, db)
                 };
                 let (dx, dw, db_both) = run(true, true);
+                for co in 0..c.out_c {
+                    assert_close(&format!("{} bias gradient {c:?}", algos.describe()), db_both[co], db[co] as f64, 1.0);
+                }
                 for (&(tap, ci, co), &want) in taps.iter().zip(&want_dw) {
                     let got = dw[(tap * (c.in_c / c.groups) + ci) * c.out_c + co];
                     assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, 1.0 + want.abs());

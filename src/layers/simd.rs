@@ -110,6 +110,19 @@ mod zmm {
         }
     }
 
+    /// `g` where `y > 0`, else +0 (`whole::<N>()` holds): a compare into a mask and a
+    /// zero-masked move per 16 lanes.
+    #[inline(always)]
+    pub fn where_positive<const N: usize>(g: &mut [f32; N], y: &[f32; N]) {
+        for k in (0..N).step_by(16) {
+            // SAFETY: k + 16 <= N (N a multiple of 16); AVX-512F is enabled (module cfg).
+            unsafe {
+                let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_loadu_ps(y.as_ptr().add(k)), _mm512_setzero_ps());
+                _mm512_storeu_ps(g.as_mut_ptr().add(k), _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(g.as_ptr().add(k))));
+            }
+        }
+    }
+
     /// `a = op(a, b)` a register at a time (`whole::<N>()` holds).
     #[inline(always)]
     pub fn apply<const N: usize>(op: Op, a: &mut [f32; N], b: &[f32; N]) {
@@ -197,6 +210,22 @@ impl<const N: usize> Lanes<N> {
             let wins = ((x.0[l] > self.0[l]) as u32).wrapping_neg();
             self.0[l] = f32::from_bits((x.0[l].to_bits() & wins) | (self.0[l].to_bits() & !wins));
             *a = (tap & wins as u8) | (*a & !wins as u8);
+        }
+        self
+    }
+    /// The ReLU's mask on a gradient: `self` where the output `y > 0`, else +0 (a NaN output
+    /// masks), as `bias_relu::relu_mask_bias_grad` masks.
+    #[inline(always)]
+    pub fn where_positive(mut self, y: Lanes<N>) -> Lanes<N> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if zmm::whole::<N>() {
+            zmm::where_positive(&mut self.0, &y.0);
+            return self;
+        }
+        for (g, y) in self.0.iter_mut().zip(y.0) {
+            // A bit mask rather than a select (see `relu_mask_bias_grad`).
+            let keep = if y > 0.0 { u32::MAX } else { 0 };
+            *g = f32::from_bits(g.to_bits() & keep);
         }
         self
     }
@@ -337,6 +366,26 @@ mod tests {
         check::<8>();
         check::<16>();
         check::<64>();
+    }
+
+    /// `where_positive` at lane loops (8) and whole zmm registers (16, 32) against the
+    /// definition: the gradient where the output is above 0, else +0 (0, -0 and NaN outputs
+    /// mask; a NaN gradient passes where the output is positive).
+    #[test]
+    fn where_positive_masks_by_the_output() {
+        fn check<const N: usize>() {
+            let ys = [1.0, 0.0, -0.0, -2.0, f32::NAN, 1e-40, f32::INFINITY, -1e-40, 3.5];
+            let gs = [-1.5, 2.0, f32::NAN, -0.0, 4.0, 1e-30, -7.0];
+            let (y, g) = (Lanes::<N>(std::array::from_fn(|l| ys[l % ys.len()])), Lanes::<N>(std::array::from_fn(|l| gs[l % gs.len()])));
+            let got = g.where_positive(y);
+            for l in 0..N {
+                let want = if y.0[l] > 0.0 { g.0[l] } else { 0.0 };
+                assert_eq!(got.0[l].to_bits(), want.to_bits(), "{N} lanes, lane {l}");
+            }
+        }
+        check::<8>();
+        check::<16>();
+        check::<32>();
     }
 
     #[test]

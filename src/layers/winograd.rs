@@ -35,7 +35,7 @@
 use super::conv::Conv;
 use super::gemm::{Operand, matmul};
 use super::sample_ranges;
-use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, with_scratch};
+use super::scratch::{SCRATCH_A, SCRATCH_B, SCRATCH_C, give_back, take, take_zeroed, with_scratch};
 use super::simd::{L, Lanes, MIN_L, load, store};
 use super::space_to_depth::SpaceToDepth;
 use super::{split_by_ranges, sum_partials};
@@ -138,14 +138,37 @@ pub fn prepare_backward(conv: &Conv, n: usize, input: &[f32], weight: &[f32], sa
     give_back(w);
 }
 
+/// The ReLU's mask and the bias gradient taken where `backward` transforms the output gradient
+/// (which it then reads unmasked) instead of in a pass of their own over the batch
+/// (`relu_bias_backward`, which reads the output and its gradient and writes the gradient back:
+/// 37 MB a batch of 16 for the paper's conv1).
+pub struct MaskAndBias<'a> {
+    /// The layer's output, whose zeros mask the gradient: `None` for a layer without a ReLU.
+    pub output: Option<&'a [f32]>,
+    /// Overwritten with the bias gradient: each thread's sum over its tiles, in order, then the
+    /// threads' sums in order (reproducible for a thread count).
+    pub d_bias: &'a mut [f32],
+}
+
 /// Input and/or weight gradient (whichever is given; both overwritten) from what
-/// `forward` (or `prepare_backward`) saved and the ReLU-masked `d_output`.
-pub fn backward(conv: &Conv, n: usize, saved: &[f32], d_output: &[f32], d_input: Option<&mut [f32]>, d_weight: Option<&mut [f32]>) {
-    let Some(s2d) = SpaceToDepth::of(conv) else { return dispatch!(conv, backward_at(conv, n, saved, d_output, d_input, d_weight)) };
+/// `forward` (or `prepare_backward`) saved and `d_output`: ReLU-masked already, or masked here
+/// with the bias gradient made on the way (`mask_and_bias`).
+pub fn backward(
+    conv: &Conv,
+    n: usize,
+    saved: &[f32],
+    d_output: &[f32],
+    mask_and_bias: Option<MaskAndBias>,
+    d_input: Option<&mut [f32]>,
+    d_weight: Option<&mut [f32]>,
+) {
+    let Some(s2d) = SpaceToDepth::of(conv) else {
+        return dispatch!(conv, backward_at(conv, n, saved, d_output, mask_and_bias, d_input, d_weight));
+    };
     let inner = &s2d.inner;
     let mut dx = d_input.as_ref().map(|_| take(n * inner.in_len()));
     let mut dw = d_weight.as_ref().map(|_| take(inner.weight_len()));
-    dispatch!(inner, backward_at(inner, n, saved, d_output, dx.as_deref_mut(), dw.as_deref_mut()));
+    dispatch!(inner, backward_at(inner, n, saved, d_output, mask_and_bias, dx.as_deref_mut(), dw.as_deref_mut()));
     if let (Some(d_input), Some(dx)) = (d_input, dx) {
         s2d.input_grad(n, &dx, d_input);
         give_back(dx);
@@ -581,6 +604,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
     n: usize,
     saved: &[f32],
     d_output: &[f32],
+    mask_and_bias: Option<MaskAndBias>,
     d_input: Option<&mut [f32]>,
     d_weight: Option<&mut [f32]>,
 ) {
@@ -605,9 +629,13 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
         ranges.iter().map(|_| Default::default()).collect()
     };
     let mut partials: Vec<Vec<f32>> = ranges.iter().map(|_| if by_samples { take(u_len(conv)) } else { Vec::new() }).collect();
+    let mask = mask_and_bias.as_ref().and_then(|m| m.output);
+    let mut bias_partials: Vec<Vec<f32>> =
+        ranges.iter().map(|_| if mask_and_bias.is_some() { take_zeroed(cout) } else { Vec::new() }).collect();
     let per_range = ranges.par_iter().zip(d_ins.par_iter_mut()).zip(dm_parts.par_iter_mut()).zip(partials.par_iter_mut());
-    per_range.for_each(|(((range, dx), dm_range), du)| {
-        let dy = &d_output[range.start * conv.out_len()..range.end * conv.out_len()];
+    per_range.zip(bias_partials.par_iter_mut()).for_each(|((((range, dx), dm_range), du), db)| {
+        let samples = range.start * conv.out_len()..range.end * conv.out_len();
+        let (dy, y_out) = (&d_output[samples.clone()], mask.map(|y| &y[samples]));
         if let Some(dx) = dx.as_deref_mut() {
             dx.fill(0.0);
         }
@@ -615,16 +643,29 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
         for (nth, chunk) in tile_chunks(conv, range.clone(), BACKWARD_TILES).enumerate() {
             let t_count = chunk.len();
             let mut from_dm = |dm: &mut [f32]| {
-                // dM = A dY A^T per tile (zero beyond the image).
+                // dM = A dY A^T per tile (zero beyond the image), dY masked by the ReLU here
+                // if not before, and summed into the bias gradient.
                 for (t, tile) in chunk.clone().enumerate() {
                     let (nn, ty, tx) = tile_position(conv, tile);
-                    let gy = &dy[(nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len()];
+                    let sample = (nn - range.start) * conv.out_len()..(nn - range.start + 1) * conv.out_len();
+                    let (gy, out) = (&dy[sample.clone()], y_out.map(|y| &y[sample]));
                     let dmt = &mut dm[t * xis * cout..(t + 1) * xis * cout];
                     for co in (0..cout).step_by(N) {
                         let yt = tile_of::<N, M>(|i, j| {
                             let (y, x) = (M * ty + i, M * tx + j);
-                            if y < h && x < w { load(gy, (y * w + x) * cout + co) } else { Lanes::default() }
+                            if y < h && x < w {
+                                let at = (y * w + x) * cout + co;
+                                let g = load(gy, at);
+                                out.map_or(g, |out| g.where_positive(load(out, at)))
+                            } else {
+                                Lanes::default()
+                            }
                         });
+                        if !db.is_empty() {
+                            // Positions beyond the image add exact zeros.
+                            let sum = yt.iter().flatten().fold(load::<N>(db, co), |s, &v| s + v);
+                            store(db, co, sum);
+                        }
                         for (xi, val) in two_d(&yt, T::a).iter().flatten().enumerate() {
                             store(dmt, xi * cout + co, *val);
                         }
@@ -683,6 +724,10 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
         }
     });
     drop(dm_parts);
+    match mask_and_bias {
+        Some(m) => sum_partials(bias_partials, m.d_bias),
+        None => bias_partials.into_iter().for_each(give_back),
+    }
     let Some(d_weight) = d_weight else { return };
     // dU, channel-major as the threads' partials lay it out ([ci][xi][co]) or point-major ([xi][ci][co]).
     let mut du = take(u_len(conv));
@@ -819,14 +864,24 @@ mod tests {
         let mut prepared = vec![0.0; saved.len()];
         prepare_backward_at::<N, A, M, R, T>(&conv, batch, &x, &wt, &mut prepared, true, true);
         assert_eq!(prepared, saved, "prepare_backward lays U and V out as forward does");
-        let mut dy = random_vec(y.len(), 4);
-        relu_bias_backward(&conv, batch, &y_ref, &mut dy, &mut vec![0.0; cout]);
+        let unmasked = random_vec(y.len(), 4);
+        let (mut dy, mut db_ref) = (unmasked.clone(), vec![0.0; cout]);
+        relu_bias_backward(&conv, batch, &y_ref, &mut dy, &mut db_ref);
         let (mut dx_ref, mut dw_ref) = (vec![0.0; x.len()], vec![0.0; wt.len()]);
         im2col_backward(&conv, batch, &x, &wt, &dy, Some(&mut dx_ref), Some(&mut dw_ref));
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; wt.len()]);
-        backward_at::<N, A, M, R, T>(&conv, batch, &saved, &dy, Some(&mut dx), Some(&mut dw));
+        backward_at::<N, A, M, R, T>(&conv, batch, &saved, &dy, None, Some(&mut dx), Some(&mut dw));
         close(&format!("dx {h}x{w}x{cin} pad {padding}"), &dx, &dx_ref, tolerance);
         close(&format!("dw {h}x{w}x{cin} pad {padding}"), &dw, &dw_ref, tolerance);
+        // The ReLU's mask and the bias gradient taken in the output gradient's transform: the
+        // same input and weight gradients to the bit (the same masked values go in), the bias
+        // gradient to rounding (summed tile by tile, not row by row).
+        let (mut dx_fused, mut dw_fused, mut db) = (vec![f32::NAN; x.len()], vec![f32::NAN; wt.len()], vec![f32::NAN; cout]);
+        let mask = Some(MaskAndBias { output: Some(&y_ref), d_bias: &mut db });
+        backward_at::<N, A, M, R, T>(&conv, batch, &saved, &unmasked, mask, Some(&mut dx_fused), Some(&mut dw_fused));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&dx_fused) == bits(&dx) && bits(&dw_fused) == bits(&dw), "{h}x{w}x{cin} pad {padding}: masked in the transform");
+        close(&format!("bias gradient {h}x{w}x{cin} pad {padding}"), &db, &db_ref, tolerance);
     }
 
     /// An evaluation workspace's kept U gives the bits a fresh U gives, for the weights at hand:
