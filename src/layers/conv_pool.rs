@@ -120,6 +120,8 @@ pub fn direct_pooled_forward(
 struct LiveWindows {
     live: LiveColumns,
     active: Vec<u32>,
+    /// Scratch: which pooled columns of a row are active.
+    hit: Vec<bool>,
 }
 
 impl LiveWindows {
@@ -130,11 +132,16 @@ impl LiveWindows {
         self.active.clear();
         let live = &self.live.rows;
         for (i, rows) in pool_rows.iter().enumerate() {
-            for (j, cols) in pool_cols.iter().enumerate() {
-                if live[rows.clone()].iter().any(|l| l.start < cols.end && cols.start < l.end) {
-                    self.active.push((i * pool_cols.len() + j) as u32);
-                }
+            // Pooled column j's window meets row r's live columns l where l.start < cols[j].end
+            // and cols[j].start < l.end: with both ends increasing in j, a run of j per row.
+            // (Tested window by window, the search took 3-4% of a profile of the pair.)
+            self.hit.clear();
+            self.hit.resize(pool_cols.len(), false);
+            for l in &live[rows.clone()] {
+                let (a, b) = (pool_cols.partition_point(|c| c.end <= l.start), pool_cols.partition_point(|c| c.start < l.end));
+                self.hit[a..b.max(a)].fill(true);
             }
+            self.active.extend(self.hit.iter().enumerate().filter(|&(_, &hit)| hit).map(|(j, _)| (i * pool_cols.len() + j) as u32));
         }
     }
 }

@@ -14,7 +14,7 @@
 use super::bias_relu::relu_mask_bias_grad;
 use super::conv::Conv;
 use super::scratch::{SCRATCH_B, SCRATCH_C, with_scratch};
-use super::simd::{L, Lanes, for_lane_blocks, is_nonzero, load, store};
+use super::simd::{L, Lanes, for_lane_blocks, load, nonzero_bounds, store};
 
 /// The forward's block of sums held in registers: `FORWARD_PIXELS` output pixels by
 /// `FORWARD_CHANNELS` channels, with one block of weights. AVX-512's 32 vector registers hold
@@ -132,11 +132,9 @@ impl Conv {
         let ((hp, wp), (k, s), (oh, ow)) = (self.padded_dims(), (self.win.kernel, self.win.stride), (self.win.h.output, self.win.w.output));
         // Each padded row's nonzero pixels lie in columns first..end (end = 0: none).
         live.spans.clear();
-        live.spans.extend(xp.chunks_exact(wp * self.in_c).map(|row| {
-            match (row.iter().position(|&v| is_nonzero(v)), row.iter().rposition(|&v| is_nonzero(v))) {
-                (Some(first), Some(last)) => (first / self.in_c, last / self.in_c + 1),
-                _ => (wp, 0),
-            }
+        live.spans.extend(xp.chunks_exact(wp * self.in_c).map(|row| match nonzero_bounds(row) {
+            Some((first, last)) => (first / self.in_c, last / self.in_c + 1),
+            None => (wp, 0),
         }));
         debug_assert_eq!(live.spans.len(), hp);
         live.rows.clear();
