@@ -1,6 +1,8 @@
 //! The bias add and fused ReLU that end every convolution and fully connected layer, and their
 //! backward: the ReLU's mask on the output gradient and the bias gradient.
 
+use super::simd::relu_mask;
+
 /// Add the bias and apply ReLU (if fused) to `rows` output rows of `out_c` channels.
 pub fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
     for row in out.chunks_exact_mut(bias.len()) {
@@ -20,11 +22,8 @@ pub fn relu_mask_bias_grad(out: &[f32], d_out: &mut [f32], d_bias: &mut [f32], r
     let c = d_bias.len();
     for (y, dy) in out.chunks_exact(c).zip(d_out.chunks_exact_mut(c)) {
         if relu {
-            // A bit mask rather than a select: LLVM turns `if y > 0 { dy } else { 0 }` into a
-            // masked store, which is microcoded and slow on AMD.
             for (y, dy) in y.iter().zip(dy.iter_mut()) {
-                let keep = if *y > 0.0 { u32::MAX } else { 0 };
-                *dy = f32::from_bits(dy.to_bits() & keep);
+                *dy = relu_mask(*dy, *y);
             }
         }
         for (db, dy) in d_bias.iter_mut().zip(dy.iter()) {

@@ -124,11 +124,12 @@ pub fn backward(
         (Some(dw), None, ConvAlgo::Direct) => return direct_weight_and_bias_grad(conv, batch, input, output, d_output, dw, d_bias),
         (dw, ..) => dw,
     };
-    let masked_by_winograd = algos.input_grad == ConvAlgo::Winograd && algos.weight_grad == ConvAlgo::Winograd;
-    let mut d_bias = Some(d_bias);
-    if !masked_by_winograd {
-        relu_bias_backward(conv, batch, output, d_output, d_bias.take().expect("the bias gradient"));
-    }
+    let mask_and_bias = if algos.input_grad == ConvAlgo::Winograd && algos.weight_grad == ConvAlgo::Winograd {
+        Some(winograd::MaskAndBias { output: conv.relu.then_some(output), d_bias })
+    } else {
+        relu_bias_backward(conv, batch, output, d_output, d_bias);
+        None
+    };
     let dy = &*d_output;
     let need_dx = d_input.is_some();
     let mut saved = saved;
@@ -141,9 +142,8 @@ pub fn backward(
         }
     }
     let saved = saved.as_deref();
-    if let Some(d_bias) = d_bias {
-        let mask = winograd::MaskAndBias { output: conv.relu.then_some(output), d_bias };
-        return winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), dy, Some(mask), d_input, d_weight);
+    if mask_and_bias.is_some() {
+        return winograd::backward(conv, batch, saved.expect("Winograd keeps its transforms"), dy, mask_and_bias, d_input, d_weight);
     }
     // One call when both gradients share an algorithm: they share its intermediates.
     if need_dx && d_weight.is_some() && algos.input_grad == algos.weight_grad {

@@ -227,8 +227,7 @@ impl<const N: usize> Lanes<N> {
         }
         self
     }
-    /// The ReLU's mask on a gradient: `self` where the output `y > 0`, else +0 (a NaN output
-    /// masks), as `bias_relu::relu_mask_bias_grad` masks.
+    /// The ReLU's mask on a gradient, lane by lane (`relu_mask`).
     #[inline(always)]
     pub fn where_positive(mut self, y: Lanes<N>) -> Lanes<N> {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
@@ -237,9 +236,7 @@ impl<const N: usize> Lanes<N> {
             return self;
         }
         for (g, y) in self.0.iter_mut().zip(y.0) {
-            // A bit mask rather than a select (see `relu_mask_bias_grad`).
-            let keep = if y > 0.0 { u32::MAX } else { 0 };
-            *g = f32::from_bits(g.to_bits() & keep);
+            *g = relu_mask(*g, y);
         }
         self
     }
@@ -292,6 +289,15 @@ macro_rules! for_lane_blocks {
     }};
 }
 pub(crate) use for_lane_blocks;
+
+/// The ReLU's mask on one gradient `g`: `g` where the output `y > 0`, else +0 (a NaN output
+/// masks). A bit mask rather than a select: LLVM turns `if y > 0 { g } else { 0 }` into a
+/// masked store, which is microcoded and slow on AMD.
+#[inline(always)]
+pub fn relu_mask(g: f32, y: f32) -> f32 {
+    let keep = if y > 0.0 { u32::MAX } else { 0 };
+    f32::from_bits(g.to_bits() & keep)
+}
 
 /// Whether `v` is nonzero (-0 counts as zero): its bits less the sign.
 #[inline(always)]
