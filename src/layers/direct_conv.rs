@@ -164,7 +164,7 @@ impl Conv {
     }
 
     /// Rows and columns of the padded sample: as far as the last window reaches.
-    fn padded_dims(&self) -> (usize, usize) {
+    pub(super) fn padded_dims(&self) -> (usize, usize) {
         let span = |out: usize| (out - 1) * self.win.stride + self.win.kernel;
         (span(self.win.h.output), span(self.win.w.output))
     }

@@ -123,6 +123,56 @@ mod zmm {
         }
     }
 
+    /// `Lanes::add_unless` (`whole::<N>()` holds): a byte compare into a mask, a zero-masked
+    /// load and an add per 16 lanes.
+    #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
+    #[inline(always)]
+    pub fn add_unless<const N: usize>(sum: &mut [f32; N], g: &[f32; N], arg: &[u8; N], skip: u8) {
+        for k in (0..N).step_by(16) {
+            // SAFETY: k + 16 <= N (N a multiple of 16) for the 16 floats and bytes read and the
+            // floats written; the build enables AVX-512F, BW and VL (this function's cfg).
+            unsafe {
+                let keep = _mm_cmpneq_epi8_mask(_mm_loadu_si128(arg.as_ptr().add(k).cast()), _mm_set1_epi8(skip as i8));
+                let g = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(k));
+                _mm512_storeu_ps(sum.as_mut_ptr().add(k), _mm512_add_ps(_mm512_loadu_ps(sum.as_ptr().add(k)), g));
+            }
+        }
+    }
+
+    /// `Lanes::neighbourhood_mul_add` (`whole::<N>()` holds): per 16 lanes, the argmax widened
+    /// to 32 bits, a compare into a mask that zeroes the skipped lanes' gradient as it loads,
+    /// the base index by a 16-entry permute, and per tap an index add, a two-register permute of
+    /// the neighbourhood and an FMA.
+    #[inline(always)]
+    pub fn neighbourhood_mul_add<const N: usize, const T: usize>(
+        acc: &mut [[f32; N]; T],
+        neighbourhood: &[f32; 32],
+        g: &[f32; N],
+        arg: &[u8; N],
+        base: &[u32; 16],
+        offsets: &[u32; T],
+        skip: u8,
+    ) {
+        // SAFETY: k + 16 <= N (N a multiple of 16) for the 16 floats, bytes and sums read and
+        // written; the neighbourhood and base table are 32 floats and 16 integers; the
+        // permutes read only their registers' lanes; AVX-512F is enabled (module cfg).
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_ps(neighbourhood.as_ptr()), _mm512_loadu_ps(neighbourhood.as_ptr().add(16)));
+            let base = _mm512_loadu_si512(base.as_ptr().cast());
+            for k in (0..N).step_by(16) {
+                let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(arg.as_ptr().add(k).cast()));
+                let keep = _mm512_cmpneq_epi32_mask(a, _mm512_set1_epi32(skip as i32));
+                let g = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(k));
+                let corner = _mm512_permutexvar_epi32(a, base);
+                for (sum, &offset) in acc.iter_mut().zip(offsets) {
+                    let v = _mm512_permutex2var_ps(lo, _mm512_add_epi32(corner, _mm512_set1_epi32(offset as i32)), hi);
+                    let s = _mm512_loadu_ps(sum.as_ptr().add(k));
+                    _mm512_storeu_ps(sum.as_mut_ptr().add(k), _mm512_fmadd_ps(g, v, s));
+                }
+            }
+        }
+    }
+
     /// Bit l set where `v[l]` is nonzero (-0 counts as zero), over 16 lanes from `at` (fewer
     /// where `v` ends first: the others are clear).
     #[inline(always)]
@@ -227,6 +277,54 @@ impl<const N: usize> Lanes<N> {
         }
         self
     }
+    /// `self + g` lane by lane, `g` taken as +0 where `arg` is `skip`. With AVX-512, a byte
+    /// compare into a mask, a zero-masked load and an add per 16 lanes.
+    #[inline(always)]
+    pub fn add_unless(mut self, g: &[f32; N], arg: &[u8; N], skip: u8) -> Lanes<N> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512bw", target_feature = "avx512vl"))]
+        if zmm::whole::<N>() {
+            zmm::add_unless(&mut self.0, g, arg, skip);
+            return self;
+        }
+        for l in 0..N {
+            // A select as a mask of bits (a branch per lane kept LLVM from vectorising).
+            let keep = ((arg[l] != skip) as u32).wrapping_neg();
+            self.0[l] += f32::from_bits(g[l].to_bits() & keep);
+        }
+        self
+    }
+
+    /// The multiply-adds of one gradient vector into the sums of `T` taps, each lane looking
+    /// its tap's input up in a table of 32 (a pooled output's input neighbourhood):
+    /// `acc[t][l] += g[l] * neighbourhood[(base[arg[l] % 16] + offsets[t]) % 32]`, with `g[l]`
+    /// taken as +0 where `arg[l] == skip`. With AVX-512, two-register permutes
+    /// (`vpermt2ps`) look 16 lanes up at a time; elsewhere lane by lane.
+    #[inline(always)]
+    pub fn neighbourhood_mul_add<const T: usize>(
+        acc: &mut [Lanes<N>; T],
+        neighbourhood: &[f32; 32],
+        g: &[f32; N],
+        arg: &[u8; N],
+        base: &[u32; 16],
+        offsets: &[u32; T],
+        skip: u8,
+    ) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if zmm::whole::<N>() {
+            let mut sums = acc.map(|a| a.0);
+            zmm::neighbourhood_mul_add(&mut sums, neighbourhood, g, arg, base, offsets, skip);
+            *acc = sums.map(Lanes);
+            return;
+        }
+        for l in 0..N {
+            let g = if arg[l] == skip { 0.0 } else { g[l] };
+            let corner = base[usize::from(arg[l] % 16)];
+            for (sum, &offset) in acc.iter_mut().zip(offsets) {
+                sum.0[l] = Op::MulAdd(g).lane(sum.0[l], neighbourhood[((corner + offset) % 32) as usize]);
+            }
+        }
+    }
+
     /// The ReLU's mask on a gradient, lane by lane (`relu_mask`).
     #[inline(always)]
     pub fn where_positive(mut self, y: Lanes<N>) -> Lanes<N> {
@@ -364,7 +462,7 @@ pub fn copy_run(to: &mut [f32], from: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Lanes, copy_run, is_nonzero, nonzero_bounds};
+    use super::{HAS_FMA, Lanes, copy_run, is_nonzero, nonzero_bounds};
 
     #[test]
     fn copy_run_copies_every_length() {
@@ -420,6 +518,62 @@ mod tests {
             for l in 0..N {
                 let want = if y.0[l] > 0.0 { g.0[l] } else { 0.0 };
                 assert_eq!(got.0[l].to_bits(), want.to_bits(), "{N} lanes, lane {l}");
+            }
+        }
+        check::<8>();
+        check::<16>();
+        check::<32>();
+    }
+
+    /// `add_unless` against the definition at 8, 16 and 32 lanes: the skipped lanes add +0
+    /// (turning a -0 sum into +0, whatever `g` holds there), the others add (NaN and
+    /// infinities included).
+    #[test]
+    fn add_unless_skips_the_marked_lanes() {
+        fn check<const N: usize>() {
+            let sums = [0.0, -0.0, 1.5, f32::INFINITY, -3.25, 1e-30];
+            let gs = [2.0, -0.0, f32::NAN, -1.5, 0.0, 7.0, f32::NEG_INFINITY];
+            let sum = Lanes::<N>(std::array::from_fn(|l| sums[l % sums.len()]));
+            let g: [f32; N] = std::array::from_fn(|l| gs[l % gs.len()]);
+            let arg: [u8; N] = std::array::from_fn(|l| if l % 3 == 1 { 255 } else { l as u8 });
+            let got = sum.add_unless(&g, &arg, 255);
+            for l in 0..N {
+                let want = sum.0[l] + if arg[l] == 255 { 0.0 } else { g[l] };
+                assert_eq!(got.0[l].to_bits(), want.to_bits(), "{N} lanes, lane {l}");
+            }
+        }
+        check::<8>();
+        check::<16>();
+        check::<32>();
+    }
+
+    /// `neighbourhood_mul_add` against the definition, a lane at a time (fused where the target
+    /// has FMA):
+    /// every argmax byte value (the skipped one, and ones whose low bits pick each base entry),
+    /// indices past 32 that wrap, and the sums' bits, at 8, 16 and 32 lanes.
+    #[test]
+    fn neighbourhood_mul_add_looks_each_lane_up() {
+        fn check<const N: usize>() {
+            let neighbourhood: [f32; 32] = std::array::from_fn(|i| (i as f32 - 11.5) * 0.37);
+            let base: [u32; 16] = std::array::from_fn(|i| (i as u32 * 7) % 29);
+            let offsets = [0u32, 1, 2, 5, 6, 7, 10, 11, 12];
+            for first in (0..=255u8).step_by(N) {
+                let arg: [u8; N] = std::array::from_fn(|l| first.wrapping_add(l as u8));
+                let g: [f32; N] = std::array::from_fn(|l| 1.25 - l as f32 * 0.3);
+                let mut acc: [Lanes<N>; 9] = std::array::from_fn(|t| Lanes(std::array::from_fn(|l| (t * N + l) as f32 * 0.01)));
+                let mut want = acc;
+                Lanes::neighbourhood_mul_add(&mut acc, &neighbourhood, &g, &arg, &base, &offsets, 200);
+                for l in 0..N {
+                    let g = if arg[l] == 200 { 0.0 } else { g[l] };
+                    for t in 0..9 {
+                        let v = neighbourhood[((base[usize::from(arg[l] % 16)] + offsets[t]) % 32) as usize];
+                        want[t].0[l] = if HAS_FMA { g.mul_add(v, want[t].0[l]) } else { want[t].0[l] + g * v };
+                    }
+                }
+                for t in 0..9 {
+                    let (got, want) = (acc[t].0.map(f32::to_bits), want[t].0.map(f32::to_bits));
+                    assert_eq!(got, want, "{N} lanes, tap {t}, argmax from {first}");
+                }
             }
         }
         check::<8>();
