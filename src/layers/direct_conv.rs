@@ -52,8 +52,8 @@ impl Conv {
     /// Forward of sample `x`: `y = relu?(conv(x, weight) + bias)`.
     pub(super) fn direct_forward_sample(&self, x: &[f32], weight: &[f32], bias: &[f32], y: &mut [f32]) {
         self.with_live(x, |xp, live| {
-            let row_len = self.win.w.output * self.out_c;
-            self.forward_padded(xp, live, &self.group_offsets(), weight, bias, 0..self.win.h.output, y, |oy| oy * row_len);
+            let (ow, row_len) = (self.win.w.output, self.win.w.output * self.out_c);
+            self.forward_padded(xp, live, &self.group_offsets(), weight, bias, 0..self.win.h.output, y, |oy| oy * row_len, |_| 0..ow);
         });
     }
 
@@ -236,7 +236,8 @@ impl Conv {
     }
 
     /// Forward of output rows `rows` of one padded sample: `y = relu?(conv(xp, weight) +
-    /// bias)`, output row `oy` at `y[row_at(oy)..]`. Output channels go in blocks of
+    /// bias)`, output row `oy` at `y[row_at(oy)..]`, in its `columns(oy)` (which hold its live
+    /// columns; the others are left as they are). Output channels go in blocks of
     /// `FORWARD_CHANNELS`, L, then 1 and pixels in blocks of `FORWARD_PIXELS`, the sums in
     /// registers, each weight row loaded once for the block's pixels. Where none of a block's
     /// pixels is `live`, no weight row is read; `offsets` are `group_offsets()`.
@@ -251,11 +252,12 @@ impl Conv {
         rows: std::ops::Range<usize>,
         y: &mut [f32],
         row_at: impl Fn(usize) -> usize,
+        columns: impl Fn(usize) -> std::ops::Range<usize>,
     ) {
         let cout_g = self.out_c / self.groups;
         for (g, offsets) in offsets.iter().enumerate() {
             for_lane_blocks!(g * cout_g..(g + 1) * cout_g, wide = FORWARD_CHANNELS, |c, N| {
-                self.forward_channels::<N>(xp, live, offsets, weight, bias, rows.clone(), y, &row_at, c)
+                self.forward_channels::<N>(xp, live, offsets, weight, bias, rows.clone(), y, (&row_at, &columns), c)
             });
         }
     }
@@ -273,7 +275,7 @@ impl Conv {
         bias: &[f32],
         rows: std::ops::Range<usize>,
         y: &mut [f32],
-        row_at: &impl Fn(usize) -> usize,
+        (row_at, columns): (&impl Fn(usize) -> usize, &impl Fn(usize) -> std::ops::Range<usize>),
         c: usize,
     ) {
         let (wp, s, ow) = (self.padded_dims().1, self.win.stride, self.win.w.output);
@@ -285,9 +287,11 @@ impl Conv {
             assert!(corner(ow - 1) + reach < xp.len(), "output row {oy}'s windows lie inside the padded sample");
             // Pixels left of the live columns, the live ones, and those right of them: blocks
             // of `FORWARD_PIXELS`, then ones, of each.
-            let live = &live.rows[oy];
-            let mut ox = 0;
-            for (end, offsets) in [(live.start, &offsets[..0]), (live.end, offsets), (ow, &offsets[..0])] {
+            let (live, columns) = (&live.rows[oy], columns(oy));
+            let (from, to) = if live.is_empty() { (columns.end, columns.end) } else { (live.start, live.end) };
+            debug_assert!(columns.start <= from && to <= columns.end, "row {oy}'s columns {columns:?} hold its live ones {live:?}");
+            let mut ox = columns.start;
+            for (end, offsets) in [(from, &offsets[..0]), (to, offsets), (columns.end, &offsets[..0])] {
                 while ox + FORWARD_PIXELS <= end {
                     self.forward_pixels::<N, FORWARD_PIXELS>(xp, offsets, weight, bias, y, c, ox, corner(ox));
                     ox += FORWARD_PIXELS;
