@@ -550,9 +550,8 @@ mod tests {
     }
 
     /// `neighbourhood_mul_add` against the definition, a lane at a time (fused where the target
-    /// has FMA):
-    /// every argmax byte value (the skipped one, and ones whose low bits pick each base entry),
-    /// indices past 32 that wrap, and the sums' bits, at 8, 16 and 32 lanes.
+    /// has FMA): every argmax byte value (the skipped one, and ones whose low bits pick each
+    /// base entry), indices past 32 that wrap, and the sums' bits, at 8, 16 and 32 lanes.
     #[test]
     fn neighbourhood_mul_add_looks_each_lane_up() {
         fn check<const N: usize>() {
