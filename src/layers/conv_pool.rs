@@ -195,21 +195,31 @@ pub fn direct_pooled_backward<const W: usize>(
     let (il, pl) = (conv.in_len(), pool.out_len());
     // At 16 lanes (two zmm registers hold 32 floats) a convolution of one input channel looks
     // its patches up in each pooled output's neighbourhood; others, and 8 lanes, use patch rows.
-    let neighbourhoods = if W == 16 { Neighbourhoods::new(conv, pool) } else { None };
-    let routes = neighbourhoods.is_none().then(|| Routes::<W>::new(conv, pool));
+    let weight_grad = match (W == 16).then(|| Neighbourhoods::new(conv, pool)).flatten() {
+        Some(neighbourhoods) => WeightGrad::Neighbourhoods(neighbourhoods),
+        None => WeightGrad::Patches(Routes::<W>::new(conv, pool)),
+    };
     let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
     let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
     per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
         let db = db.expect("the bias gradient is asked for");
-        let mut dwt = routes.as_ref().filter(|_| dw.is_some()).map(|routes| (routes, take_zeroed(conv.out_c * routes.row_stride())));
+        // Patch rows sum into a transposed weight gradient, added into `dw` after the range.
+        let mut dwt = match (&weight_grad, dw.is_some()) {
+            (WeightGrad::Patches(routes), true) => Some(take_zeroed(conv.out_c * routes.row_stride())),
+            _ => None,
+        };
         let (mut live, mut found) = (LiveWindows::default(), Vec::new());
         for (j, n) in range.enumerate() {
             let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
             let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
             routed_bias_grad(d, idx, conv.out_c, db);
-            match (&mut dwt, &neighbourhoods, dw.as_deref_mut()) {
-                (Some((routes, dwt)), _, _) => routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, dwt),
-                (None, Some(nb), Some(dw)) => nb.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, &mut found, dw),
+            match (&weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
+                (WeightGrad::Patches(routes), _, Some(dwt)) => {
+                    routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, dwt)
+                }
+                (WeightGrad::Neighbourhoods(nb), Some(dw), _) => {
+                    nb.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, &mut found, dw)
+                }
                 _ => {}
             }
             if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
@@ -226,7 +236,7 @@ pub fn direct_pooled_backward<const W: usize>(
                 give_back(d_conv);
             }
         }
-        if let (Some(dw), Some((routes, dwt))) = (dw, dwt) {
+        if let (WeightGrad::Patches(routes), Some(dw), Some(dwt)) = (&weight_grad, dw, dwt) {
             routes.add_transposed(&dwt, dw);
             give_back(dwt);
         }
@@ -243,6 +253,12 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
         }
         store(db, c, sum);
     });
+}
+
+/// How the weight gradient finds each pooled gradient's patch (`direct_pooled_backward`).
+enum WeightGrad<'a, const W: usize> {
+    Neighbourhoods(Neighbourhoods<'a>),
+    Patches(Routes<'a, W>),
 }
 
 /// Taps of the convolutions `Neighbourhoods` serves: 3x3 of one input channel.
