@@ -91,6 +91,38 @@ mod zmm {
         unsafe { _mm512_mask_storeu_ps(to.as_mut_ptr(), mask, _mm512_maskz_loadu_ps(mask, from.as_ptr())) }
     }
 
+    /// `pack_rows`: each row's run merged into its lanes of two registers by masked loads
+    /// (at addresses shifted back by the lane it starts at), then two whole stores. (Copied
+    /// run by run with masked stores, the block was read back through failed store
+    /// forwarding.)
+    #[inline(always)]
+    pub fn pack_rows(to: &mut [f32; 32], from: &[f32], at: usize, stride: usize, side: usize) {
+        // SAFETY: AVX-512F is on (module cfg).
+        let (mut lo, mut hi) = unsafe { (_mm512_setzero_ps(), _mm512_setzero_ps()) };
+        for r in 0..side {
+            let lanes = ((1u64 << side) - 1) << (r * side);
+            // Lane l of the shifted addresses reads row[l - r * side] (lo) and row[l + 16 -
+            // r * side] (hi): the masks pick exactly the row's `side` floats.
+            let row = from[at + r * stride..][..side].as_ptr();
+            let (lo_at, hi_at) = (row.wrapping_sub(r * side), row.wrapping_sub(r * side).wrapping_add(16));
+            // SAFETY: only masked-in lanes are read (masked-off lanes neither fault nor read),
+            // and those are the row's floats, which the slice above bounds; AVX-512F is on.
+            unsafe {
+                if lanes as u16 != 0 {
+                    lo = _mm512_mask_loadu_ps(lo, lanes as u16, lo_at);
+                }
+                if (lanes >> 16) as u16 != 0 {
+                    hi = _mm512_mask_loadu_ps(hi, (lanes >> 16) as u16, hi_at);
+                }
+            }
+        }
+        // SAFETY: `to` holds 32 floats; AVX-512F is on.
+        unsafe {
+            _mm512_storeu_ps(to.as_mut_ptr(), lo);
+            _mm512_storeu_ps(to.as_mut_ptr().add(16), hi);
+        }
+    }
+
     /// The running maximum `best` and its argmax over one more tap (`whole::<N>()` holds):
     /// where `x > best` (ordered: a NaN never wins), `best = x` and `arg = tap`. A compare
     /// into a mask register and two masked moves per 16 lanes.
@@ -460,9 +492,44 @@ pub fn copy_run(to: &mut [f32], from: &[f32]) {
     to[whole..].copy_from_slice(&from[whole..]);
 }
 
+/// `side` rows of `side` floats, row r from `from[at + r * stride..]`, packed one after another
+/// into `to`, zeros after them (`side * side <= 32`): a block of a padded image in two zmm
+/// registers' worth of floats.
+#[inline(always)]
+pub fn pack_rows(to: &mut [f32; 32], from: &[f32], at: usize, stride: usize, side: usize) {
+    assert!(side * side <= 32, "a {side} x {side} block fits 32 floats");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    zmm::pack_rows(to, from, at, stride, side);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    {
+        to.fill(0.0);
+        for r in 0..side {
+            to[r * side..(r + 1) * side].copy_from_slice(&from[at + r * stride..][..side]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{HAS_FMA, Lanes, copy_run, is_nonzero, nonzero_bounds};
+    use super::{HAS_FMA, Lanes, copy_run, is_nonzero, nonzero_bounds, pack_rows};
+
+    /// `pack_rows` against the definition, for every block side that fits (a row across the
+    /// two registers' boundary included), at the start, middle and end of the source.
+    #[test]
+    fn pack_rows_packs_each_row_and_zeros_the_rest() {
+        let from: Vec<f32> = (0..200).map(|i| i as f32 + 0.25).collect();
+        for side in 1..=5 {
+            for stride in [side, 7, 30] {
+                for at in [0, 3, from.len() - (side - 1) * stride - side] {
+                    let mut got = [-1.0; 32];
+                    pack_rows(&mut got, &from, at, stride, side);
+                    let want: Vec<f32> =
+                        (0..32).map(|l| if l < side * side { from[at + l / side * stride + l % side] } else { 0.0 }).collect();
+                    assert_eq!(got.to_vec(), want, "side {side}, stride {stride}, at {at}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn copy_run_copies_every_length() {
