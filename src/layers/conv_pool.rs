@@ -293,8 +293,8 @@ struct Neighbourhoods<'a> {
     /// By weight row (ky * 3 + kx): its neighbourhood index from the patch corner.
     offsets: [u32; NEIGHBOURHOOD_TAPS],
     /// By pooled output: its neighbourhood's first row and column in the padded sample
-    /// (negative before it), worked out once a pass (two divisions a pooled output were 5% of
-    /// the backward).
+    /// (negative before it), worked out once a pass (two divisions a pooled output were 2.5%
+    /// of the backward).
     corners: Vec<[isize; 2]>,
 }
 
