@@ -26,104 +26,201 @@ use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::simd::{Lanes, copy_run, for_lane_blocks, load, pack_rows, store};
-use super::{Axis, sample_ranges};
+use super::{Axis, WindowTable, sample_ranges};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with the
-/// argmax of each pooled output where asked (training). Where the ReLU zeroed the maximum, the
-/// argmax is `NOWHERE`.
-#[allow(clippy::too_many_arguments)]
-pub fn direct_pooled_forward(
-    conv: &Conv,
-    pool: &MaxPool,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    pooled: &mut [f32],
-    argmax: Option<&mut [u8]>,
-) {
-    let (il, pl, c) = (conv.in_len(), pool.out_len(), conv.out_c);
-    let (windows, offsets) = (pool.win.table(), conv.group_offsets());
-    let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
-    let mut weight_copy = take(weight.len() + ALIGN_SLACK);
-    let weight = &*aligned_copy(&mut weight_copy, weight);
-    // The convolution's output rows go through a ring of as many rows as a pool window has,
-    // each computed just before the first pooled row that reads it: 21 KB for the seed
-    // model's conv1, which stays in L1, where a whole sample's output (200 KB) goes through L2.
-    // (Probe, Zen 4 EPYC: the forward 3-6% faster with the caches flushed between passes, the
-    // same with them warm.)
-    let (kp, w, row_len) = (pool.win.kernel, pool.win.w.input, pool.win.w.input * c);
-    let ring_windows = windows.map_inputs(|i| (i / w % kp) * w + i % w);
-    // An empty window's outputs all equal relu?(bias), so the first tap is its maximum (where
-    // the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
-    let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
-    let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
-    let sample = |(ring, live): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
-        let ring = aligned(ring, kp * row_len);
-        conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
-            live.find(conv, &pool_rows, &pool_cols, xp);
-            let (mut done, mut active) = (0, live.active.iter().peekable());
-            ring_windows.for_each(|q, taps| {
-                // Pooled row i reads the convolution's rows up to pool_rows[i].end.
-                let needed = pool_rows[q / pool.win.w.output].end;
-                if needed > done {
-                    let read = &live.read;
-                    conv.forward_padded(
-                        xp,
-                        &live.live,
-                        &offsets,
-                        weight,
-                        bias,
-                        done..needed,
-                        ring,
-                        |oy| (oy % kp) * row_len,
-                        |oy| read[oy].clone(),
-                    );
-                    done = needed;
-                }
-                let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
-                // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its argmax
-                // becomes one no pixel has, so backward routes nothing there without a test.
-                if active.next_if_eq(&&(q as u32)).is_some() {
-                    pool_window(ring, taps, c, conv.relu, p, idx);
-                } else {
-                    // Vector stores: a call to memcpy per row took 5% of the pair.
-                    for_lane_blocks!(0..c, |cb, N| store(p, cb, load::<N>(&empty_value, cb)));
-                    let first = taps[0].0 as u8;
-                    idx.iter_mut().zip(&empty_nowhere).for_each(|(i, &nowhere)| *i = (NOWHERE & nowhere) | (first & !nowhere));
-                }
-            });
-        });
-    };
-    // One task per pool thread, over its range of samples (`sample_ranges`), which sets up its
-    // ring and lists once. Inference keeps no argmax: each task's one sample's worth stays in
-    // cache (a batch's would cost memory bandwidth: 12.5 MB at batch 1000).
-    let (ranges, mut pooled, mut argmax) = (sample_ranges(batch), &mut pooled[..batch * pl], argmax.map(|a| &mut a[..batch * pl]));
-    let mut tasks = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        let (p, rest) = std::mem::take(&mut pooled).split_at_mut(range.len() * pl);
-        pooled = rest;
-        let idx = argmax.take().map(|a| {
-            let (idx, rest) = a.split_at_mut(range.len() * pl);
-            argmax = Some(rest);
-            idx
-        });
-        tasks.push((range, p, idx));
-    }
-    tasks.into_par_iter().for_each(|(range, p, mut idx)| {
-        let (mut state, mut own_idx) = ((vec![0.0; kp * row_len + ALIGN_SLACK], LiveWindows::default()), vec![0; pl]);
-        let start = range.start;
-        for (n, p) in range.zip(p.chunks_mut(pl)) {
-            let idx = match idx.as_deref_mut() {
-                Some(idx) => &mut idx[(n - start) * pl..(n - start + 1) * pl],
-                None => &mut own_idx[..],
-            };
-            sample(&mut state, n, p, idx);
+/// A direct convolution and the max-pool after it, with what both passes need of their
+/// windows worked out once per layer. (Built per call, the tables took 20 us of a 0.5-0.8 ms
+/// forward inside the training step on an Emerald Rapids Xeon, 5 us warm; the 8-lane weight
+/// gradient's `Routes` are 196 KB for the seed model's conv1.) `W` is the vector width of the
+/// weight gradient: at 16 `Neighbourhoods` where they apply, else `Routes`' patch rows of `W`
+/// lanes (the same bits either way). The engine uses the target's `L`, the tests both widths.
+pub struct ConvPool<const W: usize> {
+    conv: Conv,
+    pool: MaxPool,
+    /// The pool's windows with their input pixels placed in the forward's ring of convolution
+    /// rows.
+    ring_windows: WindowTable,
+    /// The convolution's output rows and columns each pooled row and column covers
+    /// (`Window::input_ranges`).
+    pool_rows: Vec<Range<usize>>,
+    pool_cols: Vec<Range<usize>>,
+    /// `Conv::group_offsets`.
+    offsets: Vec<Vec<usize>>,
+    weight_grad: WeightGrad<W>,
+}
+
+impl<const W: usize> ConvPool<W> {
+    pub fn new(conv: &Conv, pool: &MaxPool) -> ConvPool<W> {
+        let (kp, w) = (pool.win.kernel, pool.win.w.input);
+        // At 16 lanes (two zmm registers hold 32 floats) a convolution of one input channel
+        // looks its patches up in each pooled output's neighbourhood; others, and 8 lanes, use
+        // patch rows.
+        let weight_grad = match (W == 16).then(|| Neighbourhoods::new(conv, pool)).flatten() {
+            Some(neighbourhoods) => WeightGrad::Neighbourhoods(neighbourhoods),
+            None => WeightGrad::Patches(Routes::new(conv, pool)),
+        };
+        ConvPool {
+            conv: *conv,
+            pool: *pool,
+            ring_windows: pool.win.table().map_inputs(|i| (i / w % kp) * w + i % w),
+            pool_rows: pool.win.input_ranges(&pool.win.h),
+            pool_cols: pool.win.input_ranges(&pool.win.w),
+            offsets: conv.group_offsets(),
+            weight_grad,
         }
-    });
-    give_back(weight_copy);
+    }
+
+    /// Whether this pair's pool is `pool`.
+    pub fn pools_with(&self, pool: &MaxPool) -> bool {
+        (self.pool.win, self.pool.channels) == (pool.win, pool.channels)
+    }
+
+    /// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with the
+    /// argmax of each pooled output where asked (training). Where the ReLU zeroed the maximum,
+    /// the argmax is `NOWHERE`.
+    pub fn forward(&self, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], pooled: &mut [f32], argmax: Option<&mut [u8]>) {
+        let (conv, pool) = (&self.conv, &self.pool);
+        let (il, pl, c) = (conv.in_len(), pool.out_len(), conv.out_c);
+        let mut weight_copy = take(weight.len() + ALIGN_SLACK);
+        let weight = &*aligned_copy(&mut weight_copy, weight);
+        // The convolution's output rows go through a ring of as many rows as a pool window
+        // has, each computed just before the first pooled row that reads it: 21 KB for the
+        // seed model's conv1, which stays in L1, where a whole sample's output (200 KB) goes
+        // through L2. (Probe, Zen 4 EPYC: the forward 3-6% faster with the caches flushed
+        // between passes, the same with them warm.)
+        let (kp, row_len) = (pool.win.kernel, pool.win.w.input * c);
+        // An empty window's outputs all equal relu?(bias), so the first tap is its maximum
+        // (where the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
+        let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
+        let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
+        let sample = |(ring, live): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
+            let ring = aligned(ring, kp * row_len);
+            conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
+                live.find(conv, &self.pool_rows, &self.pool_cols, xp);
+                let (mut done, mut active) = (0, live.active.iter().peekable());
+                self.ring_windows.for_each(|q, taps| {
+                    // Pooled row i reads the convolution's rows up to pool_rows[i].end.
+                    let needed = self.pool_rows[q / pool.win.w.output].end;
+                    if needed > done {
+                        let read = &live.read;
+                        conv.forward_padded(
+                            xp,
+                            &live.live,
+                            &self.offsets,
+                            weight,
+                            bias,
+                            done..needed,
+                            ring,
+                            |oy| (oy % kp) * row_len,
+                            |oy| read[oy].clone(),
+                        );
+                        done = needed;
+                    }
+                    let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
+                    // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its
+                    // argmax becomes one no pixel has, so backward routes nothing there without
+                    // a test.
+                    if active.next_if_eq(&&(q as u32)).is_some() {
+                        pool_window(ring, taps, c, conv.relu, p, idx);
+                    } else {
+                        // Vector stores: a call to memcpy per row took 5% of the pair.
+                        for_lane_blocks!(0..c, |cb, N| store(p, cb, load::<N>(&empty_value, cb)));
+                        let first = taps[0].0 as u8;
+                        idx.iter_mut().zip(&empty_nowhere).for_each(|(i, &nowhere)| *i = (NOWHERE & nowhere) | (first & !nowhere));
+                    }
+                });
+            });
+        };
+        // One task per pool thread, over its range of samples (`sample_ranges`), which sets up
+        // its ring and lists once. Inference keeps no argmax: each task's one sample's worth
+        // stays in cache (a batch's would cost memory bandwidth: 12.5 MB at batch 1000).
+        let (ranges, mut pooled, mut argmax) = (sample_ranges(batch), &mut pooled[..batch * pl], argmax.map(|a| &mut a[..batch * pl]));
+        let mut tasks = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let (p, rest) = std::mem::take(&mut pooled).split_at_mut(range.len() * pl);
+            pooled = rest;
+            let idx = argmax.take().map(|a| {
+                let (idx, rest) = a.split_at_mut(range.len() * pl);
+                argmax = Some(rest);
+                idx
+            });
+            tasks.push((range, p, idx));
+        }
+        tasks.into_par_iter().for_each(|(range, p, mut idx)| {
+            let (mut state, mut own_idx) = ((vec![0.0; kp * row_len + ALIGN_SLACK], LiveWindows::default()), vec![0; pl]);
+            let start = range.start;
+            for (n, p) in range.zip(p.chunks_mut(pl)) {
+                let idx = match idx.as_deref_mut() {
+                    Some(idx) => &mut idx[(n - start) * pl..(n - start + 1) * pl],
+                    None => &mut own_idx[..],
+                };
+                sample(&mut state, n, p, idx);
+            }
+        });
+        give_back(weight_copy);
+    }
+
+    /// Backward of `forward`: overwrites `d_bias` and whichever of `d_input`, `d_weight` is
+    /// given, from the pooled gradient and the forward's argmax. Sums run over the samples of
+    /// each thread's range in order, and within a sample over the pooled outputs in order, so a
+    /// thread count gives the same bits every time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        batch: usize,
+        input: &[f32],
+        weight: &[f32],
+        d_pooled: &[f32],
+        argmax: &[u8],
+        d_input: Option<&mut [f32]>,
+        d_weight: Option<&mut [f32]>,
+        d_bias: &mut [f32],
+    ) {
+        let (conv, pool) = (&self.conv, &self.pool);
+        let (il, pl) = (conv.in_len(), pool.out_len());
+        let pool_ranges = (&self.pool_rows[..], &self.pool_cols[..]);
+        let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
+        per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
+            let db = db.expect("the bias gradient is asked for");
+            // Patch rows sum into a transposed weight gradient, added into `dw` after the range.
+            let mut dwt = match (&self.weight_grad, dw.is_some()) {
+                (WeightGrad::Patches(routes), true) => Some(take_zeroed(conv.out_c * routes.row_stride())),
+                _ => None,
+            };
+            let (mut live, mut found) = (LiveWindows::default(), Vec::new());
+            for (j, n) in range.enumerate() {
+                let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
+                let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
+                routed_bias_grad(d, idx, conv.out_c, db);
+                match (&self.weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
+                    (WeightGrad::Patches(routes), _, Some(dwt)) => routes.weight_grad_sample(x, pool_ranges, d, idx, &mut live, dwt),
+                    (WeightGrad::Neighbourhoods(nb), Some(dw), _) => {
+                        nb.weight_grad_sample(x, pool_ranges, d, idx, &mut live, &mut found, dw)
+                    }
+                    _ => {}
+                }
+                if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
+                    // The convolution's output gradient, and the pixels it reached, for the
+                    // direct input gradient.
+                    let mut d_conv = take(conv.out_len());
+                    let mut pixels = Vec::with_capacity(corners.len());
+                    max_pool_backward_sample(pool, inverse, d, idx, &mut d_conv, |o, nonzero| {
+                        if nonzero {
+                            pixels.push(corners[o]);
+                        }
+                    });
+                    conv.direct_backward_sample(x, weight, &d_conv, &pixels, None, Some(&mut dx[j * il..(j + 1) * il]));
+                    give_back(d_conv);
+                }
+            }
+            if let (WeightGrad::Patches(routes), Some(dw), Some(dwt)) = (&self.weight_grad, dw, dwt) {
+                routes.add_transposed(&dwt, dw);
+                give_back(dwt);
+            }
+        });
+    }
 }
 
 /// One sample's live windows, from its padded copy: those of the convolution's output pixels
@@ -173,76 +270,6 @@ fn hull(a: Option<Range<usize>>, b: &Range<usize>) -> Option<Range<usize>> {
     }
 }
 
-/// Backward of `direct_pooled_forward`: overwrites `d_bias` and whichever of `d_input`,
-/// `d_weight` is given, from the pooled gradient and the forward's argmax. Sums run over the
-/// samples of each thread's range in order, and within a sample over the pooled outputs in
-/// order, so a thread count gives the same bits every time. `W` is the vector width of the
-/// weight gradient: at 16 `Neighbourhoods` where they apply, else `Routes`' patch rows of `W`
-/// lanes (the same bits either way). The engine passes the target's `L`, the tests both widths.
-#[allow(clippy::too_many_arguments)]
-pub fn direct_pooled_backward<const W: usize>(
-    conv: &Conv,
-    pool: &MaxPool,
-    batch: usize,
-    input: &[f32],
-    weight: &[f32],
-    d_pooled: &[f32],
-    argmax: &[u8],
-    d_input: Option<&mut [f32]>,
-    d_weight: Option<&mut [f32]>,
-    d_bias: &mut [f32],
-) {
-    let (il, pl) = (conv.in_len(), pool.out_len());
-    // At 16 lanes (two zmm registers hold 32 floats) a convolution of one input channel looks
-    // its patches up in each pooled output's neighbourhood; others, and 8 lanes, use patch rows.
-    let weight_grad = match (W == 16).then(|| Neighbourhoods::new(conv, pool)).flatten() {
-        Some(neighbourhoods) => WeightGrad::Neighbourhoods(neighbourhoods),
-        None => WeightGrad::Patches(Routes::<W>::new(conv, pool)),
-    };
-    let (pool_rows, pool_cols) = (pool.win.input_ranges(&pool.win.h), pool.win.input_ranges(&pool.win.w));
-    let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
-    per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
-        let db = db.expect("the bias gradient is asked for");
-        // Patch rows sum into a transposed weight gradient, added into `dw` after the range.
-        let mut dwt = match (&weight_grad, dw.is_some()) {
-            (WeightGrad::Patches(routes), true) => Some(take_zeroed(conv.out_c * routes.row_stride())),
-            _ => None,
-        };
-        let (mut live, mut found) = (LiveWindows::default(), Vec::new());
-        for (j, n) in range.enumerate() {
-            let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
-            let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
-            routed_bias_grad(d, idx, conv.out_c, db);
-            match (&weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
-                (WeightGrad::Patches(routes), _, Some(dwt)) => {
-                    routes.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, dwt)
-                }
-                (WeightGrad::Neighbourhoods(nb), Some(dw), _) => {
-                    nb.weight_grad_sample(x, (&pool_rows, &pool_cols), d, idx, &mut live, &mut found, dw)
-                }
-                _ => {}
-            }
-            if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
-                // The convolution's output gradient, and the pixels it reached, for the direct
-                // input gradient.
-                let mut d_conv = take(conv.out_len());
-                let mut pixels = Vec::with_capacity(corners.len());
-                max_pool_backward_sample(pool, inverse, d, idx, &mut d_conv, |o, nonzero| {
-                    if nonzero {
-                        pixels.push(corners[o]);
-                    }
-                });
-                conv.direct_backward_sample(x, weight, &d_conv, &pixels, None, Some(&mut dx[j * il..(j + 1) * il]));
-                give_back(d_conv);
-            }
-        }
-        if let (WeightGrad::Patches(routes), Some(dw), Some(dwt)) = (&weight_grad, dw, dwt) {
-            routes.add_transposed(&dwt, dw);
-            give_back(dwt);
-        }
-    });
-}
-
 /// Add, over the pooled outputs of one sample in order, the gradients that reached a
 /// convolution output (argmax not `NOWHERE`) into `db`: the bias gradient.
 fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
@@ -255,10 +282,10 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], oc: usize, db: &mut [f32]) {
     });
 }
 
-/// How the weight gradient finds each pooled gradient's patch (`direct_pooled_backward`).
-enum WeightGrad<'a, const W: usize> {
-    Neighbourhoods(Neighbourhoods<'a>),
-    Patches(Routes<'a, W>),
+/// How the weight gradient finds each pooled gradient's patch (`ConvPool::backward`).
+enum WeightGrad<const W: usize> {
+    Neighbourhoods(Neighbourhoods),
+    Patches(Routes<W>),
 }
 
 /// Taps of the convolutions `Neighbourhoods` serves: 3x3 of one input channel.
@@ -284,8 +311,8 @@ struct Neighbourhood([f32; 32]);
 /// and a patch row per channel and pooled output (four loads, which bound it; the pair's
 /// backward on one core of an Emerald Rapids Xeon, 32 MNIST digits, 0.38 -> 0.24 ms). The sums
 /// run in `Routes`' order, so both give the same bits.
-struct Neighbourhoods<'a> {
-    conv: &'a Conv,
+struct Neighbourhoods {
+    conv: Conv,
     side: usize,
     /// By pool tap (ky * k + kx of the pool's window): the neighbourhood index of the corner of
     /// that pixel's patch.
@@ -298,10 +325,10 @@ struct Neighbourhoods<'a> {
     corners: Vec<[isize; 2]>,
 }
 
-impl<'a> Neighbourhoods<'a> {
+impl Neighbourhoods {
     /// `None` unless `conv` is 3x3 over one input channel and a pool window's patches fit a
     /// neighbourhood of 32 floats, its taps 16 base entries.
-    fn new(conv: &'a Conv, pool: &MaxPool) -> Option<Neighbourhoods<'a>> {
+    fn new(conv: &Conv, pool: &MaxPool) -> Option<Neighbourhoods> {
         let (kp, s) = (pool.win.kernel, conv.win.stride);
         let side = (kp - 1) * s + conv.win.kernel;
         if conv.in_c != 1 || conv.groups != 1 || conv.patch_len() != NEIGHBOURHOOD_TAPS || kp * kp > 16 || side * side > 32 {
@@ -315,7 +342,7 @@ impl<'a> Neighbourhoods<'a> {
         let pw = &pool.win;
         let first = |o: usize, axis: &Axis| ((o * pw.stride) as isize - axis.pad_before as isize) * s as isize;
         let corners = (0..pw.out_pixels()).map(|q| [first(q / pw.w.output, &pw.h), first(q % pw.w.output, &pw.w)]).collect();
-        Some(Neighbourhoods { conv, side, base, offsets, corners })
+        Some(Neighbourhoods { conv: *conv, side, base, offsets, corners })
     }
 
     /// One sample's weight gradient, added into `dw` (`[patch row][out_c]`), over the active
@@ -331,7 +358,7 @@ impl<'a> Neighbourhoods<'a> {
         found: &mut Vec<Neighbourhood>,
         dw: &mut [f32],
     ) {
-        let (conv, oc) = (self.conv, self.conv.out_c);
+        let (conv, oc) = (&self.conv, self.conv.out_c);
         conv.with_padded(x, |xp| {
             live.find(conv, pool_ranges.0, pool_ranges.1, xp);
             found.clear();
@@ -380,20 +407,20 @@ impl<'a> Neighbourhoods<'a> {
 /// `NOWHERE`, or of a tap outside the input, gets the zero row past the last pixel's. A row
 /// for every byte value (not just the window's taps) makes the argmax an index that needs no
 /// bounds check, and costs two cache lines per pooled output.
-struct Routes<'a, const W: usize> {
-    conv: &'a Conv,
+struct Routes<const W: usize> {
+    conv: Conv,
     blocks: Vec<[u32; 256]>,
     /// `Conv::group_offsets`, for the patch rows.
     offsets: Vec<Vec<usize>>,
 }
 
-impl<'a, const W: usize> Routes<'a, W> {
-    fn new(conv: &'a Conv, pool: &MaxPool) -> Routes<'a, W> {
+impl<const W: usize> Routes<W> {
+    fn new(conv: &Conv, pool: &MaxPool) -> Routes<W> {
         let nb = conv.patch_len().div_ceil(W);
         let block = |pixel: usize| u32::try_from(pixel * nb).expect("a sample's patch blocks fit 32 bits");
         let mut blocks = vec![[block(conv.win.out_pixels()); 256]; pool.win.out_pixels()];
         pool.win.for_each_window(|q, window| window.iter().for_each(|&(t, p)| blocks[q][t] = block(p)));
-        Routes { conv, blocks, offsets: conv.group_offsets() }
+        Routes { conv: *conv, blocks, offsets: conv.group_offsets() }
     }
 
     /// Floats per channel of the transposed weight gradient, and per pixel of the patch
@@ -414,7 +441,7 @@ impl<'a, const W: usize> Routes<'a, W> {
         live: &mut LiveWindows,
         dwt: &mut [f32],
     ) {
-        let conv = self.conv;
+        let conv = &self.conv;
         let (opix, stride) = (conv.win.out_pixels(), self.row_stride());
         let cout_g = conv.out_c / conv.groups;
         conv.with_padded(x, |xp| {
@@ -530,13 +557,14 @@ mod tests {
         let (mut want_pooled, mut want_argmax) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()]);
         max_pool_forward(pool, batch, &y, &mut want_pooled, Some(&mut want_argmax));
         let (mut pooled, mut argmax) = (vec![f32::NAN; want_pooled.len()], vec![0u8; want_argmax.len()]);
-        direct_pooled_forward(conv, pool, batch, &x, &weight, &bias, &mut pooled, Some(&mut argmax));
+        let (narrow, wide) = (ConvPool::<8>::new(conv, pool), ConvPool::<16>::new(conv, pool));
+        narrow.forward(batch, &x, &weight, &bias, &mut pooled, Some(&mut argmax));
         assert_eq!(pooled, want_pooled, "{what}: pooled");
         for ((&a, &want), &v) in argmax.iter().zip(&want_argmax).zip(&want_pooled) {
             assert_eq!(a, if conv.relu && v <= 0.0 { NOWHERE } else { want }, "{what}: argmax");
         }
         let mut inference = vec![f32::NAN; want_pooled.len()];
-        direct_pooled_forward(conv, pool, batch, &x, &weight, &bias, &mut inference, None);
+        wide.forward(batch, &x, &weight, &bias, &mut inference, None);
         assert_eq!(inference, want_pooled, "{what}: pooled without the argmax");
 
         let mut d_y = vec![0.0; y.len()];
@@ -555,8 +583,8 @@ mod tests {
             let (mut db, mut dw, mut dx) = (vec![f32::NAN; conv.out_c], vec![f32::NAN; weight.len()], vec![f32::NAN; x.len()]);
             let args = (with_dx.then_some(&mut dx[..]), Some(&mut dw[..]), &mut db[..]);
             match lanes {
-                8 => direct_pooled_backward::<8>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
-                _ => direct_pooled_backward::<16>(conv, pool, batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                8 => narrow.backward(batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                _ => wide.backward(batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
             }
             close("bias gradient", &db, &want_db);
             close("weight gradient", &dw, &want_dw);

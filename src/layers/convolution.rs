@@ -4,7 +4,7 @@
 //! runs whichever `autotune` chose for each pass.
 
 use super::conv::Conv;
-use super::conv_pool::{direct_pooled_backward, direct_pooled_forward};
+use super::conv_pool::ConvPool;
 use super::conv_algo::{self, ConvAlgo, ConvAlgos};
 use super::pool::MaxPool;
 use super::simd::L;
@@ -14,7 +14,7 @@ use super::{Padding, Window};
 use crate::onnx_graph::{OnnxGraph, int, ints};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConvSpec {
@@ -28,10 +28,29 @@ pub struct ConvSpec {
     pub relu: bool,
 }
 
-#[derive(Debug)]
 pub struct Convolution {
     pub name: String,
     pub conv: Conv,
+    /// This convolution and the max-pool after it, where they fuse: built at the first pass
+    /// that runs them as one.
+    pooled: OnceLock<ConvPool<L>>,
+}
+
+impl std::fmt::Debug for Convolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Convolution").field("name", &self.name).field("conv", &self.conv).finish_non_exhaustive()
+    }
+}
+
+impl Convolution {
+    /// `f` of this convolution fused with `pool`: the pair built at the first call, and kept
+    /// (a layer's next layer does not change; a different pool gets a pair of its own).
+    fn with_pool<R>(&self, pool: &MaxPool, f: impl FnOnce(&ConvPool<L>) -> R) -> R {
+        match self.pooled.get_or_init(|| ConvPool::new(&self.conv, pool)) {
+            pair if pair.pools_with(pool) => f(pair),
+            _ => f(&ConvPool::new(&self.conv, pool)),
+        }
+    }
 }
 
 impl Spec for ConvSpec {
@@ -44,7 +63,7 @@ impl Spec for ConvSpec {
             bail!("{}: channels {c} -> {} not divisible by groups {groups}", self.name, self.out_c);
         }
         let conv = Conv { win, in_c: c, out_c: self.out_c, groups, relu: self.relu };
-        Ok(Arc::new(Convolution { name: self.name.clone(), conv }))
+        Ok(Arc::new(Convolution { name: self.name.clone(), conv, pooled: OnceLock::new() }))
     }
 }
 
@@ -111,7 +130,7 @@ impl Layer for Convolution {
             _ => None,
         };
         let [w, b] = f.params else { unreachable!("weight and bias") };
-        direct_pooled_forward(&self.conv, pool, f.n, f.x, &w.value, &b.value, f.y, argmax);
+        self.with_pool(pool, |pair| pair.forward(f.n, f.x, &w.value, &b.value, f.y, argmax));
     }
 
     fn backward_with_next(&self, next: &dyn Layer, b: Backward, next_saved: &Saved) {
@@ -120,7 +139,7 @@ impl Layer for Convolution {
         };
         let [w, bias] = b.params else { unreachable!("weight and bias") };
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-        direct_pooled_backward::<L>(&self.conv, pool, b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad);
+        self.with_pool(pool, |pair| pair.backward(b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad));
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {
