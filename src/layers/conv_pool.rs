@@ -26,9 +26,11 @@ use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
 use super::simd::{Lanes, copy_run, for_lane_blocks, load, pack_rows, store};
-use super::{Axis, WindowTable, sample_ranges};
+use super::{Axis, WindowTable};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A direct convolution and the max-pool after it, with what both passes need of their
 /// windows worked out once per layer. (Built per call, the tables took 20 us of a 0.5-0.8 ms
@@ -133,30 +135,26 @@ impl<const W: usize> ConvPool<W> {
                 });
             });
         };
-        // One task per pool thread, over its range of samples (`sample_ranges`), which sets up
-        // its ring and lists once. Inference keeps no argmax: each task's one sample's worth
-        // stays in cache (a batch's would cost memory bandwidth: 12.5 MB at batch 1000).
-        let (ranges, mut pooled, mut argmax) = (sample_ranges(batch), &mut pooled[..batch * pl], argmax.map(|a| &mut a[..batch * pl]));
-        let mut tasks = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            let (p, rest) = std::mem::take(&mut pooled).split_at_mut(range.len() * pl);
-            pooled = rest;
-            let idx = argmax.take().map(|a| {
-                let (idx, rest) = a.split_at_mut(range.len() * pl);
-                argmax = Some(rest);
-                idx
-            });
-            tasks.push((range, p, idx));
-        }
-        tasks.into_par_iter().for_each(|(range, p, mut idx)| {
+        // Each thread takes the next sample not yet taken, until none are left, with its ring
+        // and lists set up once: a thread that starts late (a sleeping worker takes 15-20 us to
+        // wake) or runs slow takes fewer samples. (Split in two halves, the two threads' ends
+        // were 60 us apart, of 0.6-0.8 ms, inside the step on the Xeon.) Inference keeps no
+        // argmax: one sample's worth a thread stays in cache (a batch's would cost memory
+        // bandwidth: 12.5 MB at batch 1000).
+        let pooled = pooled[..batch * pl].chunks_mut(pl);
+        let outputs: Vec<SampleOutput> = match argmax {
+            Some(argmax) => pooled.zip(argmax[..batch * pl].chunks_mut(pl)).map(|(p, idx)| Mutex::new((p, Some(idx)))).collect(),
+            None => pooled.map(|p| Mutex::new((p, None))).collect(),
+        };
+        let next = AtomicUsize::new(0);
+        (0..rayon::current_num_threads().min(batch)).into_par_iter().for_each(|_| {
             let (mut state, mut own_idx) = ((vec![0.0; kp * row_len + ALIGN_SLACK], LiveWindows::default()), vec![0; pl]);
-            let start = range.start;
-            for (n, p) in range.zip(p.chunks_mut(pl)) {
-                let idx = match idx.as_deref_mut() {
-                    Some(idx) => &mut idx[(n - start) * pl..(n - start + 1) * pl],
-                    None => &mut own_idx[..],
-                };
-                sample(&mut state, n, p, idx);
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(output) = outputs.get(n) else { break };
+                let mut output = output.lock().unwrap_or_else(|e| e.into_inner());
+                let (p, idx) = &mut *output;
+                sample(&mut state, n, p, idx.as_deref_mut().unwrap_or(&mut own_idx));
             }
         });
         give_back(weight_copy);
@@ -222,6 +220,10 @@ impl<const W: usize> ConvPool<W> {
         });
     }
 }
+
+/// One sample's pooled output and, when training, its argmax: the forward's thread that takes
+/// the sample locks it (`ConvPool::forward`).
+type SampleOutput<'a> = Mutex<(&'a mut [f32], Option<&'a mut [u8]>)>;
 
 /// One sample's live windows, from its padded copy: those of the convolution's output pixels
 /// (`Conv::find_live`), and `active`, in order, the pooled outputs whose window meets the span
