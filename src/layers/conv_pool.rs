@@ -54,6 +54,7 @@ pub struct ConvPool<const W: usize> {
 }
 
 impl<const W: usize> ConvPool<W> {
+    /// `conv` and `pool` (whose input is `conv`'s output) with their tables.
     pub fn new(conv: &Conv, pool: &MaxPool) -> ConvPool<W> {
         let (kp, w) = (pool.win.kernel, pool.win.w.input);
         // At 16 lanes (two zmm registers hold 32 floats) a convolution of one input channel
