@@ -194,7 +194,9 @@ impl<const W: usize> ConvPool<W> {
                 let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
                 routed_bias_grad(d, idx, conv.out_c, db);
                 match (&self.weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
-                    (WeightGrad::Patches(routes), _, Some(dwt)) => routes.weight_grad_sample(x, pool_ranges, d, idx, &mut live, dwt),
+                    (WeightGrad::Patches(routes), _, Some(dwt)) => {
+                        routes.weight_grad_sample(x, &self.offsets, pool_ranges, d, idx, &mut live, dwt)
+                    }
                     (WeightGrad::Neighbourhoods(nb), Some(dw), _) => {
                         nb.weight_grad_sample(x, pool_ranges, d, idx, &mut live, &mut found, dw)
                     }
@@ -413,8 +415,6 @@ impl Neighbourhoods {
 struct Routes<const W: usize> {
     conv: Conv,
     blocks: Vec<[u32; 256]>,
-    /// `Conv::group_offsets`, for the patch rows.
-    offsets: Vec<Vec<usize>>,
 }
 
 impl<const W: usize> Routes<W> {
@@ -423,7 +423,7 @@ impl<const W: usize> Routes<W> {
         let block = |pixel: usize| u32::try_from(pixel * nb).expect("a sample's patch blocks fit 32 bits");
         let mut blocks = vec![[block(conv.win.out_pixels()); 256]; pool.win.out_pixels()];
         pool.win.for_each_window(|q, window| window.iter().for_each(|&(t, p)| blocks[q][t] = block(p)));
-        Routes { conv: *conv, blocks, offsets: conv.group_offsets() }
+        Routes { conv: *conv, blocks }
     }
 
     /// Floats per channel of the transposed weight gradient, and per pixel of the patch
@@ -434,10 +434,12 @@ impl<const W: usize> Routes<W> {
 
     /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
     /// active pooled outputs are visited (`live`, this thread's): the others' patches are zeros.
-    #[allow(clippy::type_complexity)]
+    /// `offsets`: `Conv::group_offsets`, for the patch rows.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn weight_grad_sample(
         &self,
         x: &[f32],
+        offsets: &[Vec<usize>],
         (pool_rows, pool_cols): (&[Range<usize>], &[Range<usize>]),
         d: &[f32],
         idx: &[u8],
@@ -452,7 +454,7 @@ impl<const W: usize> Routes<W> {
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
                 let patches = aligned(patches, (opix + 1) * stride);
-                for (g, offsets) in self.offsets.iter().enumerate() {
+                for (g, offsets) in offsets.iter().enumerate() {
                     conv.patch_rows(xp, &live.live, offsets, stride, patches);
                     let patches = patches.as_chunks::<W>().0;
                     for b in 0..stride / W {
