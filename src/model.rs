@@ -3,6 +3,7 @@
 //! whose buffers are all allocated up front for one batch size.
 
 pub use crate::layers::LayerSpec;
+use crate::layers::aligned::AlignedBuf;
 use crate::layers::conv::Conv;
 use crate::layers::conv_algo::{ConvAlgo, ConvAlgos};
 use crate::layers::convolution::Convolution;
@@ -280,7 +281,7 @@ pub struct Workspace {
     /// Whether it holds what training needs (gradients, dropout masks, Winograd transforms).
     training: bool,
     /// `acts[0]` is the input; `acts[i + 1]` is layer i's output.
-    pub acts: Vec<Vec<f32>>,
+    pub acts: Vec<AlignedBuf<f32>>,
     grads: Vec<Vec<f32>>,
     saved: Vec<Saved>,
     pub probs: Vec<f32>,
@@ -347,8 +348,9 @@ impl Workspace {
         let len = |s: &[usize; 3]| s.iter().product::<usize>() * batch;
         // Evaluation skips dropout, so an evaluation workspace has no buffers for it.
         let skipped = |i: usize| !training && i > 0 && model.layers[i - 1].op.is_identity(Mode::Eval);
-        let acts: Vec<Vec<f32>> =
-            model.shapes.iter().enumerate().map(|(i, s)| if skipped(i) { Vec::new() } else { vec![0.0; len(s)] }).collect();
+        // On cache lines: fused layers stream whole lines of their output (`simd::stream_copy`).
+        let acts: Vec<AlignedBuf<f32>> =
+            model.shapes.iter().enumerate().map(|(i, s)| AlignedBuf::zeroed(if skipped(i) { 0 } else { len(s) })).collect();
         let grads = if training { model.shapes.iter().map(|s| vec![0.0; len(s)]).collect() } else { Vec::new() };
         let saved = model.layers.iter().zip(&conv_plan).map(|(l, algos)| l.op.saved(batch, training, *algos)).collect();
         let classes = model.classes();

@@ -25,7 +25,7 @@ use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
-use super::simd::{Lanes, copy_run, for_lane_blocks, load, pack_rows, store};
+use super::simd::{Lanes, copy_run, for_lane_blocks, load, pack_rows, store, stream_copy, stream_fence};
 use super::{Axis, WindowTable};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -98,7 +98,8 @@ impl<const W: usize> ConvPool<W> {
         // (where the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
         let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
         let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
-        let sample = |(ring, live): &mut (Vec<f32>, LiveWindows), n: usize, p: &mut [f32], idx: &mut [u8]| {
+        let sample = |state: &mut SampleState, n: usize, p: &mut [f32], mut idx: Option<&mut [u8]>| {
+            let SampleState { ring, live, values, argmax } = state;
             let ring = aligned(ring, kp * row_len);
             conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
                 live.find(conv, &self.pool_rows, &self.pool_cols, xp);
@@ -129,16 +130,24 @@ impl<const W: usize> ConvPool<W> {
                         );
                         done = needed;
                     }
-                    let (p, idx) = (&mut p[q * c..(q + 1) * c], &mut idx[q * c..(q + 1) * c]);
-                    // A pooled 0 copied an output the ReLU zeroed, whose gradient is 0: its
-                    // argmax becomes one no pixel has, so backward routes nothing there without
-                    // a test.
+                    // The window's output goes through `values` and `argmax` (in L1) to streaming
+                    // stores: the batch's output (4 MB for the seed model's conv1) is far from
+                    // the cache when a training step starts, and ordinary stores would read
+                    // each line first. A pooled 0 copied an output the ReLU zeroed, whose
+                    // gradient is 0: its argmax becomes one no pixel has, so backward routes
+                    // nothing there without a test.
+                    let (p, idx) = (&mut p[q * c..(q + 1) * c], idx.as_deref_mut().map(|idx| &mut idx[q * c..(q + 1) * c]));
                     if active.next_if_eq(&&(q as u32)).is_some() {
-                        pool_window(ring, taps, c, conv.relu, p, idx);
+                        pool_window(ring, taps, c, conv.relu, values, argmax);
+                        stream_copy(p, values);
                     } else {
-                        // Vector stores: a call to memcpy per row took 5% of the pair.
-                        for_lane_blocks!(0..c, |cb, N| store(p, cb, load::<N>(&empty_value, cb)));
-                        fill_empty_argmax(idx, &empty_nowhere, taps[0].0 as u8);
+                        stream_copy(p, &empty_value);
+                        if idx.is_some() {
+                            fill_empty_argmax(argmax, &empty_nowhere, taps[0].0 as u8);
+                        }
+                    }
+                    if let Some(idx) = idx {
+                        stream_copy(idx, argmax);
                     }
                 });
             });
@@ -147,8 +156,7 @@ impl<const W: usize> ConvPool<W> {
         // and lists set up once: a thread that starts late (a sleeping worker takes 15-20 us to
         // wake) or runs slow takes fewer samples. (Split in two halves, the two threads' ends
         // were 60 us apart, of 0.6-0.8 ms, inside the step on the Xeon.) Inference keeps no
-        // argmax: one sample's worth a thread stays in cache (a batch's would cost memory
-        // bandwidth: 12.5 MB at batch 1000).
+        // argmax: each window's stays in `SampleState::argmax`.
         let pooled = pooled[..batch * pl].chunks_mut(pl);
         let outputs: Vec<SampleOutput> = match argmax {
             Some(argmax) => pooled.zip(argmax[..batch * pl].chunks_mut(pl)).map(|(p, idx)| Mutex::new((p, Some(idx)))).collect(),
@@ -156,14 +164,20 @@ impl<const W: usize> ConvPool<W> {
         };
         let next = AtomicUsize::new(0);
         (0..rayon::current_num_threads().min(batch)).into_par_iter().for_each(|_| {
-            let (mut state, mut own_idx) = ((vec![0.0; kp * row_len + ALIGN_SLACK], LiveWindows::default()), vec![0; pl]);
+            let mut state = SampleState {
+                ring: vec![0.0; kp * row_len + ALIGN_SLACK],
+                live: LiveWindows::default(),
+                values: vec![0.0; c],
+                argmax: vec![0; c],
+            };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(output) = outputs.get(n) else { break };
                 let mut output = output.lock().unwrap_or_else(|e| e.into_inner());
                 let (p, idx) = &mut *output;
-                sample(&mut state, n, p, idx.as_deref_mut().unwrap_or(&mut own_idx));
+                sample(&mut state, n, p, idx.as_deref_mut());
             }
+            stream_fence();
         });
         give_back(weight_copy);
     }
@@ -243,6 +257,15 @@ fn fill_empty_argmax(idx: &mut [u8], nowhere: &[u8], first: u8) {
         block.iter_mut().zip(nowhere).for_each(select);
     }
     rest.iter_mut().zip(nowhere_rest).for_each(select);
+}
+
+/// What each of the forward's threads keeps across its samples: the ring of convolution rows,
+/// the live windows, and one pooled output's values and argmax on their way out.
+struct SampleState {
+    ring: Vec<f32>,
+    live: LiveWindows,
+    values: Vec<f32>,
+    argmax: Vec<u8>,
 }
 
 /// One sample's pooled output and, when training, its argmax: the forward's thread that takes
@@ -549,6 +572,7 @@ impl<const W: usize> Routes<W> {
 mod tests {
     use super::*;
     use crate::architectures::{MODEL_NAMES, architecture};
+    use crate::layers::aligned::AlignedBuf;
     use crate::layers::conv::{direct_forward, im2col_backward, relu_bias_backward};
     use crate::layers::pool::{max_pool_backward, max_pool_forward};
     use crate::layers::testing::random_vec;
@@ -582,16 +606,20 @@ mod tests {
         direct_forward(conv, batch, &x, &weight, &bias, &mut y);
         let (mut want_pooled, mut want_argmax) = (vec![0.0; batch * pool.out_len()], vec![0u8; batch * pool.out_len()]);
         max_pool_forward(pool, batch, &y, &mut want_pooled, Some(&mut want_argmax));
-        let (mut pooled, mut argmax) = (vec![f32::NAN; want_pooled.len()], vec![0u8; want_argmax.len()]);
+        // Training's outputs on cache lines (as a workspace keeps them: rows streamed as whole
+        // lines), inference's one float past (the lines at the rows' ends stored as usual).
+        let (mut pooled, mut argmax) = (AlignedBuf::zeroed(want_pooled.len()), AlignedBuf::zeroed(want_argmax.len()));
+        pooled.fill(f32::NAN);
         let (narrow, wide) = (ConvPool::<8>::new(conv, pool), ConvPool::<16>::new(conv, pool));
         narrow.forward(batch, &x, &weight, &bias, &mut pooled, Some(&mut argmax));
-        assert_eq!(pooled, want_pooled, "{what}: pooled");
+        assert_eq!(&pooled[..], &want_pooled[..], "{what}: pooled");
         for ((&a, &want), &v) in argmax.iter().zip(&want_argmax).zip(&want_pooled) {
             assert_eq!(a, if conv.relu && v <= 0.0 { NOWHERE } else { want }, "{what}: argmax");
         }
-        let mut inference = vec![f32::NAN; want_pooled.len()];
-        wide.forward(batch, &x, &weight, &bias, &mut inference, None);
-        assert_eq!(inference, want_pooled, "{what}: pooled without the argmax");
+        let mut inference = AlignedBuf::zeroed(want_pooled.len() + 1);
+        inference.fill(f32::NAN);
+        wide.forward(batch, &x, &weight, &bias, &mut inference[1..], None);
+        assert_eq!(&inference[1..], &want_pooled[..], "{what}: pooled without the argmax");
 
         let mut d_y = vec![0.0; y.len()];
         max_pool_backward(pool, batch, &d_pooled, &want_argmax, &mut d_y);

@@ -3,6 +3,7 @@
 //! form in an architecture), `Spec::resolve` (shapes and parameters for an input shape), and
 //! its `Layer`: forward, backward, ONNX node. The list of kinds is `layer_kinds!` in `mod.rs`.
 
+use super::aligned::AlignedBuf;
 use super::conv_algo::ConvAlgos;
 use crate::onnx_graph::OnnxGraph;
 use anyhow::Result;
@@ -155,7 +156,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub enum Saved {
     None,
-    Argmax(Vec<u8>),
+    /// A max-pool's argmax, on cache lines like the activations (a fused convolution streams it).
+    Argmax(AlignedBuf<u8>),
     Values(Vec<f32>),
     /// An evaluation workspace's parameters transformed for the layer's algorithm (a Winograd
     /// convolution's U), kept across passes with a copy of the weights they were made from.

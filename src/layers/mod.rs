@@ -2,6 +2,7 @@
 //! over caller-owned f32 buffers in NHWC layout (channels innermost, so the per-pixel channel
 //! vectors that pooling, LRN and im2col touch are contiguous).
 
+pub mod aligned;
 pub mod bias_relu;
 pub mod conv;
 pub mod conv_algo;

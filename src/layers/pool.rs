@@ -4,6 +4,7 @@
 //! them as zeros). The forward pass records each output's argmax so the backward pass routes
 //! the gradient to exactly that input, as TF and PyTorch do.
 
+use super::aligned::AlignedBuf;
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
 use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
 use super::{Padding, Window, WindowTable};
@@ -48,7 +49,7 @@ impl Layer for MaxPool {
     }
 
     fn saved(&self, batch: usize, training: bool, _: Option<super::conv_algo::ConvAlgos>) -> Saved {
-        if training { Saved::Argmax(vec![0; batch * self.out_len()]) } else { Saved::None }
+        if training { Saved::Argmax(AlignedBuf::zeroed(batch * self.out_len())) } else { Saved::None }
     }
 
     fn forward(&self, f: Forward) {
