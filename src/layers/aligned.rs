@@ -6,9 +6,9 @@ use std::ops::{Deref, DerefMut};
 /// The bytes of a cache line.
 pub const LINE: usize = 64;
 
-/// `len` values of `T`, zeroed at first, the first on a 64-byte boundary. (A `Vec` of a
-/// megabyte or more comes from `mmap`, 16 bytes past a page's start: each 256-byte row of the
-/// seed model's pooled conv1 output then touches five cache lines, not four.)
+/// `len` values of `T`, zeroed at first, the first on a 64-byte boundary. (With glibc a `Vec`
+/// of a megabyte or more comes from `mmap`, 16 bytes past a page's start: each 256-byte row of
+/// the seed model's pooled conv1 output then touches five cache lines, not four.)
 #[derive(Debug, Default)]
 pub struct AlignedBuf<T> {
     storage: Vec<T>,
