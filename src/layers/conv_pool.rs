@@ -21,6 +21,7 @@
 //! per pooled output and channel (`Routes`). The input gradient, which a first layer does not
 //! need, still goes through the routed output gradient.
 
+use super::aligned::AlignedBuf;
 use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
@@ -100,7 +101,6 @@ impl<const W: usize> ConvPool<W> {
         let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
         let sample = |state: &mut SampleState, n: usize, p: &mut [f32], mut idx: Option<&mut [u8]>| {
             let SampleState { ring, live, values, argmax } = state;
-            let ring = aligned(ring, kp * row_len);
             conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
                 live.find(conv, &self.pool_rows, &self.pool_cols, xp);
                 let (mut done, mut active) = (0, live.active.iter().peekable());
@@ -165,10 +165,10 @@ impl<const W: usize> ConvPool<W> {
         let next = AtomicUsize::new(0);
         (0..rayon::current_num_threads().min(batch)).into_par_iter().for_each(|_| {
             let mut state = SampleState {
-                ring: vec![0.0; kp * row_len + ALIGN_SLACK],
+                ring: AlignedBuf::zeroed(kp * row_len),
                 live: LiveWindows::default(),
-                values: vec![0.0; c],
-                argmax: vec![0; c],
+                values: AlignedBuf::zeroed(c),
+                argmax: AlignedBuf::zeroed(c),
             };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -260,12 +260,13 @@ fn fill_empty_argmax(idx: &mut [u8], nowhere: &[u8], first: u8) {
 }
 
 /// What each of the forward's threads keeps across its samples: the ring of convolution rows,
-/// the live windows, and one pooled output's values and argmax on their way out.
+/// the live windows, and one pooled output's values and argmax on their way out (on cache
+/// lines, so that no vector load or store of them spans two).
 struct SampleState {
-    ring: Vec<f32>,
+    ring: AlignedBuf<f32>,
     live: LiveWindows,
-    values: Vec<f32>,
-    argmax: Vec<u8>,
+    values: AlignedBuf<f32>,
+    argmax: AlignedBuf<u8>,
 }
 
 /// One sample's pooled output and, when training, its argmax: the forward's thread that takes
@@ -572,7 +573,6 @@ impl<const W: usize> Routes<W> {
 mod tests {
     use super::*;
     use crate::architectures::{MODEL_NAMES, architecture};
-    use crate::layers::aligned::AlignedBuf;
     use crate::layers::conv::{direct_forward, im2col_backward, relu_bias_backward};
     use crate::layers::pool::{max_pool_backward, max_pool_forward};
     use crate::layers::testing::random_vec;

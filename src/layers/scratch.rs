@@ -2,6 +2,7 @@
 //! Pool threads live for the whole run, so each buffer grows once and is then reused: no
 //! allocation or page faulting in the steady state.
 
+use super::aligned::LINE;
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
@@ -61,13 +62,13 @@ pub fn give_back(v: Vec<f32>) {
 }
 
 /// Floats a buffer needs past `len` for `aligned` to find `len` of them on a cache line's start.
-pub const ALIGN_SLACK: usize = 16;
+pub const ALIGN_SLACK: usize = LINE / size_of::<f32>();
 
 /// The `len` floats of `buf` (`len + ALIGN_SLACK` or more) that start on a 64-byte boundary, so
 /// that a vector load at a multiple of 16 floats from there never spans two cache lines (which
 /// makes it two loads: a fifth of the seed model's conv1 forward with its weights 16 bytes off).
 pub fn aligned(buf: &mut [f32], len: usize) -> &mut [f32] {
-    let at = buf.as_ptr().align_offset(64);
+    let at = buf.as_ptr().align_offset(LINE);
     let at = if at <= ALIGN_SLACK { at } else { 0 };
     &mut buf[at..at + len]
 }
