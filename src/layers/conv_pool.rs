@@ -411,8 +411,11 @@ impl Neighbourhoods {
         let (conv, oc) = (&self.conv, self.conv.out_c);
         conv.with_padded(x, |xp| {
             live.find(conv, pool_ranges.0, pool_ranges.1, xp);
-            found.clear();
-            found.extend(live.active.iter().map(|&q| self.neighbourhood(xp, q as usize)));
+            // Packed in place: returned by value, each went through the stack twice.
+            found.resize(live.active.len(), Neighbourhood([0.0; 32]));
+            for (nb, &q) in found.iter_mut().zip(&live.active) {
+                self.neighbourhood(xp, q as usize, nb);
+            }
             for_lane_blocks!(0..oc, wide = 16, |c, N| {
                 let mut acc = [Lanes::<N>::default(); NEIGHBOURHOOD_TAPS];
                 for (nb, &q) in found.iter().zip(&live.active) {
@@ -429,16 +432,16 @@ impl Neighbourhoods {
 
     /// Pooled output `q`'s neighbourhood in the padded sample `xp`: the rows and columns from
     /// its window's first pixel's patch corner (before the sample where the pool pads), zeros
-    /// outside `xp`.
-    fn neighbourhood(&self, xp: &[f32], q: usize) -> Neighbourhood {
+    /// outside `xp`, into `nb` (all of it).
+    fn neighbourhood(&self, xp: &[f32], q: usize, nb: &mut Neighbourhood) {
         let ((hp, wp), side, [y0, x0]) = (self.conv.padded_dims(), self.side, self.corners[q]);
-        let mut nb = Neighbourhood([0.0; 32]);
         if y0 >= 0 && x0 >= 0 && y0 as usize + side <= hp && x0 as usize + side <= wp {
             // Inside the padded sample: row by row, no clipping (all but the windows at the
             // far edges, where the pool pads).
             pack_rows(&mut nb.0, xp, y0 as usize * wp + x0 as usize, wp, side);
-            return nb;
+            return;
         }
+        nb.0.fill(0.0);
         let (from, to) = (x0.max(0), (x0 + side as isize).min(wp as isize));
         for r in 0..side {
             let y = y0 + r as isize;
@@ -447,7 +450,6 @@ impl Neighbourhoods {
                 copy_run(&mut nb.0[r * side + (from - x0) as usize..][..(to - from) as usize], &xp[at + from as usize..at + to as usize]);
             }
         }
-        nb
     }
 }
 
