@@ -558,8 +558,13 @@ pub fn stream_fence() {
 #[inline(always)]
 pub fn pack_rows(to: &mut [f32; 32], from: &[f32], at: usize, stride: usize, side: usize) {
     assert!(side * side <= 32, "a {side} x {side} block fits 32 floats");
+    // Side 5 (a 3x3 pool of stride 2 over a 3x3 convolution's outputs: the seed model's
+    // conv1 + pool1) as a constant, so that the row loop unrolls with its masks worked out.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    zmm::pack_rows(to, from, at, stride, side);
+    match side {
+        5 => zmm::pack_rows(to, from, at, stride, 5),
+        _ => zmm::pack_rows(to, from, at, stride, side),
+    }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     {
         to.fill(0.0);
