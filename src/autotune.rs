@@ -21,7 +21,7 @@
 use crate::files::write_atomic;
 use crate::layers::conv::{Conv, relu_bias_backward};
 use crate::layers::conv_algo::{self, ConvAlgo, ConvAlgos};
-use crate::layers::conv_pool::ConvPool;
+use crate::layers::conv_pool::{ConvPool, Kept};
 use crate::layers::pool::{MaxPool, max_pool_backward, max_pool_forward};
 use crate::layers::simd::L;
 use crate::layers::winograd::{self, Transforms};
@@ -402,12 +402,16 @@ fn measure_pooled(
     }
     // The pair's tables are built once per layer, as the layer does.
     let pair = ConvPool::<L>::new(conv, pool);
+    let mut active = vec![0; batch * pair.active_words()];
     let fused = worth_timing(unfused_best + pool_alone, probe_samples(batch), batch, |n| {
-        let mut ms = best_of_three_cold_ms(evict, || pair.forward(n, &x, &w, &b, &mut pooled, training.then_some(&mut argmax[..])));
+        let mut ms = best_of_three_cold_ms(evict, || {
+            let kept = training.then_some(Kept { argmax: &mut argmax[..], active: &mut active[..] });
+            pair.forward(n, &x, &w, &b, &mut pooled, kept)
+        });
         if training {
             ms += best_of_three_cold_ms(evict, || {
                 let dx = input_grad.then_some(&mut dx[..]);
-                pair.backward(n, &x, &w, &d_pooled, &argmax, dx, Some(&mut dw), &mut db)
+                pair.backward(n, &x, &w, &d_pooled, &argmax, &active, dx, Some(&mut dw), &mut db)
             });
         }
         ms

@@ -81,10 +81,14 @@ impl<const W: usize> ConvPool<W> {
         (self.pool.win, self.pool.channels) == (pool.win, pool.channels)
     }
 
-    /// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with the
-    /// argmax of each pooled output where asked (training). Where the ReLU zeroed the maximum,
-    /// the argmax is `NOWHERE`.
-    pub fn forward(&self, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], pooled: &mut [f32], argmax: Option<&mut [u8]>) {
+    /// Words of `Kept::active` a sample: a bit per pooled output.
+    pub fn active_words(&self) -> usize {
+        self.pool.win.out_pixels().div_ceil(64)
+    }
+
+    /// Forward over a batch: `pooled = max_pool(relu?(conv(input, weight) + bias))`, with what
+    /// the backward needs where asked (training: `Kept`).
+    pub fn forward(&self, batch: usize, input: &[f32], weight: &[f32], bias: &[f32], pooled: &mut [f32], kept: Option<Kept>) {
         let (conv, pool) = (&self.conv, &self.pool);
         let (il, pl, c) = (conv.in_len(), pool.out_len(), conv.out_c);
         let mut weight_copy = take(weight.len() + ALIGN_SLACK);
@@ -99,10 +103,13 @@ impl<const W: usize> ConvPool<W> {
         // (where the ReLU zeroed it, the argmax is `NOWHERE`, as for any pooled 0: see below).
         let empty_value: Vec<f32> = bias.iter().map(|&b| if conv.relu { b.max(0.0) } else { b }).collect();
         let empty_nowhere: Vec<u8> = empty_value.iter().map(|&v| if conv.relu && v <= 0.0 { u8::MAX } else { 0 }).collect();
-        let sample = |state: &mut SampleState, n: usize, p: &mut [f32], mut idx: Option<&mut [u8]>| {
+        let sample = |state: &mut SampleState, n: usize, p: &mut [f32], mut idx: Option<&mut [u8]>, active: Option<&mut [u64]>| {
             let SampleState { ring, live, values, argmax } = state;
             conv.with_padded(&input[n * il..(n + 1) * il], |xp| {
                 live.find(conv, &self.pool_rows, &self.pool_cols, xp);
+                if let Some(active) = active {
+                    mark_active(&live.active, active);
+                }
                 let (mut done, mut active) = (0, live.active.iter().peekable());
                 // The pooled row and column of q, counted: a division per pooled output (and the
                 // byte loop `fill_empty_argmax` replaced) took a tenth of the warm forward's
@@ -155,11 +162,14 @@ impl<const W: usize> ConvPool<W> {
         // Each thread takes the next sample not yet taken, until none are left, with its ring
         // and lists set up once: a thread that starts late (a sleeping worker takes 15-20 us to
         // wake) or runs slow takes fewer samples. (Split in two halves, the two threads' ends
-        // were 60 us apart, of 0.6-0.8 ms, inside the step on the Xeon.) Inference keeps no
-        // argmax: each window's stays in `SampleState::argmax`.
-        let pooled = pooled[..batch * pl].chunks_mut(pl);
-        let outputs: Vec<SampleOutput> = match argmax {
-            Some(argmax) => pooled.zip(argmax[..batch * pl].chunks_mut(pl)).map(|(p, idx)| Mutex::new((p, Some(idx)))).collect(),
+        // were 60 us apart, of 0.6-0.8 ms, inside the step on the Xeon.) Inference keeps
+        // nothing: each window's argmax stays in `SampleState::argmax`.
+        let (pooled, words) = (pooled[..batch * pl].chunks_mut(pl), self.active_words());
+        let outputs: Vec<SampleOutput> = match kept {
+            Some(Kept { argmax, active }) => pooled
+                .zip(argmax[..batch * pl].chunks_mut(pl).zip(active[..batch * words].chunks_mut(words)))
+                .map(|(p, kept)| Mutex::new((p, Some(kept))))
+                .collect(),
             None => pooled.map(|p| Mutex::new((p, None))).collect(),
         };
         let next = AtomicUsize::new(0);
@@ -174,8 +184,9 @@ impl<const W: usize> ConvPool<W> {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(output) = outputs.get(n) else { break };
                 let mut output = output.lock().unwrap_or_else(|e| e.into_inner());
-                let (p, idx) = &mut *output;
-                sample(&mut state, n, p, idx.as_deref_mut());
+                let (p, kept) = &mut *output;
+                let (idx, active) = kept.as_mut().map(|(idx, active)| (&mut **idx, &mut **active)).unzip();
+                sample(&mut state, n, p, idx, active);
             }
             stream_fence();
         });
@@ -183,9 +194,9 @@ impl<const W: usize> ConvPool<W> {
     }
 
     /// Backward of `forward`: overwrites `d_bias` and whichever of `d_input`, `d_weight` is
-    /// given, from the pooled gradient and the forward's argmax. Sums run over the samples of
-    /// each thread's range in order, and within a sample over the pooled outputs in order, so a
-    /// thread count gives the same bits every time.
+    /// given, from the pooled gradient and what the forward kept (`Kept`'s two buffers). Sums
+    /// run over the samples of each thread's range in order, and within a sample over the
+    /// pooled outputs in order, so a thread count gives the same bits every time.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -194,13 +205,13 @@ impl<const W: usize> ConvPool<W> {
         weight: &[f32],
         d_pooled: &[f32],
         argmax: &[u8],
+        active: &[u64],
         d_input: Option<&mut [f32]>,
         d_weight: Option<&mut [f32]>,
         d_bias: &mut [f32],
     ) {
         let (conv, pool) = (&self.conv, &self.pool);
-        let (il, pl) = (conv.in_len(), pool.out_len());
-        let pool_ranges = (&self.pool_rows[..], &self.pool_cols[..]);
+        let (il, pl, words) = (conv.in_len(), pool.out_len(), self.active_words());
         let gather = d_input.is_some().then(|| (conv.corners(), pool.win.inverse_table()));
         per_range_backward(conv, batch, d_input, d_weight, Some(d_bias), |range, _, mut dx, mut dw, db| {
             let db = db.expect("the bias gradient is asked for");
@@ -209,19 +220,19 @@ impl<const W: usize> ConvPool<W> {
                 (WeightGrad::Patches(routes), true) => Some(take_zeroed(conv.out_c * routes.row_stride())),
                 _ => None,
             };
-            let (mut live, mut found) = (LiveWindows::default(), Vec::new());
+            let (mut windows, mut live, mut found) = (Vec::new(), LiveColumns::default(), Vec::new());
             for (j, n) in range.enumerate() {
                 let (x, at) = (&input[n * il..(n + 1) * il], n * pl..(n + 1) * pl);
                 let (d, idx) = (&d_pooled[at.clone()], &argmax[at]);
-                routed_bias_grad(d, idx, conv.out_c, db);
+                // The forward's active pooled outputs: the only ones whose patches are not zeros.
+                active_list(&active[n * words..(n + 1) * words], &mut windows);
                 match (&self.weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
+                    (WeightGrad::Neighbourhoods(nb), Some(dw), _) => nb.grads_sample(x, d, idx, &windows, &mut found, dw, db),
                     (WeightGrad::Patches(routes), _, Some(dwt)) => {
-                        routes.weight_grad_sample(x, &self.offsets, pool_ranges, d, idx, &mut live, dwt)
+                        routed_bias_grad(d, idx, conv.out_c, db);
+                        routes.weight_grad_sample(x, &self.offsets, d, idx, &windows, &mut live, dwt);
                     }
-                    (WeightGrad::Neighbourhoods(nb), Some(dw), _) => {
-                        nb.weight_grad_sample(x, pool_ranges, d, idx, &mut live, &mut found, dw)
-                    }
-                    _ => {}
+                    _ => routed_bias_grad(d, idx, conv.out_c, db),
                 }
                 if let (Some(dx), Some((corners, inverse))) = (dx.as_deref_mut(), &gather) {
                     // The convolution's output gradient, and the pixels it reached, for the
@@ -269,9 +280,39 @@ struct SampleState {
     argmax: AlignedBuf<u8>,
 }
 
-/// One sample's pooled output and, when training, its argmax: the forward's thread that takes
-/// the sample locks it (`ConvPool::forward`).
-type SampleOutput<'a> = Mutex<(&'a mut [f32], Option<&'a mut [u8]>)>;
+/// What training's forward keeps for the backward: the argmax of each pooled output (where the
+/// ReLU zeroed the maximum, `NOWHERE`) and, `ConvPool::active_words` a sample, a bitmask of its
+/// active pooled outputs (`LiveWindows::active`), so that the backward need not search each
+/// sample for them again (that search was an eighth of the seed model's conv1 backward).
+pub struct Kept<'a> {
+    pub argmax: &'a mut [u8],
+    pub active: &'a mut [u64],
+}
+
+/// One sample's pooled output and, when training, its part of `Kept`: the forward's thread
+/// that takes the sample locks it (`ConvPool::forward`).
+type SampleOutput<'a> = Mutex<(&'a mut [f32], Option<(&'a mut [u8], &'a mut [u64])>)>;
+
+/// Set `bits` (a sample's words of `Kept::active`) to the pooled outputs `active`: bit q % 64 of
+/// word q / 64.
+fn mark_active(active: &[u32], bits: &mut [u64]) {
+    bits.fill(0);
+    for &q in active {
+        bits[q as usize / 64] |= 1 << (q % 64);
+    }
+}
+
+/// The pooled outputs whose bits are set in `bits` (`mark_active`), in order, into `list`.
+fn active_list(bits: &[u64], list: &mut Vec<u32>) {
+    list.clear();
+    for (w, &word) in bits.iter().enumerate() {
+        let mut rest = word;
+        while rest != 0 {
+            list.push((w * 64) as u32 + rest.trailing_zeros());
+            rest &= rest - 1;
+        }
+    }
+}
 
 /// One sample's live windows, from its padded copy: those of the convolution's output pixels
 /// (`Conv::find_live`), and `active`, in order, the pooled outputs whose window meets the span
@@ -395,38 +436,54 @@ impl Neighbourhoods {
         Some(Neighbourhoods { conv: *conv, side, base, offsets, corners })
     }
 
-    /// One sample's weight gradient, added into `dw` (`[patch row][out_c]`), over the active
-    /// pooled outputs (`live`, this thread's; `found`: scratch for their neighbourhoods).
+    /// One sample's bias and weight gradients, added into `db` and `dw` (`[patch row][out_c]`):
+    /// the bias's over every pooled output, the weights' over the `active` ones (`found`:
+    /// scratch for their neighbourhoods). One pass over the pooled gradient and argmax does
+    /// both: in a pass of its own, the bias gradient's first touch of them was a third of the
+    /// backward, and the weights' went back to them.
     #[allow(clippy::too_many_arguments)]
-    fn weight_grad_sample(
+    fn grads_sample(
         &self,
         x: &[f32],
-        pool_ranges: (&[Range<usize>], &[Range<usize>]),
         d: &[f32],
         idx: &[u8],
-        live: &mut LiveWindows,
+        active: &[u32],
         found: &mut Vec<Neighbourhood>,
         dw: &mut [f32],
+        db: &mut [f32],
     ) {
-        let (conv, oc) = (&self.conv, self.conv.out_c);
-        conv.with_padded(x, |xp| {
-            live.find(conv, pool_ranges.0, pool_ranges.1, xp);
+        let (oc, outputs) = (self.conv.out_c, self.corners.len());
+        self.conv.with_padded(x, |xp| {
             // Packed in place: returned by value, each went through the stack twice.
-            found.resize(live.active.len(), Neighbourhood([0.0; 32]));
-            for (nb, &q) in found.iter_mut().zip(&live.active) {
+            found.resize(active.len(), Neighbourhood([0.0; 32]));
+            for (nb, &q) in found.iter_mut().zip(active) {
                 self.neighbourhood(xp, q as usize, nb);
             }
-            for_lane_blocks!(0..oc, wide = 16, |c, N| {
-                let mut acc = [Lanes::<N>::default(); NEIGHBOURHOOD_TAPS];
-                for (nb, &q) in found.iter().zip(&live.active) {
-                    let at = q as usize * oc + c;
-                    let (g, arg) = (d[at..at + N].try_into().expect("N"), idx[at..at + N].try_into().expect("N"));
-                    Lanes::neighbourhood_mul_add(&mut acc, &nb.0, g, arg, &self.base, &self.offsets, NOWHERE);
+        });
+        for_lane_blocks!(0..oc, wide = 16, |c, N| {
+            let at = |q: usize| -> (&[f32; N], &[u8; N]) {
+                let at = q * oc + c;
+                (d[at..at + N].try_into().expect("N"), idx[at..at + N].try_into().expect("N"))
+            };
+            let (mut acc, mut sum) = ([Lanes::<N>::default(); NEIGHBOURHOOD_TAPS], load::<N>(db, c));
+            // The bias's sum goes over the pooled outputs in order (`routed_bias_grad`'s), the
+            // inactive ones between two active ones adding only their gradient.
+            let mut from = 0;
+            for (nb, &q) in found.iter().zip(active) {
+                for (g, arg) in (from..q as usize).map(at) {
+                    sum = sum.add_unless(g, arg, NOWHERE);
                 }
-                for (r, a) in acc.into_iter().enumerate() {
-                    store(dw, r * oc + c, load::<N>(dw, r * oc + c) + a);
-                }
-            });
+                let (g, arg) = at(q as usize);
+                Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &nb.0, g, arg, &self.base, &self.offsets, NOWHERE);
+                from = q as usize + 1;
+            }
+            for (g, arg) in (from..outputs).map(at) {
+                sum = sum.add_unless(g, arg, NOWHERE);
+            }
+            store(db, c, sum);
+            for (r, a) in acc.into_iter().enumerate() {
+                store(dw, r * oc + c, load::<N>(dw, r * oc + c) + a);
+            }
         });
     }
 
@@ -480,29 +537,30 @@ impl<const W: usize> Routes<W> {
     }
 
     /// One sample's weight gradient, added into `dwt` (`[out_c][row_stride]`). Only the
-    /// active pooled outputs are visited (`live`, this thread's): the others' patches are zeros.
-    /// `offsets`: `Conv::group_offsets`, for the patch rows.
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    /// `active` pooled outputs are visited: the others' patches are zeros. `offsets`:
+    /// `Conv::group_offsets`, for the patch rows; `live`: this thread's, for the sample's live
+    /// columns.
+    #[allow(clippy::too_many_arguments)]
     fn weight_grad_sample(
         &self,
         x: &[f32],
         offsets: &[Vec<usize>],
-        (pool_rows, pool_cols): (&[Range<usize>], &[Range<usize>]),
         d: &[f32],
         idx: &[u8],
-        live: &mut LiveWindows,
+        active: &[u32],
+        live: &mut LiveColumns,
         dwt: &mut [f32],
     ) {
         let conv = &self.conv;
         let (opix, stride) = (conv.win.out_pixels(), self.row_stride());
         let cout_g = conv.out_c / conv.groups;
         conv.with_padded(x, |xp| {
-            live.find(conv, pool_rows, pool_cols, xp);
+            conv.find_live(xp, live);
             // Each pixel's patch row, then the zero row.
             with_scratch(&SCRATCH_A, (opix + 1) * stride + ALIGN_SLACK, |patches| {
                 let patches = aligned(patches, (opix + 1) * stride);
                 for (g, offsets) in offsets.iter().enumerate() {
-                    conv.patch_rows(xp, &live.live, offsets, stride, patches);
+                    conv.patch_rows(xp, live, offsets, stride, patches);
                     let patches = patches.as_chunks::<W>().0;
                     for b in 0..stride / W {
                         // Eight channels' accumulators at a time: with sixteen, LLVM kept them
@@ -510,9 +568,9 @@ impl<const W: usize> Routes<W> {
                         let mut c = g * cout_g;
                         while c < (g + 1) * cout_g {
                             c += if (g + 1) * cout_g - c >= 8 {
-                                self.weight_grad_block::<8>(patches, &live.active, d, idx, c, b, dwt)
+                                self.weight_grad_block::<8>(patches, active, d, idx, c, b, dwt)
                             } else {
-                                self.weight_grad_block::<1>(patches, &live.active, d, idx, c, b, dwt)
+                                self.weight_grad_block::<1>(patches, active, d, idx, c, b, dwt)
                             };
                         }
                     }
@@ -613,7 +671,8 @@ mod tests {
         let (mut pooled, mut argmax) = (AlignedBuf::zeroed(want_pooled.len()), AlignedBuf::zeroed(want_argmax.len()));
         pooled.fill(f32::NAN);
         let (narrow, wide) = (ConvPool::<8>::new(conv, pool), ConvPool::<16>::new(conv, pool));
-        narrow.forward(batch, &x, &weight, &bias, &mut pooled, Some(&mut argmax));
+        let mut active = vec![u64::MAX; batch * narrow.active_words()];
+        narrow.forward(batch, &x, &weight, &bias, &mut pooled, Some(Kept { argmax: &mut argmax, active: &mut active }));
         assert_eq!(&pooled[..], &want_pooled[..], "{what}: pooled");
         for ((&a, &want), &v) in argmax.iter().zip(&want_argmax).zip(&want_pooled) {
             assert_eq!(a, if conv.relu && v <= 0.0 { NOWHERE } else { want }, "{what}: argmax");
@@ -639,8 +698,8 @@ mod tests {
             let (mut db, mut dw, mut dx) = (vec![f32::NAN; conv.out_c], vec![f32::NAN; weight.len()], vec![f32::NAN; x.len()]);
             let args = (with_dx.then_some(&mut dx[..]), Some(&mut dw[..]), &mut db[..]);
             match lanes {
-                8 => narrow.backward(batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
-                _ => wide.backward(batch, &x, &weight, &d_pooled, &argmax, args.0, args.1, args.2),
+                8 => narrow.backward(batch, &x, &weight, &d_pooled, &argmax, &active, args.0, args.1, args.2),
+                _ => wide.backward(batch, &x, &weight, &d_pooled, &argmax, &active, args.0, args.1, args.2),
             }
             close("bias gradient", &db, &want_db);
             close("weight gradient", &dw, &want_dw);
@@ -652,6 +711,21 @@ mod tests {
         // Patch rows at either width and (one input channel, 16 lanes) neighbourhoods sum in
         // the same order.
         assert!(weight_grads.iter().all(|g| *g == weight_grads[0]), "{what}: the weight gradient's bits differ between widths");
+    }
+
+    /// A bitmask of pooled outputs over several words gives back the list it was made from,
+    /// and the words of another list are cleared first.
+    #[test]
+    fn active_windows_go_through_the_bitmask_unchanged() {
+        let list = [0, 5, 63, 64, 65, 130, 191, 195];
+        let mut bits = [u64::MAX; 4];
+        mark_active(&list, &mut bits);
+        let mut back = vec![7];
+        active_list(&bits, &mut back);
+        assert_eq!(back, list);
+        mark_active(&[], &mut bits);
+        active_list(&bits, &mut back);
+        assert!(back.is_empty());
     }
 
     /// Small shapes of every geometry the pair can take: one input channel (the seed model's

@@ -4,7 +4,7 @@
 //! runs whichever `autotune` chose for each pass.
 
 use super::conv::Conv;
-use super::conv_pool::ConvPool;
+use super::conv_pool::{ConvPool, Kept};
 use super::conv_algo::{self, ConvAlgo, ConvAlgos};
 use super::pool::MaxPool;
 use super::simd::L;
@@ -93,6 +93,8 @@ impl Layer for Convolution {
             Some(a) if !training && a.forward == ConvAlgo::Winograd => {
                 Saved::Transformed { of: Vec::new(), values: vec![0.0; winograd::u_len(&self.conv)] }
             }
+            // Used where a max-pool follows (`fuses_with`).
+            Some(a) if training && a.forward == ConvAlgo::Direct => Saved::ActiveWindows(Vec::new()),
             _ => Saved::None,
         }
     }
@@ -124,22 +126,27 @@ impl Layer for Convolution {
 
     fn forward_with_next(&self, next: &dyn Layer, f: Forward, next_saved: &mut Saved) {
         let Some(pool) = next.downcast::<MaxPool>() else { unreachable!("fused with a max-pool") };
-        // An evaluation workspace's pool keeps no argmax.
-        let argmax = match next_saved {
-            Saved::Argmax(argmax) => Some(&mut argmax[..]),
-            _ => None,
-        };
         let [w, b] = f.params else { unreachable!("weight and bias") };
-        self.with_pool(pool, |pair| pair.forward(f.n, f.x, &w.value, &b.value, f.y, argmax));
+        self.with_pool(pool, |pair| {
+            // An evaluation workspace keeps nothing for the backward.
+            let kept = match (next_saved, f.saved) {
+                (Saved::Argmax(argmax), Saved::ActiveWindows(active)) => {
+                    active.resize(f.n * pair.active_words(), 0);
+                    Some(Kept { argmax: &mut argmax[..], active: &mut active[..] })
+                }
+                _ => None,
+            };
+            pair.forward(f.n, f.x, &w.value, &b.value, f.y, kept)
+        });
     }
 
     fn backward_with_next(&self, next: &dyn Layer, b: Backward, next_saved: &Saved) {
-        let (Some(pool), Saved::Argmax(argmax)) = (next.downcast::<MaxPool>(), next_saved) else {
-            unreachable!("fused with a max-pool that keeps its argmax")
+        let (Some(pool), Saved::Argmax(argmax), Saved::ActiveWindows(active)) = (next.downcast::<MaxPool>(), next_saved, &*b.saved) else {
+            unreachable!("fused with a max-pool, both keeping what the backward needs")
         };
         let [w, bias] = b.params else { unreachable!("weight and bias") };
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-        self.with_pool(pool, |pair| pair.backward(b.n, b.x, &w.value, b.dy, argmax, b.dx, dw, &mut bias.grad));
+        self.with_pool(pool, |pair| pair.backward(b.n, b.x, &w.value, b.dy, argmax, active, b.dx, dw, &mut bias.grad));
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {

@@ -158,6 +158,9 @@ pub enum Saved {
     None,
     /// A max-pool's argmax, on cache lines like the activations (a fused convolution streams it).
     Argmax(AlignedBuf<u8>),
+    /// A convolution fused with the max-pool after it (`ConvPool`): each sample's active pooled
+    /// outputs (`conv_pool::Kept::active`), sized by the first fused forward.
+    ActiveWindows(Vec<u64>),
     Values(Vec<f32>),
     /// An evaluation workspace's parameters transformed for the layer's algorithm (a Winograd
     /// convolution's U), kept across passes with a copy of the weights they were made from.

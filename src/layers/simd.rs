@@ -174,12 +174,14 @@ mod zmm {
     }
 
     /// `Lanes::neighbourhood_mul_add` (`whole::<N>()` holds): per 16 lanes, the argmax widened
-    /// to 32 bits, a compare into a mask that zeroes the skipped lanes' gradient as it loads,
-    /// the base index by a 16-entry permute, and per tap an index add, a two-register permute of
-    /// the neighbourhood and an FMA.
+    /// to 32 bits, a compare into a mask that zeroes the skipped lanes' gradient as it loads, its
+    /// add into `sum`, the base index by a 16-entry permute, and per tap an index add, a
+    /// two-register permute of the neighbourhood and an FMA.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn neighbourhood_mul_add<const N: usize, const T: usize>(
         acc: &mut [[f32; N]; T],
+        sum: &mut [f32; N],
         neighbourhood: &[f32; 32],
         g: &[f32; N],
         arg: &[u8; N],
@@ -197,6 +199,7 @@ mod zmm {
                 let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(arg.as_ptr().add(k).cast()));
                 let keep = _mm512_cmpneq_epi32_mask(a, _mm512_set1_epi32(skip as i32));
                 let g = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(k));
+                _mm512_storeu_ps(sum.as_mut_ptr().add(k), _mm512_add_ps(_mm512_loadu_ps(sum.as_ptr().add(k)), g));
                 let corner = _mm512_permutexvar_epi32(a, base);
                 for (sum, &offset) in acc.iter_mut().zip(offsets) {
                     let v = _mm512_permutex2var_ps(lo, _mm512_add_epi32(corner, _mm512_set1_epi32(offset as i32)), hi);
@@ -330,12 +333,15 @@ impl<const N: usize> Lanes<N> {
 
     /// The multiply-adds of one gradient vector into the sums of `T` taps, each lane looking
     /// its tap's input up in a table of 32 (a pooled output's input neighbourhood):
-    /// `acc[t][l] += g[l] * neighbourhood[(base[arg[l] % 16] + offsets[t]) % 32]`, with `g[l]`
-    /// taken as +0 where `arg[l] == skip`. With AVX-512, two-register permutes
+    /// `acc[t][l] += g[l] * neighbourhood[(base[arg[l] % 16] + offsets[t]) % 32]`, and the
+    /// gradient itself into `sum` (`sum[l] += g[l]`: `add_unless`'s sum, for a bias), with
+    /// `g[l]` taken as +0 where `arg[l] == skip`. With AVX-512, two-register permutes
     /// (`vpermt2ps`) look 16 lanes up at a time; elsewhere lane by lane.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn neighbourhood_mul_add<const T: usize>(
         acc: &mut [Lanes<N>; T],
+        sum: &mut Lanes<N>,
         neighbourhood: &[f32; 32],
         g: &[f32; N],
         arg: &[u8; N],
@@ -346,12 +352,13 @@ impl<const N: usize> Lanes<N> {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         if zmm::whole::<N>() {
             let mut sums = acc.map(|a| a.0);
-            zmm::neighbourhood_mul_add(&mut sums, neighbourhood, g, arg, base, offsets, skip);
+            zmm::neighbourhood_mul_add(&mut sums, &mut sum.0, neighbourhood, g, arg, base, offsets, skip);
             *acc = sums.map(Lanes);
             return;
         }
         for l in 0..N {
             let g = if arg[l] == skip { 0.0 } else { g[l] };
+            sum.0[l] += g;
             let corner = base[usize::from(arg[l] % 16)];
             for (sum, &offset) in acc.iter_mut().zip(offsets) {
                 sum.0[l] = Op::MulAdd(g).lane(sum.0[l], neighbourhood[((corner + offset) % 32) as usize]);
@@ -707,7 +714,8 @@ mod tests {
 
     /// `neighbourhood_mul_add` against the definition, a lane at a time (fused where the target
     /// has FMA): every argmax byte value (the skipped one, and ones whose low bits pick each
-    /// base entry), indices past 32 that wrap, and the sums' bits, at 8, 16 and 32 lanes.
+    /// base entry), indices past 32 that wrap, and the bits of the taps' sums and of the
+    /// gradient's, at 8, 16 and 32 lanes.
     #[test]
     fn neighbourhood_mul_add_looks_each_lane_up() {
         fn check<const N: usize>() {
@@ -718,10 +726,12 @@ mod tests {
                 let arg: [u8; N] = std::array::from_fn(|l| first.wrapping_add(l as u8));
                 let g: [f32; N] = std::array::from_fn(|l| 1.25 - l as f32 * 0.3);
                 let mut acc: [Lanes<N>; 9] = std::array::from_fn(|t| Lanes(std::array::from_fn(|l| (t * N + l) as f32 * 0.01)));
-                let mut want = acc;
-                Lanes::neighbourhood_mul_add(&mut acc, &neighbourhood, &g, &arg, &base, &offsets, 200);
+                let (mut want, mut sum) = (acc, Lanes(std::array::from_fn(|l| l as f32 * 0.7 - 3.0)));
+                let mut want_sum = sum;
+                Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &neighbourhood, &g, &arg, &base, &offsets, 200);
                 for l in 0..N {
                     let g = if arg[l] == 200 { 0.0 } else { g[l] };
+                    want_sum.0[l] += g;
                     for t in 0..9 {
                         let v = neighbourhood[((base[usize::from(arg[l] % 16)] + offsets[t]) % 32) as usize];
                         want[t].0[l] = if HAS_FMA { g.mul_add(v, want[t].0[l]) } else { want[t].0[l] + g * v };
@@ -731,6 +741,7 @@ mod tests {
                     let (got, want) = (acc[t].0.map(f32::to_bits), want[t].0.map(f32::to_bits));
                     assert_eq!(got, want, "{N} lanes, tap {t}, argmax from {first}");
                 }
+                assert_eq!(sum.0.map(f32::to_bits), want_sum.0.map(f32::to_bits), "{N} lanes, the gradient's sum, argmax from {first}");
             }
         }
         check::<8>();
