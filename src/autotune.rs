@@ -411,7 +411,7 @@ fn measure_pooled(
         if training {
             ms += best_of_three_cold_ms(evict, || {
                 let dx = input_grad.then_some(&mut dx[..]);
-                pair.backward(n, &x, &w, &d_pooled, &argmax, &active, dx, Some(&mut dw), &mut db)
+                pair.backward(n, &x, &w, &b, &d_pooled, &argmax, &active, dx, Some(&mut dw), &mut db)
             });
         }
         ms

@@ -146,7 +146,7 @@ impl Layer for Convolution {
         };
         let [w, bias] = b.params else { unreachable!("weight and bias") };
         let dw = if w.trainable() { Some(&mut w.grad[..]) } else { None };
-        self.with_pool(pool, |pair| pair.backward(b.n, b.x, &w.value, b.dy, argmax, active, b.dx, dw, &mut bias.grad));
+        self.with_pool(pool, |pair| pair.backward(b.n, b.x, &w.value, &bias.value, b.dy, argmax, active, b.dx, dw, &mut bias.grad));
     }
 
     fn onnx(&self, graph: &mut OnnxGraph, name: &str, input: String, params: &[&str]) -> String {

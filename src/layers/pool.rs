@@ -147,7 +147,7 @@ pub fn max_pool_backward(p: &MaxPool, batch: usize, d_output: &[f32], argmax: &[
 pub(super) const NOWHERE: u8 = u8::MAX;
 
 /// The largest max-pool window: its taps and `NOWHERE` fit a byte.
-const MAX_KERNEL: usize = 15;
+pub(super) const MAX_KERNEL: usize = 15;
 
 /// Overwrite one sample's `dx` with the gradient that the pooled gradient `dy` sends back
 /// through its argmax `idx`. Gathered, not scattered: each input pixel sums, in output
