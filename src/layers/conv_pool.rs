@@ -404,6 +404,9 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], active: &[u32], empty: &[u8], db: &mu
         let mut sum = load::<N>(db, c);
         let mut from = 0;
         for &q in active {
+            // Its argmax row, at no stride a prefetcher would follow, asked for while the
+            // inactive ones before it add up (as `Neighbourhoods::grads_sample` does).
+            prefetch(&idx[q as usize * oc + c..][..N]);
             for g in (from..q as usize).map(at) {
                 sum = sum.add_unless(g, empty, NOWHERE);
             }
