@@ -3,8 +3,10 @@
 //!
 //! Forward goes sample by sample: each sample's convolution output rows stay in a per-thread
 //! ring, in cache, and only the pooled output and its argmax (for training; inference passes
-//! none) reach memory; pooled windows with no live pixel are written as constant rows. (Unfused, the seed model's conv1 writes 12.8 MB per batch of 64, which
-//! pool1 reads back and backward reads three more times; 200 MB per inference batch of 1000.)
+//! none) reach memory; pooled windows with no live pixel are written as constant rows, with no
+//! argmax (training keeps which windows are live instead: `Kept`). (Unfused, the seed model's
+//! conv1 writes 12.8 MB per batch of 64, which pool1 reads back and backward reads three more
+//! times; 200 MB per inference batch of 1000.)
 //!
 //! Backward takes the weight and bias gradients straight from the pooled gradient. Each pooled
 //! gradient `d[q][c]` reaches one convolution output, at the pixel its argmax names, so
@@ -87,9 +89,9 @@ impl<const W: usize> ConvPool<W> {
         bias.iter().map(|&b| if self.conv.relu { b.max(0.0) } else { b }).collect()
     }
 
-    /// The argmax of a window with no live pixel, by channel, where it is `NOWHERE` (its
-    /// maximum, relu(bias), zeroed by the ReLU), else 0: the first tap's, where the maximum's
-    /// first occurrence is, goes in by `fill_empty_argmax`.
+    /// By channel, `NOWHERE` where a window with no live pixel has no argmax (the ReLU zeroes
+    /// its maximum, relu(bias)), else 0: where it has one, it is the window's first tap, which
+    /// `fill_empty_argmax` puts in.
     fn empty_nowhere(&self, bias: &[f32]) -> Vec<u8> {
         self.empty_value(bias).iter().map(|&v| if self.conv.relu && v <= 0.0 { NOWHERE } else { 0 }).collect()
     }
@@ -210,9 +212,9 @@ impl<const W: usize> ConvPool<W> {
 
     /// Backward of `forward` (with the same `weight` and `bias`): overwrites `d_bias` and
     /// whichever of `d_input`, `d_weight` is given, from the pooled gradient and what the
-    /// forward kept (`Kept`'s two buffers). Sums
-    /// run over the samples of each thread's range in order, and within a sample over the
-    /// pooled outputs in order, so a thread count gives the same bits every time.
+    /// forward kept (`Kept`'s two buffers). Sums run over the samples of each thread's range in
+    /// order, and within a sample over the pooled outputs in order, so a thread count gives the
+    /// same bits every time.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -258,12 +260,11 @@ impl<const W: usize> ConvPool<W> {
                     // inactive ones' filled in.
                     whole.clear();
                     whole.extend_from_slice(idx);
-                    let mut next = windows.iter().peekable();
-                    for (q, &first) in first_taps.iter().enumerate() {
-                        if next.next_if_eq(&&(q as u32)).is_none() {
-                            fill_empty_argmax(&mut whole[q * conv.out_c..(q + 1) * conv.out_c], &empty, first);
+                    each_in_order(&windows, first_taps.len(), |q, k| {
+                        if k.is_none() {
+                            fill_empty_argmax(&mut whole[q * conv.out_c..(q + 1) * conv.out_c], &empty, first_taps[q]);
                         }
-                    }
+                    });
                     let mut d_conv = take(conv.out_len());
                     let mut pixels = Vec::with_capacity(corners.len());
                     max_pool_backward_sample(pool, inverse, d, &whole, &mut d_conv, |o, nonzero| {
@@ -345,6 +346,20 @@ fn active_list(bits: &[u64], list: &mut Vec<u32>) {
     }
 }
 
+/// `visit(q, Some(k))` for each active pooled output (`active[k] == q`, in order) and
+/// `visit(q, None)` for the others, over the pooled outputs `0..outputs` in order: the inactive
+/// ones between two active ones as a run, with no test each.
+#[inline(always)]
+fn each_in_order(active: &[u32], outputs: usize, mut visit: impl FnMut(usize, Option<usize>)) {
+    let mut from = 0;
+    for (k, &q) in active.iter().enumerate() {
+        (from..q as usize).for_each(|i| visit(i, None));
+        visit(q as usize, Some(k));
+        from = q as usize + 1;
+    }
+    (from..outputs).for_each(|i| visit(i, None));
+}
+
 /// One sample's live windows, from its padded copy: those of the convolution's output pixels
 /// (`Conv::find_live`), and `active`, in order, the pooled outputs whose window meets the span
 /// of the live columns of its rows. (MNIST digits leave 58% of pool1's windows inactive: their
@@ -402,20 +417,21 @@ fn routed_bias_grad(d: &[f32], idx: &[u8], active: &[u32], empty: &[u8], db: &mu
         let (arg, empty) =
             (|q: usize| -> &[u8; N] { idx[q * oc + c..][..N].try_into().expect("N") }, empty[c..c + N].try_into().expect("N"));
         let mut sum = load::<N>(db, c);
-        let mut from = 0;
-        for &q in active {
-            // Its argmax row, at no stride a prefetcher would follow, asked for while the
-            // inactive ones before it add up (as `Neighbourhoods::grads_sample` does).
-            prefetch(&idx[q as usize * oc + c..][..N]);
-            for g in (from..q as usize).map(at) {
-                sum = sum.add_unless(g, empty, NOWHERE);
+        // The next active output's argmax row, at no stride a prefetcher would follow, is asked
+        // for while the inactive ones before it add up (as `Neighbourhoods::grads_sample` does).
+        let ahead = |k: usize| {
+            if let Some(&q) = active.get(k) {
+                prefetch(arg(q as usize));
             }
-            sum = sum.add_unless(at(q as usize), arg(q as usize), NOWHERE);
-            from = q as usize + 1;
-        }
-        for g in (from..outputs).map(at) {
-            sum = sum.add_unless(g, empty, NOWHERE);
-        }
+        };
+        ahead(0);
+        each_in_order(active, outputs, |q, k| match k {
+            Some(k) => {
+                ahead(k + 1);
+                sum = sum.add_unless(at(q), arg(q), NOWHERE);
+            }
+            None => sum = sum.add_unless(at(q), empty, NOWHERE),
+        });
         store(db, c, sum);
     });
 }
@@ -518,27 +534,11 @@ impl Neighbourhoods {
                 (|q: usize| -> &[u8; N] { idx[q * oc + c..][..N].try_into().expect("N") }, empty[c..c + N].try_into().expect("N"));
             let (mut acc, mut sum) = ([Lanes::<N>::default(); NEIGHBOURHOOD_TAPS], load::<N>(db, c));
             // The bias's sum goes over the pooled outputs in order (`routed_bias_grad`'s), the
-            // inactive ones between two active ones adding only their gradient.
-            let mut from = 0;
-            for (nb, &q) in found.iter().zip(active) {
-                for g in (from..q as usize).map(at) {
-                    sum = sum.add_unless(g, empty, NOWHERE);
-                }
-                Lanes::neighbourhood_mul_add(
-                    &mut acc,
-                    &mut sum,
-                    &nb.0,
-                    at(q as usize),
-                    arg(q as usize),
-                    &self.base,
-                    &self.offsets,
-                    NOWHERE,
-                );
-                from = q as usize + 1;
-            }
-            for g in (from..outputs).map(at) {
-                sum = sum.add_unless(g, empty, NOWHERE);
-            }
+            // inactive ones adding only their gradient.
+            each_in_order(active, outputs, |q, k| match k {
+                Some(k) => Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &found[k].0, at(q), arg(q), &self.base, &self.offsets, NOWHERE),
+                None => sum = sum.add_unless(at(q), empty, NOWHERE),
+            });
             store(db, c, sum);
             for (r, a) in acc.into_iter().enumerate() {
                 store(dw, r * oc + c, load::<N>(dw, r * oc + c) + a);
