@@ -573,6 +573,25 @@ pub fn prefetch(bytes: &[u8]) {
     let _ = bytes;
 }
 
+/// Read one float of each cache line of `data`, in order: a sequential pass, which the hardware
+/// prefetchers follow, that leaves the lines in the cache for reads in an order they do not
+/// (`ConvPool::backward`'s passes over a pooled gradient a lane block at a time, which read
+/// every fourth line). No effect on what a program computes.
+#[inline(always)]
+pub fn touch_lines(data: &[f32]) {
+    const PER_LINE: usize = LINE / std::mem::size_of::<f32>();
+    for line in data.chunks(PER_LINE) {
+        // SAFETY: a read of an element of `data`; volatile, so that it is neither left out nor
+        // merged into vector gathers.
+        unsafe { std::ptr::read_volatile(line.as_ptr()) };
+    }
+    if let Some(last) = data.last() {
+        // The last line, where `data` starts inside a line and ends past the last read.
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(last) };
+    }
+}
+
 /// `side` rows of `side` floats, row r from `from[at + r * stride..]`, packed one after another
 /// into `to`, zeros after them (`side * side <= 32`): a block of a padded image in two zmm
 /// registers' worth of floats.
