@@ -564,7 +564,7 @@ pub fn stream_fence() {
 #[inline(always)]
 pub fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
+    for line in bytes.chunks(LINE) {
         // SAFETY: SSE, which `prefetcht0` needs, is part of x86-64; the address is in `bytes`,
         // and a prefetch neither faults nor writes.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
