@@ -94,21 +94,51 @@ unsafe fn matmul_raw(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: *m
 /// connected layers, whose row count (the batch) is too small to split: each thread reads only
 /// its share of the weight matrix, so the 16 MB of fc1 are streamed once per GEMM, not per thread.
 pub fn matmul_par_cols(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32], ldc: usize, accumulate: bool) {
+    matmul_par_cols_all(n, vec![Product { m, k, a, b, c, ldc, accumulate }]);
+}
+
+/// One product for `matmul_par_cols_all`: `c[m x n] = (accumulate ? c : 0) + a[m x k] * b[k x n]`.
+pub struct Product<'a> {
+    pub m: usize,
+    pub k: usize,
+    pub a: Operand<'a>,
+    pub b: Operand<'a>,
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+    pub accumulate: bool,
+}
+
+/// Products with the same number of output columns `n`, split over the same column blocks
+/// across the rayon pool in one parallel region: each thread computes its block of every
+/// product, in the order given (a fully connected layer's input and weight gradients, which
+/// both read its block of the layer's columns).
+pub fn matmul_par_cols_all(n: usize, products: Vec<Product>) {
     let threads = rayon::current_num_threads();
     // Blocks are multiples of 16 columns so every block keeps full SIMD panels.
     let block = n.div_ceil(threads).div_ceil(16) * 16;
-    if threads == 1 || n <= 16 || block >= n || m == 0 {
-        return matmul(m, n, k, a, b, c, ldc, accumulate);
+    if threads == 1 || n <= 16 || block >= n {
+        for p in products {
+            matmul(p.m, n, p.k, p.a, p.b, p.c, p.ldc, p.accumulate);
+        }
+        return;
     }
-    assert!(n <= ldc && (m - 1) * ldc + n <= c.len(), "dst slice too short");
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let jobs: Vec<_> = products
+        .into_iter()
+        .filter(|p| p.m > 0)
+        .map(|p| {
+            assert!(n <= p.ldc && (p.m - 1) * p.ldc + n <= p.c.len(), "dst slice too short");
+            (p.m, p.k, p.a, p.b, SendPtr(p.c.as_mut_ptr()), p.ldc, p.accumulate)
+        })
+        .collect();
     (0..n.div_ceil(block)).into_par_iter().for_each(|blk| {
         let j0 = blk * block;
         let nb = block.min(n - j0);
-        let b_sub = if b.transposed { Operand { data: &b.data[j0 * b.ld..], ..b } } else { Operand { data: &b.data[j0..], ..b } };
-        // SAFETY: the assertion above covers all of c's m x n block; blocks write the disjoint
-        // column ranges [j0, j0 + nb), and no slice of `c` is alive meanwhile.
-        unsafe { matmul_raw(m, nb, k, a, b_sub, c_ptr.get().add(j0), ldc, accumulate) };
+        for &(m, k, a, b, c, ldc, accumulate) in &jobs {
+            let b_sub = if b.transposed { Operand { data: &b.data[j0 * b.ld..], ..b } } else { Operand { data: &b.data[j0..], ..b } };
+            // SAFETY: the assertion above covers all of each c's m x n block; blocks write the
+            // disjoint column ranges [j0, j0 + nb), and no slice of any `c` is alive meanwhile.
+            unsafe { matmul_raw(m, nb, k, a, b_sub, c.get().add(j0), ldc, accumulate) };
+        }
     });
 }
 
@@ -171,10 +201,20 @@ mod tests {
             matmul_par_cols(m, n, k, opa, opb, &mut c2, n, true);
             let mut c3 = vec![2.0; m * n];
             matmul_par_rows(m, n, k, opa, opb, &mut c3, n, true);
+            // Two products over the same columns, the second accumulating.
+            let (mut c4, mut c5) = (vec![1.0; m * n], vec![3.0; m * n]);
+            matmul_par_cols_all(
+                n,
+                vec![
+                    Product { m, k, a: opa, b: opb, c: &mut c4, ldc: n, accumulate: false },
+                    Product { m, k, a: opa, b: opb, c: &mut c5, ldc: n, accumulate: true },
+                ],
+            );
             for i in 0..m * n {
                 assert!((c[i] - want[i]).abs() < 1e-5);
                 assert!((c2[i] - 1.0 - want[i]).abs() < 1e-5);
                 assert!((c3[i] - 2.0 - want[i]).abs() < 1e-5);
+                assert!((c4[i] - want[i]).abs() < 1e-5 && (c5[i] - 3.0 - want[i]).abs() < 1e-5);
             }
         }
     }

@@ -4,7 +4,7 @@
 //! (`matmul_par_cols`): each thread streams its own share of the weights once.
 
 use super::bias_relu::{bias_relu, relu_mask_bias_grad};
-use super::gemm::{Operand, matmul_par_cols, matmul_par_rows};
+use super::gemm::{Operand, Product, matmul_par_cols, matmul_par_cols_all, matmul_par_rows};
 use super::layer::{Backward, Forward, Layer, ParamLayout, ParamSpec, Spec};
 use super::scratch::{give_back, take};
 use crate::onnx_graph::{OnnxGraph, int};
@@ -134,14 +134,16 @@ pub fn linear_backward(
     let dy = &mut d_output[..batch * l.out_len];
     d_bias.fill(0.0);
     relu_mask_bias_grad(&output[..batch * l.out_len], dy, d_bias, l.relu);
-    if let Some(dw) = d_weight {
-        // dW [out x in] = dY^T [out x batch] . X [batch x in]
-        matmul_par_cols(l.out_len, l.in_len, batch, Operand::t(dy, l.out_len), Operand::new(input, l.in_len), dw, l.in_len, false);
-    }
-    if let Some(dx) = d_input {
-        // dX [batch x in] = dY [batch x out] . W [out x in]
-        matmul_par_cols(batch, l.in_len, l.out_len, Operand::new(dy, l.out_len), Operand::new(weight, l.in_len), dx, l.in_len, false);
-    }
+    let (dy, (out, inn)) = (&*dy, (l.out_len, l.in_len));
+    // Both gradients have the input's columns: each thread takes a block of them and computes
+    // its part of dX [batch x in] = dY [batch x out] . W [out x in], then of dW [out x in] =
+    // dY^T [out x batch] . X [batch x in], in one parallel region. Against two regions with dW
+    // first, inside the training step on two Zen 4 threads: fc1's backward 0.94-0.97x, fc2's
+    // 0.88-0.96x (two sets of 8 alternating pairs); dX first alone was most of it (fc2 0.89x),
+    // plausibly because writing dW's 4-16 MB first pushed out the W that the forward had read.
+    let dx = d_input.map(|c| Product { m: batch, k: out, a: Operand::new(dy, out), b: Operand::new(weight, inn), c, ldc: inn, accumulate: false });
+    let dw = d_weight.map(|c| Product { m: out, k: batch, a: Operand::t(dy, out), b: Operand::new(input, inn), c, ldc: inn, accumulate: false });
+    matmul_par_cols_all(inn, dx.into_iter().chain(dw).collect());
 }
 
 #[cfg(test)]
