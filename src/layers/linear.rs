@@ -1,7 +1,9 @@
 //! Fully connected layer `y = relu?(x W^T + b)` with PyTorch's weight layout `[out, in]`.
 //!
-//! The batch is too small to split across threads, so the GEMMs are split by output columns
-//! (`matmul_par_cols`): each thread streams its own share of the weights once.
+//! The batch is too small to split across threads, so each GEMM is split over the weights:
+//! the forward by blocks of W's rows (the rows of `y^T`, or at large batches the columns of `y`),
+//! the backward's two gradients by the same blocks of the input's columns
+//! (`matmul_par_cols_all`). Each thread streams its own share of the weights once.
 
 use super::bias_relu::{bias_relu, relu_mask_bias_grad};
 use super::gemm::{Operand, Product, matmul_par_cols, matmul_par_cols_all, matmul_par_rows};
@@ -134,7 +136,8 @@ pub fn linear_backward(
     let dy = &mut d_output[..batch * l.out_len];
     d_bias.fill(0.0);
     relu_mask_bias_grad(&output[..batch * l.out_len], dy, d_bias, l.relu);
-    let (dy, (out, inn)) = (&*dy, (l.out_len, l.in_len));
+    let dy = &*dy;
+    let (out, inn) = (l.out_len, l.in_len);
     // Both gradients have the input's columns: each thread takes a block of them and computes
     // its part of dX [batch x in] = dY [batch x out] . W [out x in], then of dW [out x in] =
     // dY^T [out x batch] . X [batch x in], in one parallel region. Against two regions with dW
