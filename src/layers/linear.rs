@@ -114,10 +114,30 @@ pub fn linear_forward(l: &Linear, batch: usize, input: &[f32], weight: &[f32], b
     give_back(xt);
 }
 
-/// `dst [cols x rows] = src [rows x cols]` transposed, split over `dst`'s rows across the pool.
+/// `dst [cols x rows] = src [rows x cols]` transposed, split over blocks of `dst`'s rows across
+/// the pool. Whichever side is read or written a float at a time jumps 4 x its row length in
+/// bytes between floats: a column of 64 rows of 4,096 floats touches 64 lines 16 KB apart,
+/// which share one set of the 8-way L1 and evict each other before the next column reuses
+/// them. So a wide `src` (the input `x`) is read a row's run of `BLOCK` floats (one line) at a
+/// time into `BLOCK` rows of `dst`, and a tall one (`y^T`) a column at a time into one row of
+/// `dst`. On two Zen 4 threads, warm: fc1's `x` 0.05-0.08 ms (a column at a time: 0.38), fc2's
+/// `y^T` 0.025 (a line at a time: 0.08-0.09), AlexNet's fc6 `x` at batch 16 0.04 (0.12-0.15);
+/// inside the training step, timed around the call, fc1's `x` 0.28-0.36 ms (was 0.56-0.65) and
+/// fc2's 0.045-0.067 (0.12-0.13).
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    dst[..rows * cols].par_chunks_mut(rows).enumerate().for_each(|(c, row)| {
-        row.iter_mut().zip(src[c..].iter().step_by(cols)).for_each(|(d, s)| *d = *s);
+    const BLOCK: usize = 16;
+    let dst = &mut dst[..rows * cols];
+    if rows >= cols {
+        dst.par_chunks_mut(rows).enumerate().for_each(|(c, row)| {
+            row.iter_mut().zip(src[c..].iter().step_by(cols)).for_each(|(d, s)| *d = *s);
+        });
+        return;
+    }
+    dst.par_chunks_mut(rows * BLOCK).enumerate().for_each(|(b, block)| {
+        let columns = b * BLOCK..b * BLOCK + block.len() / rows;
+        for (r, src_row) in src.chunks(cols).take(rows).enumerate() {
+            src_row[columns.clone()].iter().enumerate().for_each(|(c, v)| block[c * rows + r] = *v);
+        }
     });
 }
 
@@ -153,6 +173,23 @@ pub fn linear_backward(
 mod tests {
     use super::*;
     use crate::layers::testing::{check_grad, random_vec};
+
+    #[test]
+    fn transpose_matches_the_definition_wide_and_tall() {
+        // Wide shapes take the blocked path (with a last block narrower than 16 columns), tall
+        // ones the column-at-a-time path; the models' batches of 16 and 64 are among them.
+        for (rows, cols) in [(3, 37), (37, 3), (16, 16), (16, 150), (64, 1030), (1030, 64)] {
+            let src = random_vec(rows * cols, 35);
+            let mut dst = vec![f32::NAN; rows * cols + 5];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows} x {cols} at ({r}, {c})");
+                }
+            }
+            assert!(dst[rows * cols..].iter().all(|v| v.is_nan()), "{rows} x {cols}: wrote past the end");
+        }
+    }
 
     #[test]
     fn forward_and_backward_match_references() {
