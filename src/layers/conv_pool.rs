@@ -60,10 +60,12 @@ impl<const W: usize> ConvPool<W> {
     /// `conv` and `pool` (whose input is `conv`'s output) with their tables.
     pub fn new(conv: &Conv, pool: &MaxPool) -> ConvPool<W> {
         let (kp, w) = (pool.win.kernel, pool.win.w.input);
-        // At 16 lanes (two zmm registers hold 32 floats) a convolution of one input channel
-        // looks its patches up in each pooled output's neighbourhood; others, and 8 lanes, use
-        // patch rows.
-        let weight_grad = match (W == 16).then(|| Neighbourhoods::new(conv, pool)).flatten() {
+        // A convolution of one input channel looks its patches up in each pooled output's
+        // neighbourhood at 16 lanes (two zmm registers hold its 32 floats; without AVX-512,
+        // lane by lane, which the tests run on any machine) and at 8 where AVX2 permutes them;
+        // others, and 8 lanes elsewhere, use patch rows.
+        let lookups = W == 16 || (W == 8 && Lanes::<W>::PERMUTES_NEIGHBOURHOODS);
+        let weight_grad = match lookups.then(|| Neighbourhoods::new(conv, pool)).flatten() {
             Some(neighbourhoods) => WeightGrad::Neighbourhoods(neighbourhoods),
             None => WeightGrad::Patches(Routes::new(conv, pool)),
         };
@@ -254,7 +256,7 @@ impl<const W: usize> ConvPool<W> {
                 // The forward's active pooled outputs: the only ones whose patches are not zeros.
                 active_list(&active[n * words..(n + 1) * words], &mut windows);
                 match (&self.weight_grad, dw.as_deref_mut(), dwt.as_deref_mut()) {
-                    (WeightGrad::Neighbourhoods(nb), Some(dw), _) => nb.grads_sample(x, d, idx, &windows, &empty, &mut found, dw, db),
+                    (WeightGrad::Neighbourhoods(nb), Some(dw), _) => nb.grads_sample::<W>(x, d, idx, &windows, &empty, &mut found, dw, db),
                     (WeightGrad::Patches(routes), _, Some(dwt)) => {
                         routed_bias_grad(d, idx, &windows, &empty, db);
                         routes.weight_grad_sample(x, &self.offsets, d, idx, &windows, &mut live, dwt);
@@ -499,7 +501,11 @@ impl Neighbourhoods {
         for (t, corner) in base.iter_mut().enumerate().take(kp * kp) {
             *corner = u32::try_from((t / kp * side + t % kp) * s).ok()?;
         }
-        let offsets = std::array::from_fn(|r| u32::try_from(r / 3 * side + r % 3).expect("below 32"));
+        let offsets: [u32; NEIGHBOURHOOD_TAPS] = std::array::from_fn(|r| u32::try_from(r / 3 * side + r % 3).expect("below 32"));
+        // What `Lanes::neighbourhood_mul_add` asks of them (with side <= 5, at most 12).
+        if base.iter().chain(&offsets).any(|&i| i >= 16) {
+            return None;
+        }
         let pw = &pool.win;
         let first = |o: usize, axis: &Axis| ((o * pw.stride) as isize - axis.pad_before as isize) * s as isize;
         let corners = (0..pw.out_pixels()).map(|q| [first(q / pw.w.output, &pw.h), first(q % pw.w.output, &pw.w)]).collect();
@@ -513,7 +519,7 @@ impl Neighbourhoods {
     /// bias gradient's first touch of it was a third of the backward, and the weights' went
     /// back to it.
     #[allow(clippy::too_many_arguments)]
-    fn grads_sample(
+    fn grads_sample<const W: usize>(
         &self,
         x: &[f32],
         d: &[f32],
@@ -524,7 +530,7 @@ impl Neighbourhoods {
         dw: &mut [f32],
         db: &mut [f32],
     ) {
-        let (oc, outputs) = (self.conv.out_c, self.corners.len());
+        let oc = self.conv.out_c;
         self.conv.with_padded(x, |xp| {
             // Packed in place: returned by value, each went through the stack twice. Their
             // argmax rows, which the loop below reads at no stride a prefetcher would follow,
@@ -535,22 +541,47 @@ impl Neighbourhoods {
                 self.neighbourhood(xp, q as usize, nb);
             }
         });
-        for_lane_blocks!(0..oc, wide = 16, |c, N| {
-            let at = |q: usize| -> &[f32; N] { d[q * oc + c..][..N].try_into().expect("N") };
-            let (arg, empty) =
-                (|q: usize| -> &[u8; N] { idx[q * oc + c..][..N].try_into().expect("N") }, empty[c..c + N].try_into().expect("N"));
-            let (mut acc, mut sum) = ([Lanes::<N>::default(); NEIGHBOURHOOD_TAPS], load::<N>(db, c));
-            // The bias's sum goes over the pooled outputs in order (`routed_bias_grad`'s), the
-            // inactive ones adding only their gradient.
-            each_in_order(active, outputs, |q, k| match k {
-                Some(k) => Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &found[k].0, at(q), arg(q), &self.base, &self.offsets, NOWHERE),
-                None => sum = sum.add_unless(at(q), empty, NOWHERE),
-            });
-            store(db, c, sum);
-            for (r, a) in acc.into_iter().enumerate() {
-                store(dw, r * oc + c, load::<N>(dw, r * oc + c) + a);
-            }
+        // `W` lanes a block (at 8, two would hold 18 sums: more than AVX2's 16 registers).
+        let mut c = 0;
+        while c < oc {
+            c += if oc - c >= W {
+                self.grads_block::<W>(d, idx, active, empty, found, dw, db, c)
+            } else {
+                self.grads_block::<1>(d, idx, active, empty, found, dw, db, c)
+            };
+        }
+    }
+
+    /// Channels `c..c + N` of `grads_sample`, the sums in registers. Returns `N`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn grads_block<const N: usize>(
+        &self,
+        d: &[f32],
+        idx: &[u8],
+        active: &[u32],
+        empty: &[u8],
+        found: &[Neighbourhood],
+        dw: &mut [f32],
+        db: &mut [f32],
+        c: usize,
+    ) -> usize {
+        let (oc, outputs) = (self.conv.out_c, self.corners.len());
+        let at = |q: usize| -> &[f32; N] { d[q * oc + c..][..N].try_into().expect("N") };
+        let (arg, empty) =
+            (|q: usize| -> &[u8; N] { idx[q * oc + c..][..N].try_into().expect("N") }, empty[c..c + N].try_into().expect("N"));
+        let (mut acc, mut sum) = ([Lanes::<N>::default(); NEIGHBOURHOOD_TAPS], load::<N>(db, c));
+        // The bias's sum goes over the pooled outputs in order (`routed_bias_grad`'s), the
+        // inactive ones adding only their gradient.
+        each_in_order(active, outputs, |q, k| match k {
+            Some(k) => Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &found[k].0, at(q), arg(q), &self.base, &self.offsets, NOWHERE),
+            None => sum = sum.add_unless(at(q), empty, NOWHERE),
         });
+        store(db, c, sum);
+        for (r, a) in acc.into_iter().enumerate() {
+            store(dw, r * oc + c, load::<N>(dw, r * oc + c) + a);
+        }
+        N
     }
 
     /// Pooled output `q`'s neighbourhood in the padded sample `xp`: the rows and columns from

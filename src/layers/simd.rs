@@ -244,7 +244,114 @@ mod zmm {
     }
 }
 
+/// AVX2 operations on whole ymm registers, for widths that are multiples of 8: what LLVM does
+/// not find in the lane loops. (AVX-512 builds have them too, for the 8-lane kernels the tests
+/// run.) The same bits as the lane loops.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod ymm {
+    use std::arch::x86_64::*;
+
+    /// Whether `N` lanes are whole ymm registers.
+    pub const fn whole<const N: usize>() -> bool {
+        N.is_multiple_of(8)
+    }
+
+    /// `Lanes::max_arg` (`whole::<N>()` holds): a compare and a blend per 8 lanes for the
+    /// maxima; for the argmax bytes, the compares' 32-bit masks packed to bytes and one byte
+    /// blend, 32 lanes at a time where there are 32 (four registers of masks, three packs and a
+    /// permute that puts the packs' interleaved order right), else 8. (The lane loop's bytes
+    /// took LLVM twice the instructions.)
+    #[inline(always)]
+    pub fn max_arg<const N: usize>(best: &mut [f32; N], arg: &mut [u8; N], x: &[f32; N], tap: u8) {
+        // SAFETY: every access is inside the arrays: 8 floats from k + 8 * j < N, 32 bytes from
+        // k where k + 32 <= N, 8 from k + 8 <= N; AVX2 is enabled (module cfg).
+        unsafe {
+            let mut wins = |k: usize| {
+                let (b, v) = (_mm256_loadu_ps(best.as_ptr().add(k)), _mm256_loadu_ps(x.as_ptr().add(k)));
+                let wins = _mm256_cmp_ps::<_CMP_GT_OQ>(v, b);
+                _mm256_storeu_ps(best.as_mut_ptr().add(k), _mm256_blendv_ps(b, v, wins));
+                _mm256_castps_si256(wins)
+            };
+            let tap = _mm256_set1_epi8(tap as i8);
+            let mut k = 0;
+            while k + 32 <= N {
+                let (w0, w1, w2, w3) = (wins(k), wins(k + 8), wins(k + 16), wins(k + 24));
+                // Per 128-bit half, the packs leave 4-lane groups in the order w0 w1 w2 w3
+                // (lanes 0-3), then w0 w1 w2 w3 (lanes 4-7).
+                let packed = _mm256_packs_epi16(_mm256_packs_epi32(w0, w1), _mm256_packs_epi32(w2, w3));
+                let mask = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                let a = _mm256_loadu_si256(arg.as_ptr().add(k).cast());
+                _mm256_storeu_si256(arg.as_mut_ptr().add(k).cast(), _mm256_blendv_epi8(a, tap, mask));
+                k += 32;
+            }
+            while k < N {
+                let w = wins(k);
+                let words = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+                let mask = _mm_packs_epi16(words, words);
+                let a = _mm_loadl_epi64(arg.as_ptr().add(k).cast());
+                _mm_storel_epi64(arg.as_mut_ptr().add(k).cast(), _mm_blendv_epi8(a, _mm256_castsi256_si128(tap), mask));
+                k += 8;
+            }
+        }
+    }
+
+    /// `Lanes::neighbourhood_mul_add` (`whole::<N>()` holds): per 8 lanes, the argmax
+    /// widened to 32 bits, the skipped lanes' gradient zeroed, the base index looked up in two
+    /// registers; per tap, the 16 floats from the tap's offset on, read as two registers, each
+    /// permuted by that index, one of the two kept per lane (by the index's bit 3) and an FMA.
+    /// (Lane by lane, the seed model's conv1 weight gradient took 4 loads per multiply-add.)
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn neighbourhood_mul_add<const N: usize, const T: usize>(
+        acc: &mut [[f32; N]; T],
+        sum: &mut [f32; N],
+        neighbourhood: &[f32; 32],
+        g: &[f32; N],
+        arg: &[u8; N],
+        base: &[u32; 16],
+        offsets: &[u32; T],
+        skip: u8,
+    ) {
+        // SAFETY: k + 8 <= N (N a multiple of 8) for the 8 floats, bytes and sums read and
+        // written; the base table is 16 integers, read as two registers; each tap reads the 16
+        // floats from `offset % 16` on, inside the 32 of the neighbourhood; the permutes read
+        // only their registers' lanes; AVX2 and FMA are enabled (module cfg).
+        unsafe {
+            let (base_lo, base_hi) = (_mm256_loadu_si256(base.as_ptr().cast()), _mm256_loadu_si256(base.as_ptr().add(8).cast()));
+            for k in (0..N).step_by(8) {
+                let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(arg.as_ptr().add(k).cast()));
+                let skipped = _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_set1_epi32(skip as i32)));
+                let g = _mm256_andnot_ps(skipped, _mm256_loadu_ps(g.as_ptr().add(k)));
+                _mm256_storeu_ps(sum.as_mut_ptr().add(k), _mm256_add_ps(_mm256_loadu_ps(sum.as_ptr().add(k)), g));
+                // base[a % 16]: bit 3 of a (moved to the sign bit) picks the register.
+                let corner = _mm256_castps_si256(_mm256_blendv_ps(
+                    _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(base_lo, a)),
+                    _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(base_hi, a)),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<28>(a)),
+                ));
+                let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(corner));
+                for (sum, &offset) in acc.iter_mut().zip(offsets) {
+                    debug_assert!(offset < 16, "offset {offset}: the tap's 16 floats lie inside the neighbourhood");
+                    let from = neighbourhood.as_ptr().add(offset as usize % 16);
+                    let v = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(from), corner),
+                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(from.add(8)), corner),
+                        upper,
+                    );
+                    let s = _mm256_loadu_ps(sum.as_ptr().add(k));
+                    _mm256_storeu_ps(sum.as_mut_ptr().add(k), _mm256_fmadd_ps(g, v, s));
+                }
+            }
+        }
+    }
+}
+
 impl<const N: usize> Lanes<N> {
+    /// Whether `neighbourhood_mul_add` looks lanes up by vector permutes at this width (else
+    /// lane by lane).
+    pub const PERMUTES_NEIGHBOURHOODS: bool = (cfg!(all(target_arch = "x86_64", target_feature = "avx512f")) && N.is_multiple_of(16))
+        || (cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")) && N.is_multiple_of(8));
+
     /// `op(self, b)` lane by lane, as whole zmm registers where there are some.
     #[inline(always)]
     fn apply(mut self, op: Op, b: Lanes<N>) -> Lanes<N> {
@@ -305,6 +412,11 @@ impl<const N: usize> Lanes<N> {
             zmm::max_arg(&mut self.0, arg, &x.0, tap);
             return self;
         }
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if ymm::whole::<N>() {
+            ymm::max_arg(&mut self.0, arg, &x.0, tap);
+            return self;
+        }
         for (l, a) in arg.iter_mut().enumerate() {
             // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept the
             // running maxima on the stack and updated them with masked stores.
@@ -333,10 +445,12 @@ impl<const N: usize> Lanes<N> {
 
     /// The multiply-adds of one gradient vector into the sums of `T` taps, each lane looking
     /// its tap's input up in a table of 32 (a pooled output's input neighbourhood):
-    /// `acc[t][l] += g[l] * neighbourhood[(base[arg[l] % 16] + offsets[t]) % 32]`, and the
+    /// `acc[t][l] += g[l] * neighbourhood[base[arg[l] % 16] + offsets[t]]`, for base entries
+    /// and offsets below 16, and the
     /// gradient itself into `sum` (`sum[l] += g[l]`: `add_unless`'s sum, for a bias), with
     /// `g[l]` taken as +0 where `arg[l] == skip`. With AVX-512, two-register permutes
-    /// (`vpermt2ps`) look 16 lanes up at a time; elsewhere lane by lane.
+    /// (`vpermt2ps`) look 16 lanes up at a time; with AVX2, pairs of one-register permutes 8;
+    /// elsewhere lane by lane.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn neighbourhood_mul_add<const T: usize>(
@@ -356,12 +470,19 @@ impl<const N: usize> Lanes<N> {
             *acc = sums.map(Lanes);
             return;
         }
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if ymm::whole::<N>() {
+            let mut sums = acc.map(|a| a.0);
+            ymm::neighbourhood_mul_add(&mut sums, &mut sum.0, neighbourhood, g, arg, base, offsets, skip);
+            *acc = sums.map(Lanes);
+            return;
+        }
         for l in 0..N {
             let g = if arg[l] == skip { 0.0 } else { g[l] };
             sum.0[l] += g;
             let corner = base[usize::from(arg[l] % 16)];
             for (sum, &offset) in acc.iter_mut().zip(offsets) {
-                sum.0[l] = Op::MulAdd(g).lane(sum.0[l], neighbourhood[((corner + offset) % 32) as usize]);
+                sum.0[l] = Op::MulAdd(g).lane(sum.0[l], neighbourhood[(corner + offset) as usize]);
             }
         }
     }
@@ -679,12 +800,20 @@ mod tests {
     /// definition, lane by lane: ties and NaN keep the earlier maximum, -0 does not beat 0.
     #[test]
     fn max_arg_keeps_the_first_strict_maximum() {
-        fn check<const N: usize>() {
+        /// `ymm`: through the AVX2 kernel itself, which AVX-512 builds otherwise run only at 8 lanes.
+        fn check<const N: usize>(ymm: bool) {
             let values = [0.5, -1.0, f32::NAN, 0.5, 2.0, -0.0, 0.0, f32::NEG_INFINITY, 3.0, -2.5, 1e-40];
             let tap_value = |t: usize, l: usize| values[(t * 7 + l * 3 + l / 5) % values.len()];
             let (mut best, mut arg) = (Lanes::<N>::splat(f32::NEG_INFINITY), [0u8; N]);
             for t in 0..9 {
-                best = best.max_arg(Lanes(std::array::from_fn(|l| tap_value(t, l))), &mut arg, t as u8);
+                let x = Lanes(std::array::from_fn(|l| tap_value(t, l)));
+                #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+                if ymm {
+                    super::ymm::max_arg(&mut best.0, &mut arg, &x.0, t as u8);
+                    continue;
+                }
+                assert!(!ymm, "the AVX2 kernel is built only for AVX2 targets");
+                best = best.max_arg(x, &mut arg, t as u8);
             }
             for (l, (got, &got_arg)) in best.0.iter().zip(&arg).enumerate() {
                 let (mut want, mut want_arg) = (f32::NEG_INFINITY, 0u8);
@@ -696,9 +825,14 @@ mod tests {
                 assert_eq!((got.to_bits(), got_arg), (want.to_bits(), want_arg), "{N} lanes, lane {l}");
             }
         }
-        check::<8>();
-        check::<16>();
-        check::<64>();
+        check::<8>(false);
+        check::<16>(false);
+        check::<64>(false);
+        // 32 and 40 lanes: the kernel's four-register blocks, and one with 8 left over.
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        for check in [check::<8> as fn(bool), check::<32>, check::<40>, check::<64>] {
+            check(true);
+        }
     }
 
     /// `where_positive` at lane loops (8) and whole zmm registers (16, 32) against the
@@ -747,14 +881,14 @@ mod tests {
 
     /// `neighbourhood_mul_add` against the definition, a lane at a time (fused where the target
     /// has FMA): every argmax byte value (the skipped one, and ones whose low bits pick each
-    /// base entry), indices past 32 that wrap, and the bits of the taps' sums and of the
-    /// gradient's, at 8, 16 and 32 lanes.
+    /// base entry, all 16 of them, from both halves of the table), and the bits of the taps' sums
+    /// and of the gradient's, at 8, 16 and 32 lanes.
     #[test]
     fn neighbourhood_mul_add_looks_each_lane_up() {
         fn check<const N: usize>() {
             let neighbourhood: [f32; 32] = std::array::from_fn(|i| (i as f32 - 11.5) * 0.37);
-            let base: [u32; 16] = std::array::from_fn(|i| (i as u32 * 7) % 29);
-            let offsets = [0u32, 1, 2, 5, 6, 7, 10, 11, 12];
+            let base: [u32; 16] = std::array::from_fn(|i| (i as u32 * 7) % 16);
+            let offsets = [0u32, 1, 2, 5, 6, 7, 10, 13, 15];
             for first in (0..=255u8).step_by(N) {
                 let arg: [u8; N] = std::array::from_fn(|l| first.wrapping_add(l as u8));
                 let g: [f32; N] = std::array::from_fn(|l| 1.25 - l as f32 * 0.3);
@@ -766,7 +900,7 @@ mod tests {
                     let g = if arg[l] == 200 { 0.0 } else { g[l] };
                     want_sum.0[l] += g;
                     for t in 0..9 {
-                        let v = neighbourhood[((base[usize::from(arg[l] % 16)] + offsets[t]) % 32) as usize];
+                        let v = neighbourhood[(base[usize::from(arg[l] % 16)] + offsets[t]) as usize];
                         want[t].0[l] = if HAS_FMA { g.mul_add(v, want[t].0[l]) } else { want[t].0[l] + g * v };
                     }
                 }
