@@ -288,7 +288,9 @@ impl Conv {
             // window lies inside the padded sample, and so do the others', which start before it.
             assert!(corner(ow - 1) + reach < xp.len(), "output row {oy}'s windows lie inside the padded sample");
             // Pixels left of the live columns, the live ones, and those right of them: blocks
-            // of `FORWARD_PIXELS`, then ones, of each.
+            // of `FORWARD_PIXELS`, then one block of what is left of each. (One pixel at a
+            // time, each tap's FMAs waited on the last one's: at 8 lanes two vectors of sums a
+            // pixel, and the seed model's conv1 spent a tenth of its forward there.)
             let (live, columns) = (&live.rows[oy], columns(oy));
             let (from, to) = if live.is_empty() { (columns.end, columns.end) } else { (live.start, live.end) };
             debug_assert!(columns.start <= from && to <= columns.end, "row {oy}'s columns {columns:?} hold its live ones {live:?}");
@@ -298,10 +300,16 @@ impl Conv {
                     self.forward_pixels::<N, FORWARD_PIXELS>(xp, offsets, weight, bias, y, c, ox, corner(ox));
                     ox += FORWARD_PIXELS;
                 }
-                while ox < end {
-                    self.forward_pixels::<N, 1>(xp, offsets, weight, bias, y, c, ox, corner(ox));
-                    ox += 1;
+                match end - ox {
+                    0 => {}
+                    1 => self.forward_pixels::<N, 1>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    2 => self.forward_pixels::<N, 2>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    3 => self.forward_pixels::<N, 3>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    4 => self.forward_pixels::<N, 4>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    5 => self.forward_pixels::<N, 5>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    left => unreachable!("{left} pixels left, fewer than FORWARD_PIXELS ({FORWARD_PIXELS})"),
                 }
+                ox = end;
             }
         }
     }
