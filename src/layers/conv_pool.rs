@@ -28,7 +28,9 @@ use super::conv::{Conv, per_range_backward};
 use super::direct_conv::LiveColumns;
 use super::pool::{MaxPool, NOWHERE, max_pool_backward_sample, pool_window};
 use super::scratch::{ALIGN_SLACK, SCRATCH_A, aligned, aligned_copy, give_back, take, take_zeroed, with_scratch};
-use super::simd::{Lanes, copy_run, for_lane_blocks, load, pack_rows, prefetch, store, stream_copy, stream_fence, touch_lines};
+use super::simd::{
+    Lanes, copy_run, for_lane_blocks, load, pack_columns, permute_block, prefetch, store, stream_copy, stream_fence, touch_lines,
+};
 use super::{Axis, WindowTable};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -454,34 +456,40 @@ enum WeightGrad<const W: usize> {
 /// Taps of the convolutions `Neighbourhoods` serves: 3x3 of one input channel.
 const NEIGHBOURHOOD_TAPS: usize = 9;
 
-/// One pooled output's input neighbourhood (`Neighbourhoods`), rows of `side` floats, then
-/// zeros: two zmm registers, on one cache line each.
+/// One pooled output's input neighbourhood (`Neighbourhoods`) by the column of the
+/// convolution's taps: for tap column kx, the neighbourhood's rows, each the `kp` floats that
+/// tap reads for the pool's columns of pixels, one after another (15 floats under a 3x3 pool of
+/// stride 2 over a 3x3 convolution of stride 1); 16 floats, one cache line, a column.
 #[derive(Clone, Copy)]
 #[repr(align(64))]
-struct Neighbourhood([f32; 32]);
+struct Neighbourhood([[f32; 16]; 3]);
 
 /// The weight gradient of a 3x3 convolution of one input channel (the seed model's conv1) by
 /// lookups, lanes over channels. The pixels of a pooled output's window and their patches
 /// lie in a `side` x `side` block of the padded input (5 x 5 under a 3x3 pool of stride 2),
-/// which two zmm registers hold, so each lane finds its channel's patch value for every tap
-/// by a permute of that block:
+/// which, by tap column, three columns of 16 floats hold (`Neighbourhood`), so each lane
+/// finds its channel's patch value for every tap by a permute of that tap's column:
 ///
 /// ```text
-/// dw[r][c] += d[q][c] * neighbourhood(q)[base[argmax[q][c]] + offsets[r]]
+/// dw[3 ky + kx][c] += d[q][c] * neighbourhood(q)[kx][ky * kp + base[argmax[q][c]]]
 /// ```
 ///
-/// per 16 channels and tap an index add, a permute and an FMA, where `Routes` loads an index
-/// and a patch row per channel and pooled output (four loads, which bound it; the pair's
-/// backward on one core of an Emerald Rapids Xeon, 32 MNIST digits, 0.38 -> 0.24 ms). The sums
-/// run in `Routes`' order, so both give the same bits.
+/// per 16 channels and tap an index add, a permute and an FMA (8 channels: a permute, a blend
+/// and an FMA), where `Routes` loads an index and a patch row per channel and pooled output
+/// (four loads, which bound it; the pair's backward on one core of an Emerald Rapids Xeon, 32
+/// MNIST digits, 0.38 -> 0.24 ms). The sums run in `Routes`' order, so both give the same
+/// bits.
 struct Neighbourhoods {
     conv: Conv,
     side: usize,
-    /// By pool tap (ky * k + kx of the pool's window): the neighbourhood index of the corner of
-    /// that pixel's patch.
+    /// By pool tap (py * kp + px of the pool's window): the index of its pixel's patch corner
+    /// in a column, 8 at most (`Lanes::neighbourhood_mul_add`).
     base: [u32; 16],
-    /// By weight row (ky * 3 + kx): its neighbourhood index from the patch corner.
-    offsets: [u32; NEIGHBOURHOOD_TAPS],
+    /// The floats of a column a row: `kp`. Tap (ky, kx) reads column kx from row ky on.
+    row_step: usize,
+    /// By column float (16 * kx + i): the float of the `side` x `side` block (rows one after
+    /// another) it holds, `side * side` (a zero) where it holds none.
+    sources: [[u8; 16]; 3],
     /// By pooled output: its neighbourhood's first row and column in the padded sample
     /// (negative before it), worked out once a pass (two divisions a pooled output were 2.5%
     /// of the backward).
@@ -489,27 +497,36 @@ struct Neighbourhoods {
 }
 
 impl Neighbourhoods {
-    /// `None` unless `conv` is 3x3 over one input channel and a pool window's patches fit a
-    /// neighbourhood of 32 floats, its taps 16 base entries.
+    /// `None` unless `conv` is 3x3 over one input channel and a pool window (3x3 at most) has
+    /// its patches in a block of fewer than 32 floats, columns of 16, and its taps' corners 8
+    /// at most.
     fn new(conv: &Conv, pool: &MaxPool) -> Option<Neighbourhoods> {
         let (kp, s) = (pool.win.kernel, conv.win.stride);
         let side = (kp - 1) * s + conv.win.kernel;
-        if conv.in_c != 1 || conv.groups != 1 || conv.patch_len() != NEIGHBOURHOOD_TAPS || kp * kp > 16 || side * side > 32 {
+        if conv.in_c != 1 || conv.groups != 1 || conv.patch_len() != NEIGHBOURHOOD_TAPS || kp > 3 || side * side >= 32 || side * kp > 16 {
             return None;
         }
+        // Column kx holds, row by row, the floats at kx, kx + s, ... kx + (kp - 1) s of each
+        // block row: tap (ky, kx) of pool tap (py, px) reads block row py s + ky, column px s +
+        // kx, which is float (py s + ky) kp + px of column kx.
         let mut base = [0; 16];
         for (t, corner) in base.iter_mut().enumerate().take(kp * kp) {
-            *corner = u32::try_from((t / kp * side + t % kp) * s).ok()?;
+            *corner = u32::try_from(t / kp * s * kp + t % kp).ok()?;
         }
-        let offsets: [u32; NEIGHBOURHOOD_TAPS] = std::array::from_fn(|r| u32::try_from(r / 3 * side + r % 3).expect("below 32"));
-        // What `Lanes::neighbourhood_mul_add` asks of them (with side <= 5, at most 12).
-        if base.iter().chain(&offsets).any(|&i| i >= 16) {
+        // What `Lanes::neighbourhood_mul_add` asks of them (a 3x3 pool's at most 8).
+        if base.iter().any(|&b| b > 8) {
             return None;
         }
+        let sources = std::array::from_fn(|kx| {
+            std::array::from_fn(|i| {
+                let (row, px) = (i / kp, i % kp);
+                u8::try_from(if row < side { row * side + px * s + kx } else { side * side }).expect("below 32")
+            })
+        });
         let pw = &pool.win;
         let first = |o: usize, axis: &Axis| ((o * pw.stride) as isize - axis.pad_before as isize) * s as isize;
         let corners = (0..pw.out_pixels()).map(|q| [first(q / pw.w.output, &pw.h), first(q % pw.w.output, &pw.w)]).collect();
-        Some(Neighbourhoods { conv: *conv, side, base, offsets, corners })
+        Some(Neighbourhoods { conv: *conv, side, base, row_step: kp, sources, corners })
     }
 
     /// One sample's bias and weight gradients, added into `db` and `dw` (`[patch row][out_c]`):
@@ -535,7 +552,7 @@ impl Neighbourhoods {
             // Packed in place: returned by value, each went through the stack twice. Their
             // argmax rows, which the loop below reads at no stride a prefetcher would follow,
             // are asked for meanwhile.
-            found.resize(active.len(), Neighbourhood([0.0; 32]));
+            found.resize(active.len(), Neighbourhood([[0.0; 16]; 3]));
             for (nb, &q) in found.iter_mut().zip(active) {
                 prefetch(&idx[q as usize * oc..(q as usize + 1) * oc]);
                 self.neighbourhood(xp, q as usize, nb);
@@ -574,7 +591,7 @@ impl Neighbourhoods {
         // The bias's sum goes over the pooled outputs in order (`routed_bias_grad`'s), the
         // inactive ones adding only their gradient.
         each_in_order(active, outputs, |q, k| match k {
-            Some(k) => Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &found[k].0, at(q), arg(q), &self.base, &self.offsets, NOWHERE),
+            Some(k) => Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &found[k].0, at(q), arg(q), &self.base, self.row_step, NOWHERE),
             None => sum = sum.add_unless(at(q), empty, NOWHERE),
         });
         store(db, c, sum);
@@ -586,24 +603,25 @@ impl Neighbourhoods {
 
     /// Pooled output `q`'s neighbourhood in the padded sample `xp`: the rows and columns from
     /// its window's first pixel's patch corner (before the sample where the pool pads), zeros
-    /// outside `xp`, into `nb` (all of it).
+    /// outside `xp`, into `nb`'s columns (all of it).
     fn neighbourhood(&self, xp: &[f32], q: usize, nb: &mut Neighbourhood) {
         let ((hp, wp), side, [y0, x0]) = (self.conv.padded_dims(), self.side, self.corners[q]);
         if y0 >= 0 && x0 >= 0 && y0 as usize + side <= hp && x0 as usize + side <= wp {
             // Inside the padded sample: row by row, no clipping (all but the windows at the
             // far edges, where the pool pads).
-            pack_rows(&mut nb.0, xp, y0 as usize * wp + x0 as usize, wp, side);
+            pack_columns(&mut nb.0, xp, y0 as usize * wp + x0 as usize, wp, side, &self.sources);
             return;
         }
-        nb.0.fill(0.0);
+        let mut block = [0.0; 32];
         let (from, to) = (x0.max(0), (x0 + side as isize).min(wp as isize));
         for r in 0..side {
             let y = y0 + r as isize;
             if (0..hp as isize).contains(&y) && from < to {
                 let at = y as usize * wp;
-                copy_run(&mut nb.0[r * side + (from - x0) as usize..][..(to - from) as usize], &xp[at + from as usize..at + to as usize]);
+                copy_run(&mut block[r * side + (from - x0) as usize..][..(to - from) as usize], &xp[at + from as usize..at + to as usize]);
             }
         }
+        permute_block(&mut nb.0, &block, &self.sources);
     }
 }
 

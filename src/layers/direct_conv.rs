@@ -257,9 +257,15 @@ impl Conv {
         columns: impl Fn(usize) -> std::ops::Range<usize>,
     ) {
         let cout_g = self.out_c / self.groups;
+        let unit_step = self.win.stride * self.in_c == 1;
         for (g, offsets) in offsets.iter().enumerate() {
             for_lane_blocks!(g * cout_g..(g + 1) * cout_g, wide = FORWARD_CHANNELS, |c, N| {
-                self.forward_channels::<N>(xp, live, offsets, weight, bias, rows.clone(), y, (&row_at, &columns), c)
+                let rows = rows.clone();
+                if unit_step {
+                    self.forward_channels::<N, 1>(xp, live, offsets, weight, bias, rows, y, (&row_at, &columns), c)
+                } else {
+                    self.forward_channels::<N, 0>(xp, live, offsets, weight, bias, rows, y, (&row_at, &columns), c)
+                }
             });
         }
     }
@@ -268,7 +274,7 @@ impl Conv {
     /// pixel of `rows`, `FORWARD_PIXELS` at a time where it can.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn forward_channels<const N: usize>(
+    fn forward_channels<const N: usize, const STEP: usize>(
         &self,
         xp: &[f32],
         live: &LiveColumns,
@@ -298,16 +304,16 @@ impl Conv {
             let mut ox = columns.start;
             for (end, offsets) in [(from, &offsets[..0]), (to, offsets), (columns.end, &offsets[..0])] {
                 while ox + FORWARD_PIXELS <= end {
-                    self.forward_pixels::<N, FORWARD_PIXELS>(xp, offsets, weight, bias, y, c, ox, corner(ox));
+                    self.forward_pixels::<N, FORWARD_PIXELS, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox));
                     ox += FORWARD_PIXELS;
                 }
                 match end - ox {
                     0 => {}
-                    1 => self.forward_pixels::<N, 1>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
-                    2 => self.forward_pixels::<N, 2>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
-                    3 => self.forward_pixels::<N, 3>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
-                    4 => self.forward_pixels::<N, 4>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
-                    5 => self.forward_pixels::<N, 5>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    1 => self.forward_pixels::<N, 1, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    2 => self.forward_pixels::<N, 2, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    3 => self.forward_pixels::<N, 3, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    4 => self.forward_pixels::<N, 4, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
+                    5 => self.forward_pixels::<N, 5, STEP>(xp, offsets, weight, bias, y, c, ox, corner(ox)),
                     left => unreachable!("{left} pixels left, fewer than FORWARD_PIXELS ({FORWARD_PIXELS})"),
                 }
                 ox = end;
@@ -322,7 +328,7 @@ impl Conv {
     /// one core of a Xeon).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn forward_pixels<const N: usize, const P: usize>(
+    fn forward_pixels<const N: usize, const P: usize, const STEP: usize>(
         &self,
         xp: &[f32],
         offsets: &[usize],
@@ -334,7 +340,7 @@ impl Conv {
         corner: usize,
     ) {
         let oc = self.out_c;
-        let step = self.win.stride * self.in_c;
+        let step = if STEP > 0 { STEP } else { self.win.stride * self.in_c };
         let mut acc = [Lanes::<N>::default(); P];
         for (r, off) in offsets.iter().enumerate() {
             let w = load::<N>(weight, r * oc + c);

@@ -6,7 +6,7 @@
 
 use super::aligned::AlignedBuf;
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use super::simd::{Lanes, for_lane_blocks, is_nonzero, load, store};
+use super::simd::{Lanes, for_lane_blocks, is_nonzero, store};
 use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
@@ -119,17 +119,7 @@ pub(super) fn pool_window(x: &[f32], taps: &[(usize, usize)], c: usize, nowhere_
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
 fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, nowhere_at_zero: bool, y: &mut [f32], idx: &mut [u8]) {
-    let mut best = Lanes::<N>::splat(f32::NEG_INFINITY);
-    let mut arg = [taps[0].0 as u8; N];
-    for &(tap, i) in taps {
-        best = best.max_arg(load::<N>(x, i * c + cb), &mut arg, tap as u8);
-    }
-    if nowhere_at_zero {
-        for (a, &b) in arg.iter_mut().zip(&best.0) {
-            let zeroed = ((b <= 0.0) as u8).wrapping_neg();
-            *a = (NOWHERE & zeroed) | (*a & !zeroed);
-        }
-    }
+    let (best, arg) = Lanes::<N>::window_max_arg(x, taps, c, cb, nowhere_at_zero.then_some(NOWHERE));
     store(y, 0, best);
     idx[..N].copy_from_slice(&arg);
 }

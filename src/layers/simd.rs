@@ -93,12 +93,46 @@ mod zmm {
         unsafe { _mm512_mask_storeu_ps(to.as_mut_ptr(), mask, _mm512_maskz_loadu_ps(mask, from.as_ptr())) }
     }
 
-    /// `pack_rows`: each row's run merged into its lanes of two registers by masked loads
-    /// (at addresses shifted back by the lane it starts at), then two whole stores. (Copied
-    /// run by run with masked stores, which cannot forward to the whole loads that read the
-    /// block back, the seed model's conv1 backward took 1.07x as long.)
+    /// `permute_block`: a two-register permute per 16 floats.
     #[inline(always)]
-    pub fn pack_rows(to: &mut [f32; 32], from: &[f32], at: usize, stride: usize, side: usize) {
+    pub fn permute_block<const M: usize>(to: &mut [[f32; 16]; M], block: &[f32; 32], index: &[[u8; 16]; M]) {
+        // SAFETY: the block is 32 floats, read as two registers; AVX-512F is on.
+        let block = unsafe { (_mm512_loadu_ps(block.as_ptr()), _mm512_loadu_ps(block.as_ptr().add(16))) };
+        permute_registers(to, block, index);
+    }
+
+    /// `permute_block` of a block in two registers.
+    #[inline(always)]
+    fn permute_registers<const M: usize>(to: &mut [[f32; 16]; M], (lo, hi): (__m512, __m512), index: &[[u8; 16]; M]) {
+        // SAFETY: each output is 16 floats and 16 index bytes; the permute reads only its
+        // registers' lanes; AVX-512F is on (module cfg).
+        unsafe {
+            for (to, index) in to.iter_mut().zip(index) {
+                let i = _mm512_cvtepu8_epi32(_mm_loadu_si128(index.as_ptr().cast()));
+                _mm512_storeu_ps(to.as_mut_ptr(), _mm512_permutex2var_ps(lo, i, hi));
+            }
+        }
+    }
+
+    /// `pack_columns`: the block permuted in the registers `block_registers` packed it in.
+    #[inline(always)]
+    pub fn pack_columns<const M: usize>(
+        to: &mut [[f32; 16]; M],
+        from: &[f32],
+        at: usize,
+        stride: usize,
+        side: usize,
+        index: &[[u8; 16]; M],
+    ) {
+        permute_registers(to, block_registers(from, at, stride, side), index);
+    }
+
+    /// `pack_columns`' block in two registers: each row's run merged into its lanes by masked
+    /// loads (at addresses shifted back by the lane it starts at). (Copied run by run with
+    /// masked stores, which cannot forward to the whole loads that read the block back, the
+    /// seed model's conv1 backward took 1.07x as long.)
+    #[inline(always)]
+    fn block_registers(from: &[f32], at: usize, stride: usize, side: usize) -> (__m512, __m512) {
         // SAFETY: AVX-512F is on (module cfg).
         let (mut lo, mut hi) = unsafe { (_mm512_setzero_ps(), _mm512_setzero_ps()) };
         for r in 0..side {
@@ -118,28 +152,71 @@ mod zmm {
                 }
             }
         }
-        // SAFETY: `to` holds 32 floats; AVX-512F is on.
-        unsafe {
-            _mm512_storeu_ps(to.as_mut_ptr(), lo);
-            _mm512_storeu_ps(to.as_mut_ptr().add(16), hi);
-        }
+        (lo, hi)
     }
 
-    /// The running maximum `best` and its argmax over one more tap (`whole::<N>()` holds):
-    /// where `x > best` (ordered: a NaN never wins), `best = x` and `arg = tap`. A compare
-    /// into a mask register and two masked moves per 16 lanes.
+    /// `Lanes::window_max_arg` (`whole::<N>()` holds): 64 lanes at a time where there are 64,
+    /// else 16 (`window_max_arg_group`).
     #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
     #[inline(always)]
-    pub fn max_arg<const N: usize>(best: &mut [f32; N], arg: &mut [u8; N], x: &[f32; N], tap: u8) {
-        for k in (0..N).step_by(16) {
-            // SAFETY: k + 16 <= N (N a multiple of 16) for the 16 floats and 16 bytes read and
-            // written; the build enables AVX-512F, BW and VL (this function's cfg).
-            unsafe {
-                let (b, v) = (_mm512_loadu_ps(best.as_ptr().add(k)), _mm512_loadu_ps(x.as_ptr().add(k)));
-                let wins = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, b);
-                _mm512_storeu_ps(best.as_mut_ptr().add(k), _mm512_mask_mov_ps(b, wins, v));
-                let a = _mm_loadu_si128(arg.as_ptr().add(k).cast());
-                _mm_storeu_si128(arg.as_mut_ptr().add(k).cast(), _mm_mask_blend_epi8(wins, a, _mm_set1_epi8(tap as i8)));
+    pub fn window_max_arg<const N: usize>(
+        x: &[f32],
+        taps: &[(usize, usize)],
+        c: usize,
+        cb: usize,
+        nowhere: Option<u8>,
+    ) -> ([f32; N], [u8; N]) {
+        let (mut best, mut arg) = ([0.0; N], [0; N]);
+        let mut k = 0;
+        while k + 64 <= N {
+            window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 64], &mut arg[k..k + 64]);
+            k += 64;
+        }
+        while k < N {
+            window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 16], &mut arg[k..k + 16]);
+            k += 16;
+        }
+        (best, arg)
+    }
+
+    /// `G` registers of 16 lanes of `window_max_arg`, the maxima and the argmax bytes in
+    /// registers over every tap: per tap and register a load, a compare into a mask, a max
+    /// (the same as a masked move: `vmaxps` keeps its second operand unless the first is
+    /// greater) and a masked byte blend of the tap.
+    #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
+    #[inline(always)]
+    fn window_max_arg_group<const G: usize>(
+        x: &[f32],
+        taps: &[(usize, usize)],
+        c: usize,
+        cb: usize,
+        nowhere: Option<u8>,
+        best_out: &mut [f32],
+        arg_out: &mut [u8],
+    ) {
+        assert!(best_out.len() == 16 * G && arg_out.len() == 16 * G, "whole groups");
+        // SAFETY: each tap's row is sliced to the 16G floats read; the outputs hold 16G floats
+        // and bytes (asserted); the build enables AVX-512F, BW and VL (this function's cfg).
+        unsafe {
+            let mut best = [_mm512_set1_ps(f32::NEG_INFINITY); G];
+            let mut arg = [_mm_set1_epi8(taps.first().map_or(0, |t| t.0) as i8); G];
+            for &(t, i) in taps {
+                let row = x[i * c + cb..][..16 * G].as_ptr();
+                let tap = _mm_set1_epi8(t as i8);
+                for (j, (best, arg)) in best.iter_mut().zip(&mut arg).enumerate() {
+                    let v = _mm512_loadu_ps(row.add(16 * j));
+                    let wins = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, *best);
+                    *best = _mm512_max_ps(v, *best);
+                    *arg = _mm_mask_blend_epi8(wins, *arg, tap);
+                }
+            }
+            for (j, (best, arg)) in best.iter().zip(&mut arg).enumerate() {
+                if let Some(nowhere) = nowhere {
+                    let zeroed = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(*best, _mm512_setzero_ps());
+                    *arg = _mm_mask_blend_epi8(zeroed, *arg, _mm_set1_epi8(nowhere as i8));
+                }
+                _mm512_storeu_ps(best_out.as_mut_ptr().add(16 * j), *best);
+                _mm_storeu_si128(arg_out.as_mut_ptr().add(16 * j).cast(), *arg);
             }
         }
     }
@@ -175,34 +252,35 @@ mod zmm {
 
     /// `Lanes::neighbourhood_mul_add` (`whole::<N>()` holds): per 16 lanes, the argmax widened
     /// to 32 bits, a compare into a mask that zeroes the skipped lanes' gradient as it loads, its
-    /// add into `sum`, the base index by a 16-entry permute, and per tap an index add, a
-    /// two-register permute of the neighbourhood and an FMA.
+    /// add into `sum`, the base index by a 16-entry permute and the three rows' indices from
+    /// it, and per tap a permute of its column (a register) and an FMA.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub fn neighbourhood_mul_add<const N: usize, const T: usize>(
-        acc: &mut [[f32; N]; T],
+    pub fn neighbourhood_mul_add<const N: usize>(
+        acc: &mut [[f32; N]; 9],
         sum: &mut [f32; N],
-        neighbourhood: &[f32; 32],
+        columns: &[[f32; 16]; 3],
         g: &[f32; N],
         arg: &[u8; N],
         base: &[u32; 16],
-        offsets: &[u32; T],
+        row_step: usize,
         skip: u8,
     ) {
         // SAFETY: k + 16 <= N (N a multiple of 16) for the 16 floats, bytes and sums read and
-        // written; the neighbourhood and base table are 32 floats and 16 integers; the
-        // permutes read only their registers' lanes; AVX-512F is enabled (module cfg).
+        // written; each column is 16 floats, the base table 16 integers; the permutes read
+        // only their registers' lanes; AVX-512F is enabled (module cfg).
         unsafe {
-            let (lo, hi) = (_mm512_loadu_ps(neighbourhood.as_ptr()), _mm512_loadu_ps(neighbourhood.as_ptr().add(16)));
             let base = _mm512_loadu_si512(base.as_ptr().cast());
+            let columns = columns.map(|c| _mm512_loadu_ps(c.as_ptr()));
             for k in (0..N).step_by(16) {
                 let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(arg.as_ptr().add(k).cast()));
                 let keep = _mm512_cmpneq_epi32_mask(a, _mm512_set1_epi32(skip as i32));
                 let g = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(k));
                 _mm512_storeu_ps(sum.as_mut_ptr().add(k), _mm512_add_ps(_mm512_loadu_ps(sum.as_ptr().add(k)), g));
                 let corner = _mm512_permutexvar_epi32(a, base);
-                for (sum, &offset) in acc.iter_mut().zip(offsets) {
-                    let v = _mm512_permutex2var_ps(lo, _mm512_add_epi32(corner, _mm512_set1_epi32(offset as i32)), hi);
+                let rows = [0, 1, 2].map(|ky| _mm512_add_epi32(corner, _mm512_set1_epi32((ky * row_step) as i32)));
+                for (r, sum) in acc.iter_mut().enumerate() {
+                    let v = _mm512_permutexvar_ps(rows[r / 3], columns[r % 3]);
                     let s = _mm512_loadu_ps(sum.as_ptr().add(k));
                     _mm512_storeu_ps(sum.as_mut_ptr().add(k), _mm512_fmadd_ps(g, v, s));
                 }
@@ -256,66 +334,130 @@ mod ymm {
         N.is_multiple_of(8)
     }
 
-    /// `Lanes::max_arg` (`whole::<N>()` holds): a compare and a blend per 8 lanes for the
-    /// maxima; for the argmax bytes, the compares' 32-bit masks packed to bytes and one byte
-    /// blend, 32 lanes at a time where there are 32 (four registers of masks, three packs and a
-    /// permute that puts the packs' interleaved order right), else 8. (The lane loop's bytes
-    /// took LLVM twice the instructions.)
+    /// `Lanes::window_max_arg` (`whole::<N>()` holds): 32 lanes at a time where there are 32,
+    /// else 8 (`window_max_arg_group`).
     #[inline(always)]
-    pub fn max_arg<const N: usize>(best: &mut [f32; N], arg: &mut [u8; N], x: &[f32; N], tap: u8) {
-        // SAFETY: every access is inside the arrays: 8 floats from k + 8 * j < N, 32 bytes from
-        // k where k + 32 <= N, 8 from k + 8 <= N; AVX2 is enabled (module cfg).
+    pub fn window_max_arg<const N: usize>(
+        x: &[f32],
+        taps: &[(usize, usize)],
+        c: usize,
+        cb: usize,
+        nowhere: Option<u8>,
+    ) -> ([f32; N], [u8; N]) {
+        let (mut best, mut arg) = ([0.0; N], [0; N]);
+        let mut k = 0;
+        while k + 32 <= N {
+            window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 32], &mut arg[k..k + 32]);
+            k += 32;
+        }
+        while k < N {
+            window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 8], &mut arg[k..k + 8]);
+            k += 8;
+        }
+        (best, arg)
+    }
+
+    /// `G` registers of 8 lanes of `window_max_arg`, the maxima and the argmax (as 32-bit
+    /// lanes) in registers over every tap: per tap and register a load, a compare, a max (the
+    /// same as a blend of the compare: `vmaxps` keeps its second operand unless the first is
+    /// greater) and a blend of the tap; the argmax packed to bytes once. (Tap by tap through
+    /// memory, with the compares' masks packed to bytes each time, the seed model's pool1
+    /// forward took 1.x the time, 8-lane build on a Zen 4.)
+    #[inline(always)]
+    fn window_max_arg_group<const G: usize>(
+        x: &[f32],
+        taps: &[(usize, usize)],
+        c: usize,
+        cb: usize,
+        nowhere: Option<u8>,
+        best_out: &mut [f32],
+        arg_out: &mut [u8],
+    ) {
+        assert!(best_out.len() == 8 * G && arg_out.len() == 8 * G && (G == 1 || G == 4), "whole groups");
+        // SAFETY: each tap's row is sliced to the 8G floats read; the outputs hold 8G floats and
+        // bytes (asserted); AVX2 is enabled (module cfg).
         unsafe {
-            let mut wins = |k: usize| {
-                let (b, v) = (_mm256_loadu_ps(best.as_ptr().add(k)), _mm256_loadu_ps(x.as_ptr().add(k)));
-                let wins = _mm256_cmp_ps::<_CMP_GT_OQ>(v, b);
-                _mm256_storeu_ps(best.as_mut_ptr().add(k), _mm256_blendv_ps(b, v, wins));
-                _mm256_castps_si256(wins)
-            };
-            let tap = _mm256_set1_epi8(tap as i8);
-            let mut k = 0;
-            while k + 32 <= N {
-                let (w0, w1, w2, w3) = (wins(k), wins(k + 8), wins(k + 16), wins(k + 24));
-                // Per 128-bit half, the packs leave 4-lane groups in the order w0 w1 w2 w3
-                // (lanes 0-3), then w0 w1 w2 w3 (lanes 4-7).
-                let packed = _mm256_packs_epi16(_mm256_packs_epi32(w0, w1), _mm256_packs_epi32(w2, w3));
-                let mask = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-                let a = _mm256_loadu_si256(arg.as_ptr().add(k).cast());
-                _mm256_storeu_si256(arg.as_mut_ptr().add(k).cast(), _mm256_blendv_epi8(a, tap, mask));
-                k += 32;
+            let mut best = [_mm256_set1_ps(f32::NEG_INFINITY); G];
+            let mut arg = [_mm256_set1_epi32(taps.first().map_or(0, |t| t.0) as i32); G];
+            for &(t, i) in taps {
+                let row = x[i * c + cb..][..8 * G].as_ptr();
+                let tap = _mm256_set1_epi32(t as i32);
+                for (j, (best, arg)) in best.iter_mut().zip(&mut arg).enumerate() {
+                    let v = _mm256_loadu_ps(row.add(8 * j));
+                    let wins = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, *best));
+                    *best = _mm256_max_ps(v, *best);
+                    *arg = _mm256_blendv_epi8(*arg, tap, wins);
+                }
             }
-            while k < N {
-                let w = wins(k);
-                let words = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
-                let mask = _mm_packs_epi16(words, words);
-                let a = _mm_loadl_epi64(arg.as_ptr().add(k).cast());
-                _mm_storel_epi64(arg.as_mut_ptr().add(k).cast(), _mm_blendv_epi8(a, _mm256_castsi256_si128(tap), mask));
-                k += 8;
+            if let Some(nowhere) = nowhere {
+                let nowhere = _mm256_set1_epi32(i32::from(nowhere));
+                for (best, arg) in best.iter().zip(&mut arg) {
+                    let zeroed = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(*best, _mm256_setzero_ps()));
+                    *arg = _mm256_blendv_epi8(*arg, nowhere, zeroed);
+                }
+            }
+            for (j, best) in best.iter().enumerate() {
+                _mm256_storeu_ps(best_out.as_mut_ptr().add(8 * j), *best);
+            }
+            // Bytes 0..=255 through signed 16-bit and unsigned 8-bit saturation unchanged.
+            if G == 4 {
+                // Per 128-bit half, the packs leave 4-lane groups in the order 0 1 2 3 (lanes
+                // 0-3), then 0 1 2 3 (lanes 4-7).
+                let packed = _mm256_packus_epi16(_mm256_packs_epi32(arg[0], arg[1]), _mm256_packs_epi32(arg[2], arg[3]));
+                let bytes = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(arg_out.as_mut_ptr().cast(), bytes);
+            } else {
+                let words = _mm_packs_epi32(_mm256_castsi256_si128(arg[0]), _mm256_extracti128_si256::<1>(arg[0]));
+                _mm_storel_epi64(arg_out.as_mut_ptr().cast(), _mm_packus_epi16(words, words));
+            }
+        }
+    }
+
+    /// `permute_block`: per 8 floats, a permute of each of the block's four registers, the
+    /// index's bit 3 picking of each pair and bit 4 of the two. (AVX-512 builds run it in
+    /// the tests only.)
+    #[cfg_attr(all(target_feature = "avx512f", not(test)), allow(dead_code))]
+    #[inline(always)]
+    pub fn permute_block<const M: usize>(to: &mut [[f32; 16]; M], block: &[f32; 32], index: &[[u8; 16]; M]) {
+        // SAFETY: the block is 32 floats, read as four registers, each output 16 floats and 16
+        // index bytes, read and written 8 at a time; the permutes read only their registers'
+        // lanes; AVX2 is enabled (module cfg).
+        unsafe {
+            let b = [0, 8, 16, 24].map(|k| _mm256_loadu_ps(block.as_ptr().add(k)));
+            for (to, index) in to.iter_mut().zip(index) {
+                for k in [0, 8] {
+                    let i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(index.as_ptr().add(k).cast()));
+                    let (bit3, bit4) = (_mm256_castsi256_ps(_mm256_slli_epi32::<28>(i)), _mm256_castsi256_ps(_mm256_slli_epi32::<27>(i)));
+                    let pick = |lo, hi| _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, i), _mm256_permutevar8x32_ps(hi, i), bit3);
+                    _mm256_storeu_ps(to.as_mut_ptr().add(k), _mm256_blendv_ps(pick(b[0], b[1]), pick(b[2], b[3]), bit4));
+                }
             }
         }
     }
 
     /// `Lanes::neighbourhood_mul_add` (`whole::<N>()` holds): per 8 lanes, the argmax
     /// widened to 32 bits, the skipped lanes' gradient zeroed, the base index looked up in two
-    /// registers; per tap, the 16 floats from the tap's offset on, read as two registers, each
-    /// permuted by that index, one of the two kept per lane (by the index's bit 3) and an FMA.
-    /// (Lane by lane, the seed model's conv1 weight gradient took 4 loads per multiply-add.)
+    /// registers; per tap, the 8 floats from the tap's offset permuted by that index, the ninth
+    /// broadcast to the lanes whose index is 8 (its bit 3), and an FMA. (With the neighbourhood
+    /// as rows, base indices to 12, each tap took two permutes of 8 and a blend: the seed
+    /// model's conv1 backward 1.x the time, 8-lane build on a Zen 4.)
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub fn neighbourhood_mul_add<const N: usize, const T: usize>(
-        acc: &mut [[f32; N]; T],
+    pub fn neighbourhood_mul_add<const N: usize>(
+        acc: &mut [[f32; N]; 9],
         sum: &mut [f32; N],
-        neighbourhood: &[f32; 32],
+        columns: &[[f32; 16]; 3],
         g: &[f32; N],
         arg: &[u8; N],
         base: &[u32; 16],
-        offsets: &[u32; T],
+        row_step: usize,
         skip: u8,
     ) {
         // SAFETY: k + 8 <= N (N a multiple of 8) for the 8 floats, bytes and sums read and
-        // written; the base table is 16 integers, read as two registers; each tap reads the 16
-        // floats from `offset % 16` on, inside the 32 of the neighbourhood; the permutes read
-        // only their registers' lanes; AVX2 and FMA are enabled (module cfg).
+        // written; the base table is 16 integers, read as two registers; each tap reads the 9
+        // floats from its row on, inside its column (`neighbourhood_mul_add`'s contract:
+        // `2 * row_step + 8 < 16`); the permutes read only their registers' lanes; AVX2 and
+        // FMA are enabled (module cfg).
         unsafe {
             let (base_lo, base_hi) = (_mm256_loadu_si256(base.as_ptr().cast()), _mm256_loadu_si256(base.as_ptr().add(8).cast()));
             for k in (0..N).step_by(8) {
@@ -329,14 +471,14 @@ mod ymm {
                     _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(base_hi, a)),
                     _mm256_castsi256_ps(_mm256_slli_epi32::<28>(a)),
                 ));
-                let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(corner));
-                for (sum, &offset) in acc.iter_mut().zip(offsets) {
-                    debug_assert!(offset < 16, "offset {offset}: the tap's 16 floats lie inside the neighbourhood");
-                    let from = neighbourhood.as_ptr().add(offset as usize % 16);
+                // Base indices are 8 at most: bit 3 marks the lanes that take the ninth float.
+                let ninth = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(corner));
+                for (r, sum) in acc.iter_mut().enumerate() {
+                    let from = columns[r % 3].as_ptr().add(r / 3 * row_step);
                     let v = _mm256_blendv_ps(
                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(from), corner),
-                        _mm256_permutevar8x32_ps(_mm256_loadu_ps(from.add(8)), corner),
-                        upper,
+                        _mm256_broadcast_ss(&*from.add(8)),
+                        ninth,
                     );
                     let s = _mm256_loadu_ps(sum.as_ptr().add(k));
                     _mm256_storeu_ps(sum.as_mut_ptr().add(k), _mm256_fmadd_ps(g, v, s));
@@ -401,30 +543,43 @@ impl<const N: usize> Lanes<N> {
     pub fn mul_add(self, a: f32, b: Lanes<N>) -> Lanes<N> {
         self.apply(Op::MulAdd(a), b)
     }
-    /// The running maximum `self` and its argmax `arg` over one more tap: lanes where
-    /// `x > self` (a NaN never wins) take `x`, and their `arg` becomes `tap`. (Written as lane
-    /// loops of bit selects, LLVM's `prefer-256-bit` tuning for Intel server cores split every
-    /// 64-channel block into eight ymm halves: four instructions a half where zmm takes two.)
+    /// The maximum, lane by lane, over a window's taps, and its argmax: for each tap (t, i) in
+    /// order, the N floats from `x[i * c + cb]`; lanes where they exceed the maximum so far (a
+    /// NaN never wins) take them, and their argmax becomes t. The maximum starts at -inf, the
+    /// argmax at the first tap's t. With `nowhere`, a maximum of 0 or less takes that argmax
+    /// instead. With AVX-512 or AVX2, the window's maxima and argmax in registers; elsewhere
+    /// lane by lane.
     #[inline(always)]
-    pub fn max_arg(mut self, x: Lanes<N>, arg: &mut [u8; N], tap: u8) -> Lanes<N> {
+    pub fn window_max_arg(x: &[f32], taps: &[(usize, usize)], c: usize, cb: usize, nowhere: Option<u8>) -> (Lanes<N>, [u8; N]) {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512bw", target_feature = "avx512vl"))]
         if zmm::whole::<N>() {
-            zmm::max_arg(&mut self.0, arg, &x.0, tap);
-            return self;
+            let (best, arg) = zmm::window_max_arg(x, taps, c, cb, nowhere);
+            return (Lanes(best), arg);
         }
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         if ymm::whole::<N>() {
-            ymm::max_arg(&mut self.0, arg, &x.0, tap);
-            return self;
+            let (best, arg) = ymm::window_max_arg(x, taps, c, cb, nowhere);
+            return (Lanes(best), arg);
         }
-        for (l, a) in arg.iter_mut().enumerate() {
-            // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept the
-            // running maxima on the stack and updated them with masked stores.
-            let wins = ((x.0[l] > self.0[l]) as u32).wrapping_neg();
-            self.0[l] = f32::from_bits((x.0[l].to_bits() & wins) | (self.0[l].to_bits() & !wins));
-            *a = (tap & wins as u8) | (*a & !wins as u8);
+        let mut best = [f32::NEG_INFINITY; N];
+        let mut arg = [taps.first().map_or(0, |t| t.0 as u8); N];
+        for &(tap, i) in taps {
+            let x = &x[i * c + cb..][..N];
+            for l in 0..N {
+                // Selects as masks of bits: written as `if wins { .. } else { .. }`, LLVM kept
+                // the running maxima on the stack and updated them with masked stores.
+                let wins = ((x[l] > best[l]) as u32).wrapping_neg();
+                best[l] = f32::from_bits((x[l].to_bits() & wins) | (best[l].to_bits() & !wins));
+                arg[l] = (tap as u8 & wins as u8) | (arg[l] & !wins as u8);
+            }
         }
-        self
+        if let Some(nowhere) = nowhere {
+            for (a, &b) in arg.iter_mut().zip(&best) {
+                let zeroed = ((b <= 0.0) as u8).wrapping_neg();
+                *a = (nowhere & zeroed) | (*a & !zeroed);
+            }
+        }
+        (Lanes(best), arg)
     }
     /// `self + g` lane by lane, `g` taken as +0 where `arg` is `skip`. With AVX-512, a byte
     /// compare into a mask, a zero-masked load and an add per 16 lanes.
@@ -443,46 +598,50 @@ impl<const N: usize> Lanes<N> {
         self
     }
 
-    /// The multiply-adds of one gradient vector into the sums of `T` taps, each lane looking
-    /// its tap's input up in a table of 32 (a pooled output's input neighbourhood):
-    /// `acc[t][l] += g[l] * neighbourhood[base[arg[l] % 16] + offsets[t]]`, for base entries
-    /// and offsets below 16, and the
-    /// gradient itself into `sum` (`sum[l] += g[l]`: `add_unless`'s sum, for a bias), with
-    /// `g[l]` taken as +0 where `arg[l] == skip`. With AVX-512, two-register permutes
-    /// (`vpermt2ps`) look 16 lanes up at a time; with AVX2, pairs of one-register permutes 8;
-    /// elsewhere lane by lane.
+    /// The multiply-adds of one gradient vector into the sums of the 9 taps (ky, kx) of a 3x3
+    /// convolution (`acc[3 ky + kx]`), each lane looking its tap's input up in three columns of
+    /// 16 floats (a pooled output's input neighbourhood, by kx): `acc[3 ky + kx][l] += g[l] *
+    /// columns[kx][ky * row_step + base[arg[l] % 16]]`, for base entries of 8 at most and
+    /// `row_step` of 3 at most (the 9 floats from each tap's row lie inside its column), and
+    /// the gradient itself into `sum` (`sum[l] += g[l]`: `add_unless`'s sum, for a bias), with
+    /// `g[l]` taken as +0 where `arg[l] == skip`. With AVX-512, a permute of the tap's column
+    /// looks 16 lanes up at a time; with AVX2, a permute of the row's first 8 floats and the
+    /// ninth blended in, 8; elsewhere lane by lane. (The taps' rows are worked out in the
+    /// loop: from a table of 9 offsets, the AVX2 kernel spilled its sums to the stack.)
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub fn neighbourhood_mul_add<const T: usize>(
-        acc: &mut [Lanes<N>; T],
+    pub fn neighbourhood_mul_add(
+        acc: &mut [Lanes<N>; 9],
         sum: &mut Lanes<N>,
-        neighbourhood: &[f32; 32],
+        columns: &[[f32; 16]; 3],
         g: &[f32; N],
         arg: &[u8; N],
         base: &[u32; 16],
-        offsets: &[u32; T],
+        row_step: usize,
         skip: u8,
     ) {
+        debug_assert!(row_step <= 3 && base.iter().all(|&b| b <= 8), "rows of 9 floats inside the columns");
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         if zmm::whole::<N>() {
             let mut sums = acc.map(|a| a.0);
-            zmm::neighbourhood_mul_add(&mut sums, &mut sum.0, neighbourhood, g, arg, base, offsets, skip);
+            zmm::neighbourhood_mul_add(&mut sums, &mut sum.0, columns, g, arg, base, row_step, skip);
             *acc = sums.map(Lanes);
             return;
         }
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         if ymm::whole::<N>() {
             let mut sums = acc.map(|a| a.0);
-            ymm::neighbourhood_mul_add(&mut sums, &mut sum.0, neighbourhood, g, arg, base, offsets, skip);
+            ymm::neighbourhood_mul_add(&mut sums, &mut sum.0, columns, g, arg, base, row_step, skip);
             *acc = sums.map(Lanes);
             return;
         }
         for l in 0..N {
             let g = if arg[l] == skip { 0.0 } else { g[l] };
             sum.0[l] += g;
-            let corner = base[usize::from(arg[l] % 16)];
-            for (sum, &offset) in acc.iter_mut().zip(offsets) {
-                sum.0[l] = Op::MulAdd(g).lane(sum.0[l], neighbourhood[(corner + offset) as usize]);
+            let corner = base[usize::from(arg[l] % 16)] as usize;
+            for (r, sum) in acc.iter_mut().enumerate() {
+                let v = columns[r % 3][r / 3 * row_step + corner];
+                sum.0[l] = Op::MulAdd(g).lane(sum.0[l], v);
             }
         }
     }
@@ -713,46 +872,93 @@ pub fn touch_lines(data: &[f32]) {
     }
 }
 
-/// `side` rows of `side` floats, row r from `from[at + r * stride..]`, packed one after another
-/// into `to`, zeros after them (`side * side <= 32`): a block of a padded image in two zmm
-/// registers' worth of floats.
+/// `permute_block(to, block, index)` of the block of `side` rows of `side` floats, row r from
+/// `from[at + r * stride..]`, packed one after another, zeros after them (`side * side <= 32`):
+/// a block of a padded image gathered into rows of 16 floats, with AVX-512 in registers.
 #[inline(always)]
-pub fn pack_rows(to: &mut [f32; 32], from: &[f32], at: usize, stride: usize, side: usize) {
+pub fn pack_columns<const M: usize>(to: &mut [[f32; 16]; M], from: &[f32], at: usize, stride: usize, side: usize, index: &[[u8; 16]; M]) {
     assert!(side * side <= 32, "a {side} x {side} block fits 32 floats");
     // Side 5 (a 3x3 pool of stride 2 over a 3x3 convolution's outputs: the seed model's
     // conv1 + pool1) as a constant, so that the row loop unrolls with its masks worked out.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    match side {
-        5 => zmm::pack_rows(to, from, at, stride, 5),
-        _ => zmm::pack_rows(to, from, at, stride, side),
+    {
+        debug_assert!(index.as_flattened().iter().all(|&i| i < 32), "indices inside the block");
+        match side {
+            5 => zmm::pack_columns(to, from, at, stride, 5, index),
+            _ => zmm::pack_columns(to, from, at, stride, side, index),
+        }
     }
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     {
-        to.fill(0.0);
+        let mut block = [0.0; 32];
         for r in 0..side {
-            to[r * side..(r + 1) * side].copy_from_slice(&from[at + r * stride..][..side]);
+            block[r * side..(r + 1) * side].copy_from_slice(&from[at + r * stride..][..side]);
         }
+        permute_block(to, &block, index);
+    }
+}
+
+/// `to[j][i] = block[index[j][i]]` for indices below 32: rows of 16 floats gathered from a
+/// block of 32 (a pooled output's input neighbourhood, by the column of the convolution's
+/// taps: `Neighbourhoods`). By permutes where AVX-512 or AVX2 has them (a load and a store per
+/// float took a quarter of the seed model's conv1 backward, Zen 4), else float by float.
+#[inline(always)]
+pub fn permute_block<const M: usize>(to: &mut [[f32; 16]; M], block: &[f32; 32], index: &[[u8; 16]; M]) {
+    debug_assert!(index.as_flattened().iter().all(|&i| i < 32), "indices inside the block");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    zmm::permute_block(to, block, index);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", not(target_feature = "avx512f")))]
+    ymm::permute_block(to, block, index);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    for (to, &i) in to.as_flattened_mut().iter_mut().zip(index.as_flattened()) {
+        *to = block[usize::from(i % 32)];
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{HAS_FMA, Lanes, copy_run, is_nonzero, nonzero_bounds, pack_rows, stream_copy, stream_fence};
+    use super::{HAS_FMA, Lanes, copy_run, is_nonzero, nonzero_bounds, pack_columns, permute_block, stream_copy, stream_fence};
 
-    /// `pack_rows` against the definition, for every block side that fits (a row across the
-    /// two registers' boundary included), at the start, middle and end of the source.
+    /// `pack_columns` against the definition, for every block side that fits (a row across the
+    /// two registers' boundary included), at the start, middle and end of the source: the
+    /// block itself (the zeros after its rows too) and gathered.
     #[test]
-    fn pack_rows_packs_each_row_and_zeros_the_rest() {
+    fn pack_columns_packs_each_row_and_zeros_the_rest() {
         let from: Vec<f32> = (0..200).map(|i| i as f32 + 0.25).collect();
+        let identity: [[u8; 16]; 2] = std::array::from_fn(|j| std::array::from_fn(|i| (16 * j + i) as u8));
+        let shuffled: [[u8; 16]; 2] = std::array::from_fn(|j| std::array::from_fn(|i| ((16 * j + i) * 5 % 32) as u8));
         for side in 1..=5 {
             for stride in [side, 7, 30] {
                 for at in [0, 3, from.len() - (side - 1) * stride - side] {
-                    let mut got = [-1.0; 32];
-                    pack_rows(&mut got, &from, at, stride, side);
-                    let want: Vec<f32> =
+                    let block: Vec<f32> =
                         (0..32).map(|l| if l < side * side { from[at + l / side * stride + l % side] } else { 0.0 }).collect();
-                    assert_eq!(got.to_vec(), want, "side {side}, stride {stride}, at {at}");
+                    for index in [identity, shuffled] {
+                        let mut got = [[f32::NAN; 16]; 2];
+                        pack_columns(&mut got, &from, at, stride, side, &index);
+                        let want: Vec<f32> = index.as_flattened().iter().map(|&i| block[usize::from(i)]).collect();
+                        assert_eq!(got.as_flattened(), &want[..], "side {side}, stride {stride}, at {at}, index {index:?}");
+                    }
                 }
+            }
+        }
+    }
+
+    /// `permute_block` against the definition: every index into the block at every output
+    /// position, in each row (the AVX2 kernel run directly too, where the build has AVX-512).
+    #[test]
+    fn permute_block_gathers_each_float() {
+        let block: [f32; 32] = std::array::from_fn(|i| i as f32 * 1.5 - 7.25);
+        for shift in 0..32u8 {
+            let index: [[u8; 16]; 3] = std::array::from_fn(|j| std::array::from_fn(|i| ((16 * j + i) as u8 * 7 + shift) % 32));
+            let want: Vec<f32> = index.as_flattened().iter().map(|&i| block[usize::from(i)]).collect();
+            let mut got = [[f32::NAN; 16]; 3];
+            permute_block(&mut got, &block, &index);
+            assert_eq!(got.as_flattened(), &want[..], "shift {shift}");
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "avx512f"))]
+            {
+                let mut got = [[f32::NAN; 16]; 3];
+                super::ymm::permute_block(&mut got, &block, &index);
+                assert_eq!(got.as_flattened(), &want[..], "AVX2 kernel, shift {shift}");
             }
         }
     }
@@ -796,39 +1002,46 @@ mod tests {
         }
     }
 
-    /// `max_arg` at a width of lane loops (8) and at whole zmm registers (16, 64) against the
-    /// definition, lane by lane: ties and NaN keep the earlier maximum, -0 does not beat 0.
+    /// `window_max_arg` at lane loops (1, 3), the AVX2 kernel (8, 24, 40) and whole zmm
+    /// registers (16, 32, 64) where the build has them, and the AVX2 kernel itself at 32, 40
+    /// and 64 (which AVX-512 builds otherwise run only at widths that are not multiples of
+    /// 16), against the definition, lane by lane: ties and NaN keep the earlier maximum, -0
+    /// does not beat 0, the first tap is the argmax where nothing beats -inf; with `nowhere`,
+    /// a maximum of 0 or less (not NaN) takes it. The taps read pixels out of their order,
+    /// channels from an offset.
     #[test]
-    fn max_arg_keeps_the_first_strict_maximum() {
-        /// `ymm`: through the AVX2 kernel itself, which AVX-512 builds otherwise run only at 8 lanes.
+    fn window_max_arg_keeps_the_first_strict_maximum() {
         fn check<const N: usize>(ymm: bool) {
-            let values = [0.5, -1.0, f32::NAN, 0.5, 2.0, -0.0, 0.0, f32::NEG_INFINITY, 3.0, -2.5, 1e-40];
-            let tap_value = |t: usize, l: usize| values[(t * 7 + l * 3 + l / 5) % values.len()];
-            let (mut best, mut arg) = (Lanes::<N>::splat(f32::NEG_INFINITY), [0u8; N]);
-            for t in 0..9 {
-                let x = Lanes(std::array::from_fn(|l| tap_value(t, l)));
+            let values = [0.5, -1.0, f32::NAN, 0.5, 2.0, -0.0, 0.0, f32::NEG_INFINITY, 3.0, -2.5, 1e-40, f32::NAN];
+            let (c, cb) = (N + 5, 3);
+            let taps: Vec<(usize, usize)> = (0..9).map(|t| (t + 2, (t * 5) % 9)).collect();
+            let x: Vec<f32> = (0..9 * c).map(|i| values[(i * 7 + i / 5) % values.len()]).collect();
+            for nowhere in [None, Some(200)] {
+                #[allow(unused_mut)]
+                let (mut best, mut arg) = Lanes::<N>::window_max_arg(&x, &taps, c, cb, nowhere);
                 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
                 if ymm {
-                    super::ymm::max_arg(&mut best.0, &mut arg, &x.0, t as u8);
-                    continue;
+                    let (b, a) = super::ymm::window_max_arg::<N>(&x, &taps, c, cb, nowhere);
+                    (best, arg) = (Lanes(b), a);
                 }
-                assert!(!ymm, "the AVX2 kernel is built only for AVX2 targets");
-                best = best.max_arg(x, &mut arg, t as u8);
-            }
-            for (l, (got, &got_arg)) in best.0.iter().zip(&arg).enumerate() {
-                let (mut want, mut want_arg) = (f32::NEG_INFINITY, 0u8);
-                for t in 0..9 {
-                    if tap_value(t, l) > want {
-                        (want, want_arg) = (tap_value(t, l), t as u8);
+                assert!(cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")) || !ymm, "AVX2 builds only");
+                for (l, (got, &got_arg)) in best.0.iter().zip(&arg).enumerate() {
+                    let (mut want, mut want_arg) = (f32::NEG_INFINITY, taps[0].0 as u8);
+                    for &(t, i) in &taps {
+                        if x[i * c + cb + l] > want {
+                            (want, want_arg) = (x[i * c + cb + l], t as u8);
+                        }
                     }
+                    if let Some(nowhere) = nowhere.filter(|_| want <= 0.0) {
+                        want_arg = nowhere;
+                    }
+                    assert_eq!((got.to_bits(), got_arg), (want.to_bits(), want_arg), "{N} lanes, lane {l}, nowhere {nowhere:?}");
                 }
-                assert_eq!((got.to_bits(), got_arg), (want.to_bits(), want_arg), "{N} lanes, lane {l}");
             }
         }
-        check::<8>(false);
-        check::<16>(false);
-        check::<64>(false);
-        // 32 and 40 lanes: the kernel's four-register blocks, and one with 8 left over.
+        for check in [check::<1> as fn(bool), check::<3>, check::<8>, check::<16>, check::<24>, check::<32>, check::<40>, check::<64>] {
+            check(false);
+        }
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         for check in [check::<8> as fn(bool), check::<32>, check::<40>, check::<64>] {
             check(true);
@@ -881,32 +1094,31 @@ mod tests {
 
     /// `neighbourhood_mul_add` against the definition, a lane at a time (fused where the target
     /// has FMA): every argmax byte value (the skipped one, and ones whose low bits pick each
-    /// base entry, all 16 of them, from both halves of the table), and the bits of the taps' sums
-    /// and of the gradient's, at 8, 16 and 32 lanes.
+    /// base entry, all 16 of them, each of 0..=8 among them), every row step the contract
+    /// allows, and the bits of the taps' sums and of the gradient's, at 8, 16 and 32 lanes.
     #[test]
     fn neighbourhood_mul_add_looks_each_lane_up() {
         fn check<const N: usize>() {
-            let neighbourhood: [f32; 32] = std::array::from_fn(|i| (i as f32 - 11.5) * 0.37);
-            let base: [u32; 16] = std::array::from_fn(|i| (i as u32 * 7) % 16);
-            let offsets = [0u32, 1, 2, 5, 6, 7, 10, 13, 15];
-            for first in (0..=255u8).step_by(N) {
+            let columns: [[f32; 16]; 3] = std::array::from_fn(|j| std::array::from_fn(|i| ((16 * j + i) as f32 - 21.5) * 0.37));
+            let base: [u32; 16] = std::array::from_fn(|i| (i as u32 * 7) % 9);
+            for (row_step, first) in (0..=3).flat_map(|r| (0..=255u8).step_by(N).map(move |f| (r, f))) {
                 let arg: [u8; N] = std::array::from_fn(|l| first.wrapping_add(l as u8));
                 let g: [f32; N] = std::array::from_fn(|l| 1.25 - l as f32 * 0.3);
                 let mut acc: [Lanes<N>; 9] = std::array::from_fn(|t| Lanes(std::array::from_fn(|l| (t * N + l) as f32 * 0.01)));
                 let (mut want, mut sum) = (acc, Lanes(std::array::from_fn(|l| l as f32 * 0.7 - 3.0)));
                 let mut want_sum = sum;
-                Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &neighbourhood, &g, &arg, &base, &offsets, 200);
+                Lanes::neighbourhood_mul_add(&mut acc, &mut sum, &columns, &g, &arg, &base, row_step, 200);
                 for l in 0..N {
                     let g = if arg[l] == 200 { 0.0 } else { g[l] };
                     want_sum.0[l] += g;
                     for t in 0..9 {
-                        let v = neighbourhood[(base[usize::from(arg[l] % 16)] + offsets[t]) as usize];
+                        let v = columns[t % 3][t / 3 * row_step + base[usize::from(arg[l] % 16)] as usize];
                         want[t].0[l] = if HAS_FMA { g.mul_add(v, want[t].0[l]) } else { want[t].0[l] + g * v };
                     }
                 }
                 for t in 0..9 {
                     let (got, want) = (acc[t].0.map(f32::to_bits), want[t].0.map(f32::to_bits));
-                    assert_eq!(got, want, "{N} lanes, tap {t}, argmax from {first}");
+                    assert_eq!(got, want, "{N} lanes, tap {t}, row step {row_step}, argmax from {first}");
                 }
                 assert_eq!(sum.0.map(f32::to_bits), want_sum.0.map(f32::to_bits), "{N} lanes, the gradient's sum, argmax from {first}");
             }
