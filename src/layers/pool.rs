@@ -6,7 +6,7 @@
 
 use super::aligned::AlignedBuf;
 use super::layer::{Backward, Forward, Layer, Saved, Spec};
-use super::simd::{Lanes, for_lane_blocks, is_nonzero, store};
+use super::simd::{for_lane_blocks, is_nonzero, window_max_arg};
 use super::{Padding, Window, WindowTable};
 use crate::onnx_graph::{OnnxGraph, ints};
 use anyhow::{Result, bail};
@@ -119,9 +119,8 @@ pub(super) fn pool_window(x: &[f32], taps: &[(usize, usize)], c: usize, nowhere_
 /// Max and argmax over the window `taps` (tap, input pixel) of channels `cb..cb + N`.
 #[inline(always)]
 fn pool_block<const N: usize>(x: &[f32], taps: &[(usize, usize)], cb: usize, c: usize, nowhere_at_zero: bool, y: &mut [f32], idx: &mut [u8]) {
-    let (best, arg) = Lanes::<N>::window_max_arg(x, taps, c, cb, nowhere_at_zero.then_some(NOWHERE));
-    store(y, 0, best);
-    idx[..N].copy_from_slice(&arg);
+    let (y, idx) = ((&mut y[..N]).try_into().expect("N"), (&mut idx[..N]).try_into().expect("N"));
+    window_max_arg::<N>(x, taps, c, cb, nowhere_at_zero.then_some(NOWHERE), y, idx);
 }
 
 /// Overwrites `d_input` with the gradient routed from `d_output` through the recorded argmax.
