@@ -16,11 +16,11 @@
 //! ```
 //!
 //! with no pass that routes the gradient onto the convolution's output first. (That pass read
-//! each pooled row once per window pixel and was half the pair's time.) With AVX-512 and one
-//! input channel (the seed model's conv1), lanes run over channels and each lane looks its
-//! patch up in the pooled output's input neighbourhood, held in two registers
-//! (`Neighbourhoods`); otherwise it is one multiply-add of a patch row (lanes over the patch)
-//! per pooled output and channel (`Routes`). The input gradient, which a first layer does not
+//! each pooled row once per window pixel and was half the pair's time.) With one input channel
+//! (the seed model's conv1) and AVX-512 or AVX2, lanes run over channels and each lane looks
+//! its patch up in the pooled output's input neighbourhood, held by the column of the taps in
+//! a register each (`Neighbourhoods`); otherwise it is one multiply-add of a patch row (lanes
+//! over the patch) per pooled output and channel (`Routes`). The input gradient, which a first layer does not
 //! need, still goes through the routed output gradient.
 
 use super::aligned::AlignedBuf;
@@ -41,8 +41,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// windows worked out once per layer. (Built per call, the tables took 20 us of a 0.5-0.8 ms
 /// forward inside the training step on an Emerald Rapids Xeon, 5 us warm; the 8-lane weight
 /// gradient's `Routes` are 196 KB for the seed model's conv1.) `W` is the vector width of the
-/// weight gradient: at 16 `Neighbourhoods` where they apply, else `Routes`' patch rows of `W`
-/// lanes (the same bits either way). The engine uses the target's `L`, the tests both widths.
+/// weight gradient: at 16, and at 8 with AVX2, `Neighbourhoods` where they apply, else
+/// `Routes`' patch rows of `W` lanes (the same bits either way). The engine uses the target's `L`, the tests both widths.
 pub struct ConvPool<const W: usize> {
     conv: Conv,
     pool: MaxPool,
@@ -63,8 +63,8 @@ impl<const W: usize> ConvPool<W> {
     pub fn new(conv: &Conv, pool: &MaxPool) -> ConvPool<W> {
         let (kp, w) = (pool.win.kernel, pool.win.w.input);
         // A convolution of one input channel looks its patches up in each pooled output's
-        // neighbourhood at 16 lanes (two zmm registers hold its 32 floats; without AVX-512,
-        // lane by lane, which the tests run on any machine) and at 8 where AVX2 permutes them;
+        // neighbourhood at 16 lanes (a zmm register holds each of its three columns; without
+        // AVX-512, lane by lane, which the tests run on any machine) and at 8 where AVX2 permutes them;
         // others, and 8 lanes elsewhere, use patch rows.
         let lookups = W == 16 || (W == 8 && Lanes::<W>::PERMUTES_NEIGHBOURHOODS);
         let weight_grad = match lookups.then(|| Neighbourhoods::new(conv, pool)).flatten() {
@@ -872,7 +872,7 @@ mod tests {
             (conv(11, 12, 3, 1, Padding::Same, 3, 24, 1, false), (3, 2, Padding::Valid), 2),
             (conv(15, 15, 5, 2, Padding::Same, 4, 16, 2, true), (2, 2, Padding::Valid), 3),
             (conv(9, 10, 3, 1, Padding::Explicit(1), 8, 9, 1, true), (3, 1, Padding::Same), 2),
-            // One input channel (neighbourhoods at 16 lanes): a pool that pads before the
+            // One input channel (neighbourhoods): a pool that pads before the
             // first pixel, and a convolution of stride 2.
             (conv(9, 9, 3, 1, Padding::Same, 1, 20, 1, true), (3, 1, Padding::Same), 2),
             (conv(13, 12, 3, 2, Padding::Same, 1, 24, 1, false), (2, 2, Padding::Valid), 3),
