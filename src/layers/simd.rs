@@ -1015,7 +1015,7 @@ mod tests {
     /// and 64 (which AVX-512 builds otherwise run only at widths that are not multiples of
     /// 16), against the definition, lane by lane: ties and NaN keep the earlier maximum, -0
     /// does not beat 0, the first tap is the argmax where nothing beats -inf; with `nowhere`,
-    /// a maximum of 0 or less (not NaN) takes it. The taps read pixels out of their order,
+    /// a maximum of 0 or less (not NaN; every fifth channel has one) takes it. The taps read pixels out of their order,
     /// channels from an offset.
     #[test]
     fn window_max_arg_keeps_the_first_strict_maximum() {
@@ -1023,7 +1023,12 @@ mod tests {
             let values = [0.5, -1.0, f32::NAN, 0.5, 2.0, -0.0, 0.0, f32::NEG_INFINITY, 3.0, -2.5, 1e-40, f32::NAN];
             let (c, cb) = (N + 5, 3);
             let taps: Vec<(usize, usize)> = (0..9).map(|t| (t + 2, (t * 5) % 9)).collect();
-            let x: Vec<f32> = (0..9 * c).map(|i| values[(i * 7 + i / 5) % values.len()]).collect();
+            // Every fifth channel only 0 or less (or NaN): maxima that `nowhere` marks.
+            let x: Vec<f32> = (0..9 * c)
+                .map(|i| values[(i * 7 + i / 5) % values.len()])
+                .enumerate()
+                .map(|(i, v)| if (i % c).is_multiple_of(5) { -v.abs() } else { v })
+                .collect();
             for nowhere in [None, Some(200)] {
                 let (mut best, mut arg) = ([f32::NAN; N], [99; N]);
                 window_max_arg(&x, &taps, c, cb, nowhere, &mut best, &mut arg);
