@@ -155,8 +155,8 @@ mod zmm {
         (lo, hi)
     }
 
-    /// `Lanes::window_max_arg` (`whole::<N>()` holds): 64 lanes at a time where there are 64,
-    /// else 16 (`window_max_arg_group`).
+    /// `Lanes::window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
+    /// else one (`window_max_arg_group`).
     #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
     #[inline(always)]
     pub fn window_max_arg<const N: usize>(
@@ -168,15 +168,10 @@ mod zmm {
         best: &mut [f32; N],
         arg: &mut [u8; N],
     ) {
-        let mut k = 0;
-        while k + 64 <= N {
-            window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 64], &mut arg[k..k + 64]);
-            k += 64;
-        }
-        while k < N {
-            window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 16], &mut arg[k..k + 16]);
-            k += 16;
-        }
+        super::register_groups(N, 16, |k, registers| match registers {
+            4 => window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 64], &mut arg[k..k + 64]),
+            _ => window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 16], &mut arg[k..k + 16]),
+        });
     }
 
     /// `G` registers of 16 lanes of `window_max_arg`, the maxima and the argmax bytes in
@@ -334,8 +329,8 @@ mod ymm {
         N.is_multiple_of(8)
     }
 
-    /// `Lanes::window_max_arg` (`whole::<N>()` holds): 32 lanes at a time where there are 32,
-    /// else 8 (`window_max_arg_group`).
+    /// `Lanes::window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
+    /// else one (`window_max_arg_group`).
     #[inline(always)]
     pub fn window_max_arg<const N: usize>(
         x: &[f32],
@@ -346,15 +341,10 @@ mod ymm {
         best: &mut [f32; N],
         arg: &mut [u8; N],
     ) {
-        let mut k = 0;
-        while k + 32 <= N {
-            window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 32], &mut arg[k..k + 32]);
-            k += 32;
-        }
-        while k < N {
-            window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 8], &mut arg[k..k + 8]);
-            k += 8;
-        }
+        super::register_groups(N, 8, |k, registers| match registers {
+            4 => window_max_arg_group::<4>(x, taps, c, cb + k, nowhere, &mut best[k..k + 32], &mut arg[k..k + 32]),
+            _ => window_max_arg_group::<1>(x, taps, c, cb + k, nowhere, &mut best[k..k + 8], &mut arg[k..k + 8]),
+        });
     }
 
     /// `G` registers of 8 lanes of `window_max_arg`, the maxima and the argmax (as 32-bit
@@ -856,6 +846,23 @@ pub fn pack_columns<const M: usize>(to: &mut [[f32; 16]; M], from: &[f32], at: u
             block[r * side..(r + 1) * side].copy_from_slice(&from[at + r * stride..][..side]);
         }
         permute_block(to, &block, index);
+    }
+}
+
+/// `group(k, registers)` over `n` lanes in registers of `lanes`: blocks of four registers from
+/// lane 0 while they fit, then one register at a time (`n` a multiple of `lanes`). The register
+/// blocks of the kernels that keep a whole window in registers (`window_max_arg`).
+#[cfg(all(target_arch = "x86_64", any(target_feature = "avx512bw", all(target_feature = "avx2", target_feature = "fma"))))]
+#[inline(always)]
+fn register_groups(n: usize, lanes: usize, mut group: impl FnMut(usize, usize)) {
+    let mut k = 0;
+    while k + 4 * lanes <= n {
+        group(k, 4);
+        k += 4 * lanes;
+    }
+    while k < n {
+        group(k, 1);
+        k += lanes;
     }
 }
 
