@@ -20,8 +20,8 @@
 //! (the seed model's conv1) and AVX-512 or AVX2, lanes run over channels and each lane looks
 //! its patch up in the pooled output's input neighbourhood, held by the column of the taps in
 //! a register each (`Neighbourhoods`); otherwise it is one multiply-add of a patch row (lanes
-//! over the patch) per pooled output and channel (`Routes`). The input gradient, which a first layer does not
-//! need, still goes through the routed output gradient.
+//! over the patch) per pooled output and channel (`Routes`). The input gradient, which a first
+//! layer does not need, still goes through the routed output gradient.
 
 use super::aligned::AlignedBuf;
 use super::conv::{Conv, per_range_backward};
@@ -42,7 +42,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// forward inside the training step on an Emerald Rapids Xeon, 5 us warm; the 8-lane weight
 /// gradient's `Routes` are 196 KB for the seed model's conv1.) `W` is the vector width of the
 /// weight gradient: at 16, and at 8 with AVX2, `Neighbourhoods` where they apply, else
-/// `Routes`' patch rows of `W` lanes (the same bits either way). The engine uses the target's `L`, the tests both widths.
+/// `Routes`' patch rows of `W` lanes (the same bits either way). The engine uses the target's
+/// `L`, the tests both widths.
 pub struct ConvPool<const W: usize> {
     conv: Conv,
     pool: MaxPool,
@@ -64,8 +65,8 @@ impl<const W: usize> ConvPool<W> {
         let (kp, w) = (pool.win.kernel, pool.win.w.input);
         // A convolution of one input channel looks its patches up in each pooled output's
         // neighbourhood at 16 lanes (a zmm register holds each of its three columns; without
-        // AVX-512, lane by lane, which the tests run on any machine) and at 8 where AVX2 permutes them;
-        // others, and 8 lanes elsewhere, use patch rows.
+        // AVX-512, lane by lane, which the tests run on any machine) and at 8 where AVX2
+        // permutes them; others, and 8 lanes elsewhere, use patch rows.
         let lookups = W == 16 || (W == 8 && Lanes::<W>::PERMUTES_NEIGHBOURHOODS);
         let weight_grad = match lookups.then(|| Neighbourhoods::new(conv, pool)).flatten() {
             Some(neighbourhoods) => WeightGrad::Neighbourhoods(neighbourhoods),
@@ -474,8 +475,8 @@ struct Neighbourhood([[f32; 16]; 3]);
 /// dw[3 ky + kx][c] += d[q][c] * neighbourhood(q)[kx][ky * kp + base[argmax[q][c]]]
 /// ```
 ///
-/// per 16 channels and tap an index add, a permute and an FMA (8 channels: a permute, a blend
-/// and an FMA), where `Routes` loads an index and a patch row per channel and pooled output
+/// per 16 channels and tap a permute and an FMA (8 channels: a permute, a blend and an FMA),
+/// where `Routes` loads an index and a patch row per channel and pooled output
 /// (four loads, which bound it; the pair's backward on one core of an Emerald Rapids Xeon, 32
 /// MNIST digits, 0.38 -> 0.24 ms). The sums run in `Routes`' order, so both give the same
 /// bits.
