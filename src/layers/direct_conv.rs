@@ -271,7 +271,10 @@ impl Conv {
     }
 
     /// Output channels `c..c + N` (of one group, whose weight rows are at `offsets`) of every
-    /// pixel of `rows`, `FORWARD_PIXELS` at a time where it can.
+    /// pixel of `rows`, `FORWARD_PIXELS` at a time where it can. `STEP`: the input floats from
+    /// one pixel's window to the next, where it is 1 (one input channel, stride 1), else 0 for
+    /// "worked out at run time". (As a constant, each input read's address is a displacement:
+    /// six address computations fewer a tap at 8 lanes, the 8-lane forward warm 0.96x.)
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_channels<const N: usize, const STEP: usize>(

@@ -155,7 +155,7 @@ mod zmm {
         (lo, hi)
     }
 
-    /// `Lanes::window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
+    /// `window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
     /// else one (`window_max_arg_group`).
     #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
     #[inline(always)]
@@ -329,7 +329,7 @@ mod ymm {
         N.is_multiple_of(8)
     }
 
-    /// `Lanes::window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
+    /// `window_max_arg` (`whole::<N>()` holds): four registers at a time where they fit,
     /// else one (`window_max_arg_group`).
     #[inline(always)]
     pub fn window_max_arg<const N: usize>(
