@@ -44,7 +44,7 @@ def ours(binary, flags):
     """Our training and inference medians and timed runs, from `bench --json`."""
     out = subprocess.run([binary, "bench", *flags, "--json"], capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit(f"{binary} bench failed: {out.stderr.strip().splitlines()[-1:]}")
+        sys.exit(f"{binary} bench {' '.join(flags)} failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
     d = json.loads(out.stdout)
     return {"train": d["train_samples_per_s"], "infer": d["infer_samples_per_s"], "train_runs": d["train_runs"], "infer_runs": d["infer_runs"]}
 
