@@ -72,6 +72,8 @@ pub struct LayerCeiling {
     pub ceiling_ms: f64,
     /// Forward + backward ms over `ceiling_ms`, the median of the rounds' ratios.
     pub ratio: f64,
+    /// The lowest and the highest of the rounds' ratios: how far the host moved them.
+    pub ratio_range: [f64; 2],
 }
 
 /// Rounds of per-layer timing with `--layers --roofline`: each round times the training steps'
@@ -268,8 +270,12 @@ fn time_layers(
     let layer_ceiling = (0..names.len())
         .filter_map(|i| {
             let ceiling_ms = median_of(&|r| ceiling_of(r, i))?;
-            let ratio = median_of(&|r| ceiling_of(r, i).map(|c| (r.times[i].0 + r.times[i].1) / c))?;
-            Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio })
+            // Rounds with this layer's ceiling: at least one, as `ceiling_ms` is there.
+            let mut ratios: Vec<f64> =
+                rounds_ms.iter().filter_map(|r| ceiling_of(r, i).map(|c| (r.times[i].0 + r.times[i].1) / c)).collect();
+            let ratio = median(&mut ratios);
+            let ratio_range = [ratios[0], ratios[ratios.len() - 1]];
+            Some(LayerCeiling { layer: names[i].clone(), ceiling_ms, ratio, ratio_range })
         })
         .collect();
     let update_ms = median_of(&|r| Some(r.rest)).unwrap_or(0.0);
@@ -343,7 +349,7 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
         let with_ceiling = !r.roofline.is_empty();
         write!(out, "{:<10} {:>9} {:>9} {:>10}", "layer", "forward", "backward", "inference").unwrap();
         if with_ceiling {
-            write!(out, " {:>13} {:>7} {:>14}", "im2col train", "ratio", "im2col infer").unwrap();
+            write!(out, " {:>13} {:>7} {:>11} {:>14}", "im2col train", "ratio", "(range)", "im2col infer").unwrap();
         }
         writeln!(out, "  algorithms (training; inference)").unwrap();
         for (i, ((name, f, b), inf)) in r.layer_ms.iter().zip(&r.infer_layer_ms).enumerate() {
@@ -351,8 +357,11 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
             if with_ceiling {
                 let dash = || "-".to_string();
                 let train = r.layer_ceiling.iter().find(|c| c.layer == *name);
-                let (ceiling, ratio) = train.map_or((dash(), dash()), |c| (format!("{:.2}", c.ceiling_ms), format!("{:.2}x", c.ratio)));
-                write!(out, " {ceiling:>13} {ratio:>7} {:>14}", infer_ceiling(i).unwrap_or_else(dash)).unwrap();
+                let (ceiling, ratio, range) = train.map_or((dash(), dash(), dash()), |c| {
+                    let [low, high] = c.ratio_range;
+                    (format!("{:.2}", c.ceiling_ms), format!("{:.2}x", c.ratio), format!("({low:.2}-{high:.2})"))
+                });
+                write!(out, " {ceiling:>13} {ratio:>7} {range:>11} {:>14}", infer_ceiling(i).unwrap_or_else(dash)).unwrap();
             }
             match (r.conv_algos_training.get(name), r.conv_algos_inference.get(name)) {
                 (Some(t), Some(e)) => writeln!(out, "  {}; fwd {}", t.describe(), e.forward.name()).unwrap(),
@@ -363,7 +372,7 @@ pub fn report(r: &BenchResult, model: &Model, data: &str, runs: usize, steps: us
         if with_ceiling {
             writeln!(
                 out,
-                "(ratio: forward + backward over the im2col GEMMs' ceiling, the median of {LAYER_ROUNDS_WITH_CEILING} rounds that each time the layers and then their GEMMs; layer times are the median round's)"
+                "(ratio: forward + backward over the im2col GEMMs' ceiling, the median of {LAYER_ROUNDS_WITH_CEILING} rounds that each time the layers and then their GEMMs, and in brackets the lowest and highest round's; layer times are the median round's)"
             )
             .unwrap();
         }

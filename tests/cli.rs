@@ -156,7 +156,11 @@ fn bench_reports_throughput_and_the_gemm_ceiling() {
     let layers: Vec<&str> = r["layer_ceiling"].as_array().unwrap().iter().map(|c| c["layer"].as_str().unwrap()).collect();
     assert_eq!(layers, ["conv1", "conv2", "conv3", "fc1", "fc2", "fc3"]);
     for c in r["layer_ceiling"].as_array().unwrap() {
-        assert!(c["ceiling_ms"].as_f64().unwrap() > 0.0 && c["ratio"].as_f64().unwrap() > 0.0, "{c}");
+        let (ratio, range) = (c["ratio"].as_f64().unwrap(), c["ratio_range"].as_array().unwrap());
+        assert!(c["ceiling_ms"].as_f64().unwrap() > 0.0 && ratio > 0.0, "{c}");
+        // The median round's ratio lies within the lowest and highest round's.
+        let (low, high) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+        assert!(0.0 < low && low <= ratio && ratio <= high, "{c}");
     }
     // The ISA path, the flush-to-zero state and the measured algorithms are reported...
     assert!(["avx512", "avx2+fma", "scalar"].contains(&r["isa"].as_str().unwrap()), "{}", r["isa"]);
