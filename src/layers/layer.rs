@@ -162,6 +162,12 @@ pub enum Saved {
     /// outputs (`conv_pool::Kept::active`), sized by the first fused forward.
     ActiveWindows(Vec<u64>),
     Values(Vec<f32>),
+    /// Dropout's mask, a byte an element (1: kept, 0: dropped; a quarter of the bytes of the
+    /// mask's values), and the kept elements' scale, 1 / keep, set by the forward.
+    Mask {
+        kept: Vec<u8>,
+        scale: f32,
+    },
     /// An evaluation workspace's parameters transformed for the layer's algorithm (a Winograd
     /// convolution's U), kept across passes with a copy of the weights they were made from.
     Transformed {
