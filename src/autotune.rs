@@ -77,7 +77,7 @@ pub struct PooledTimes {
 
 /// Bumped when an algorithm's kernels (or how they are timed) change, so cached choices are
 /// measured again.
-const KERNELS: u32 = 15;
+const KERNELS: u32 = 16;
 
 /// A plan and where it came from.
 #[derive(Clone, Debug)]

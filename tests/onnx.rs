@@ -1,5 +1,6 @@
 //! The exported ONNX graph, run by onnxruntime (installed from PyPI into a throwaway
-//! virtualenv), gives our outputs on 1,000 real MNIST test images within 1e-4.
+//! virtualenv), gives our outputs on 1,000 real MNIST test images within 1e-4 of the largest
+//! logit (`tests/support/onnx_check.py`).
 
 mod support;
 

@@ -16,7 +16,7 @@ pub enum ConvAlgo {
     Direct,
     /// Patches gathered into a matrix, then one GEMM (grouped layers: one per tower).
     Im2col,
-    /// Winograd F(4x4, 3x3) and F(4x4, 5x5): 3x3 and 5x5 stride-1 layers, and strided layers
+    /// Winograd F(7x7, 3x3) and F(4x4, 5x5): 3x3 and 5x5 stride-1 layers, and strided layers
     /// whose space-to-depth rewrite is one (AlexNet's conv1).
     Winograd,
 }
@@ -252,8 +252,24 @@ mod tests {
         s
     }
 
+    /// How far a value may lie from the naive reference, relative to `scale`.
+    const TOLERANCE: f64 = 2e-4;
+
     fn assert_close(what: &str, got: f32, want: f64, scale: f64) {
-        assert!((got as f64 - want).abs() <= 2e-4 * scale.max(1.0), "{what}: {got} vs {want} (scale {scale})");
+        assert!((got as f64 - want).abs() <= TOLERANCE * scale.max(1.0), "{what}: {got} vs {want} (scale {scale})");
+    }
+
+    /// The scale of one value `want` of a tensor that `algo` computed: the value plus one, or
+    /// for Winograd, whose transforms mix a tile's values, at least `winograd::ROUNDING` of the
+    /// tensor's `largest` (its rounding is relative to that, not to each value).
+    fn scale_for(algo: ConvAlgo, want: f64, largest: f64) -> f64 {
+        let own = 1.0 + want.abs();
+        if algo == ConvAlgo::Winograd { own.max(winograd::ROUNDING as f64 / TOLERANCE * largest) } else { own }
+    }
+
+    /// The largest magnitude in `values`.
+    fn largest(values: &[f64]) -> f64 {
+        values.iter().fold(0.0, |m, v| m.max(v.abs()))
     }
 
     /// Every algorithm on one layer: all three passes, with each gradient both on its own and
@@ -289,18 +305,22 @@ mod tests {
         }
         let want_dw: Vec<f64> = taps.iter().map(|&(tap, ci, co)| naive_weight_grad(c, batch, &x, &dy, tap, ci, co)).collect();
         let want_dx: Vec<f64> = pixels.iter().map(|&(n, iy, ix, ch)| naive_input_grad(c, &w, &dy, n, iy, ix, ch)).collect();
+        let want_y: Vec<f64> = positions
+            .iter()
+            .map(|&(n, oy, ox, co)| {
+                let y = naive_output(c, &x, &w, n, oy, ox, co) + b[co] as f64;
+                if c.relu { y.max(0.0) } else { y }
+            })
+            .collect();
+        let (largest_y, largest_dw, largest_dx) = (largest(&want_y), largest(&want_dw), largest(&want_dx));
         for fwd in ConvAlgo::ALL.into_iter().filter(|a| a.applies(c)) {
             let mut y = vec![0.0; batch * c.out_len()];
             let mut saved = vec![0.0; saved_len];
             let transforms = if saved_len > 0 { Transforms::Keep(&mut saved) } else { Transforms::Discard };
             forward(c, fwd, batch, &x, &w, &b, &mut y, transforms);
-            for &(n, oy, ox, co) in &positions {
-                let mut want = naive_output(c, &x, &w, n, oy, ox, co) + b[co] as f64;
-                if c.relu {
-                    want = want.max(0.0);
-                }
+            for (&(n, oy, ox, co), &want) in positions.iter().zip(&want_y) {
                 let got = y[n * c.out_len() + (oy * c.win.w.output + ox) * c.out_c + co];
-                assert_close(&format!("{} forward {c:?}", fwd.name()), got, want, 1.0 + want.abs());
+                assert_close(&format!("{} forward {c:?}", fwd.name()), got, want, scale_for(fwd, want, largest_y));
             }
             for (dx_algo, dw_algo) in ConvAlgo::ALL.iter().flat_map(|&a| ConvAlgo::ALL.map(move |b| (a, b))) {
                 if !dx_algo.applies(c) || !dw_algo.applies(c) {
@@ -321,11 +341,11 @@ mod tests {
                 }
                 for (&(tap, ci, co), &want) in taps.iter().zip(&want_dw) {
                     let got = dw[(tap * (c.in_c / c.groups) + ci) * c.out_c + co];
-                    assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, 1.0 + want.abs());
+                    assert_close(&format!("{} dw {c:?}", algos.describe()), got, want, scale_for(dw_algo, want, largest_dw));
                 }
                 for (&(n, iy, ix, ch), &want) in pixels.iter().zip(&want_dx) {
                     let got = dx[n * c.in_len() + (iy * c.win.w.input + ix) * c.in_c + ch];
-                    assert_close(&format!("{} dx {c:?}", algos.describe()), got, want, 1.0 + want.abs());
+                    assert_close(&format!("{} dx {c:?}", algos.describe()), got, want, scale_for(dx_algo, want, largest_dx));
                 }
                 let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
                 // Without an input gradient (the first layer), the weight and bias gradients are
