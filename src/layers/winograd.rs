@@ -348,16 +348,10 @@ struct PairedPoints {
 const fn paired_points(p: [f64; 4]) -> PairedPoints {
     let (mut q, mut pq, mut mu, mut pow, mut c) = ([[0.0; 4]; 4], [[0.0; 4]; 4], [0.0; 5], [[0.0; 7]; 4], [0.0; 4]);
     // M(z) = prod (z - p_j^2) in z = x^2, and each Q_k likewise, by multiplying out.
-    let mut m = [0.0f64; 5];
-    m[0] = 1.0;
+    let mut m = [1.0f64, 0.0, 0.0, 0.0, 0.0];
     let mut j = 0;
     while j < 4 {
-        let mut i = 4;
-        while i > 0 {
-            m[i] = m[i - 1] - p[j] * p[j] * m[i];
-            i -= 1;
-        }
-        m[0] *= -p[j] * p[j];
+        times_root(&mut m, p[j] * p[j]);
         j += 1;
     }
     let mut i = 0;
@@ -367,17 +361,11 @@ const fn paired_points(p: [f64; 4]) -> PairedPoints {
     }
     let mut k = 0;
     while k < 4 {
-        let mut qk = [0.0f64; 4];
-        qk[0] = 1.0;
+        let mut qk = [1.0f64, 0.0, 0.0, 0.0];
         let mut j = 0;
         while j < 4 {
             if j != k {
-                let mut i = 3;
-                while i > 0 {
-                    qk[i] = qk[i - 1] - p[j] * p[j] * qk[i];
-                    i -= 1;
-                }
-                qk[0] *= -p[j] * p[j];
+                times_root(&mut qk, p[j] * p[j]);
             }
             j += 1;
         }
@@ -403,8 +391,26 @@ const fn paired_points(p: [f64; 4]) -> PairedPoints {
     PairedPoints { q, pq, mu, pow, c }
 }
 
+/// `poly` (coefficients from the constant term up) times `(z - root)`, in place: `poly` must
+/// have room for the product's top coefficient.
+const fn times_root<const D: usize>(poly: &mut [f64; D], root: f64) {
+    let mut i = D - 1;
+    while i > 0 {
+        poly[i] = poly[i - 1] - root * poly[i];
+        i -= 1;
+    }
+    poly[0] *= -root;
+}
+
 /// `F7x3`'s coefficients.
 const F7: PairedPoints = paired_points(F7_PAIRS);
+
+/// Each pair's two values (+p_k's and -p_k's) added and subtracted: what `F7x3`'s maps from
+/// transformed points work on.
+#[inline(always)]
+fn pair_sums<const N: usize>(v: &[Lanes<N>; 9]) -> ([Lanes<N>; 4], [Lanes<N>; 4]) {
+    (array_of(|k| v[2 * k] + v[2 * k + 1]), array_of(|k| v[2 * k] - v[2 * k + 1]))
+}
 
 impl Tile<9, 7, 3> for F7x3 {
     #[inline(always)]
@@ -428,8 +434,7 @@ impl Tile<9, 7, 3> for F7x3 {
     }
     #[inline(always)]
     fn b<const N: usize>(v: [Lanes<N>; 9]) -> [Lanes<N>; 9] {
-        let sum: [Lanes<N>; 4] = array_of(|k| v[2 * k] + v[2 * k + 1]);
-        let diff: [Lanes<N>; 4] = array_of(|k| v[2 * k] - v[2 * k + 1]);
+        let (sum, diff) = pair_sums(&v);
         let mut out = [Lanes::default(); 9];
         for i in 0..4 {
             let (mut odd, mut even) = (F7.q[0][i] * sum[0], F7.mu[i] * v[8]);
@@ -446,8 +451,7 @@ impl Tile<9, 7, 3> for F7x3 {
     }
     #[inline(always)]
     fn at<const N: usize>(m: [Lanes<N>; 9]) -> [Lanes<N>; 7] {
-        let sum: [Lanes<N>; 4] = array_of(|k| m[2 * k] + m[2 * k + 1]);
-        let diff: [Lanes<N>; 4] = array_of(|k| m[2 * k] - m[2 * k + 1]);
+        let (sum, diff) = pair_sums(&m);
         array_of(|i| {
             let s = if i % 2 == 0 { &sum } else { &diff };
             let mut y = F7.pow[0][i] * s[0];
@@ -488,8 +492,7 @@ impl Tile<9, 7, 3> for F7x3 {
     }
     #[inline(always)]
     fn gt<const N: usize>(u: [Lanes<N>; 9]) -> [Lanes<N>; 3] {
-        let sum: [Lanes<N>; 4] = array_of(|k| u[2 * k] + u[2 * k + 1]);
-        let diff: [Lanes<N>; 4] = array_of(|k| u[2 * k] - u[2 * k + 1]);
+        let (sum, diff) = pair_sums(&u);
         let (mut t0, mut t1, mut t2) = (F7.c[0] * diff[0], (F7.c[0] * F7_PAIRS[0] as f32) * sum[0], u[8]);
         for k in 0..4 {
             let p = F7_PAIRS[k] as f32;
