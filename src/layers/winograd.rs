@@ -507,33 +507,16 @@ impl Tile<9, 7, 3> for F7x3 {
 }
 
 /// `$f` applied along columns, then along rows: `F x F^T` for the matrix F of `$f` (a variant's
-/// map). A macro, so that the map is called by name and inlined: passed to a function as `T::bt`,
+/// map, from `$s` values to `$t`). A macro, so that the map is called by name and inlined: passed to a function as `T::bt`,
 /// each call went through the function item's `Fn::call`, which LLVM left a call (the map's
 /// nine vectors through memory each way).
 macro_rules! two_d {
-    ($x:expr, $f:path) => {{
+    ($x:expr, $f:path, $s:expr => $t:expr) => {{
         let x = $x;
-        let cols = tile_columns(x, |j| $f(array_of(|i| x[i][j])));
-        tile_rows(&cols, |i| $f(array_of(|j| cols[j][i])))
+        let cols: [[_; $t]; $s] = array_of(|j| $f(array_of(|i| x[i][j])));
+        let rows: [[_; $t]; $t] = array_of(|i| $f(array_of(|j| cols[j][i])));
+        rows
     }};
-}
-
-/// `[f(0), .., f(S - 1)]`, one per column of the S x S tile (which fixes S for `two_d`).
-#[inline(always)]
-fn tile_columns<const N: usize, const S: usize, const T: usize>(
-    _tile: &[[Lanes<N>; S]; S],
-    f: impl FnMut(usize) -> [Lanes<N>; T],
-) -> [[Lanes<N>; T]; S] {
-    array_of(f)
-}
-
-/// `[f(0), .., f(T - 1)]`, one per row of the T x S transpose of `cols` (which fixes T).
-#[inline(always)]
-fn tile_rows<const N: usize, const S: usize, const T: usize>(
-    _cols: &[[Lanes<N>; T]; S],
-    f: impl FnMut(usize) -> [Lanes<N>; T],
-) -> [[Lanes<N>; T]; T] {
-    array_of(f)
 }
 
 /// The S x S tile whose element (i, j) is `at(i, j)`.
@@ -578,7 +561,7 @@ fn transform_weights<const N: usize, const A: usize, const M: usize, const R: us
     rows.into_par_iter().enumerate().for_each(|(ci, mut rows)| {
         for co in (0..cout).step_by(N) {
             let gk = tile_of::<N, R>(|ky, kx| load(weight, ((ky * R + kx) * cin_g + ci) * cout + co));
-            for (xi, v) in two_d!(&gk, T::g).iter().flatten().enumerate() {
+            for (xi, v) in two_d!(&gk, T::g, R => A).iter().flatten().enumerate() {
                 store(rows[xi], co, *v);
             }
         }
@@ -625,7 +608,7 @@ fn transform_input<const N: usize, const A: usize, const M: usize, const R: usiz
                 let (y, xx) = ((M * ty) as isize - pad_h + i as isize, (M * tx) as isize - pad_w + j as isize);
                 if (0..h).contains(&y) && (0..w).contains(&xx) { load(x, ((y * w + xx) as usize) * c + ch) } else { Lanes::default() }
             });
-            for (xi, val) in two_d!(&d, T::bt).iter().flatten().enumerate() {
+            for (xi, val) in two_d!(&d, T::bt, A => A).iter().flatten().enumerate() {
                 store(vt, xi * c + ch, *val);
             }
         }
@@ -714,7 +697,7 @@ fn forward_at<const N: usize, const A: usize, const M: usize, const R: usize, T:
                         let mt = &m[t * xis * cout..(t + 1) * xis * cout];
                         for co in (0..cout).step_by(N) {
                             let mm = tile_of::<N, A>(|i, j| load(mt, (i * A + j) * cout + co));
-                            let o = two_d!(&mm, T::at);
+                            let o = two_d!(&mm, T::at, A => M);
                             let bv = load(bias, co);
                             for (i, row) in o.iter().enumerate().take(h - M * ty) {
                                 for (j, val) in row.iter().enumerate().take(w - M * tx) {
@@ -842,7 +825,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                             let sum = yt.iter().flatten().fold(load::<N>(db, co), |s, &v| s + v);
                             store(db, co, sum);
                         }
-                        for (xi, val) in two_d!(&yt, T::a).iter().flatten().enumerate() {
+                        for (xi, val) in two_d!(&yt, T::a, M => A).iter().flatten().enumerate() {
                             store(dmt, xi * cout + co, *val);
                         }
                     }
@@ -874,7 +857,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
                         let dvt = &dv[t * xis * cin..(t + 1) * xis * cin];
                         for ch in (0..cin).step_by(N) {
                             let d = tile_of::<N, A>(|i, j| load(dvt, (i * A + j) * cin + ch));
-                            for (i, row) in two_d!(&d, T::b).iter().enumerate() {
+                            for (i, row) in two_d!(&d, T::b, A => A).iter().enumerate() {
                                 let iy = (M * ty + i).wrapping_sub(pad_h);
                                 if iy >= in_h {
                                     continue;
@@ -927,7 +910,7 @@ fn backward_at<const N: usize, const A: usize, const M: usize, const R: usize, T
     by_channel.par_chunks_mut(R * R * cout).enumerate().for_each(|(ci, dw)| {
         for co in (0..cout).step_by(N) {
             let ut = tile_of::<N, A>(|i, j| load(&du, ci * ci_stride + (i * A + j) * xi_stride + co));
-            for (k, v) in two_d!(&ut, T::gt).iter().flatten().enumerate() {
+            for (k, v) in two_d!(&ut, T::gt, A => R).iter().flatten().enumerate() {
                 store(dw, k * cout + co, *v);
             }
         }
