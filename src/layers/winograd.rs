@@ -305,17 +305,16 @@ impl Tile<8, 4, 5> for F4x5 {
     }
 }
 
-/// F(7x7, 3x3) on 9x9 input tiles: 81 multiplications per 49 outputs where F(4x4, 3x3) takes
-/// 36 per 16, so 0.73x the GEMM flops per output, and it tiles the seed model's 14x14 and 7x7
-/// layers and AlexNet's 13x13 ones with less padding (0.56x the GEMM flops on each). Its
-/// points are symmetric pairs and infinity, with no 0: +-1, +-2, +-1/3, +-3/4, the set of four
-/// pairs from {1, 2, 3, 4, 1/2, 1/3, 1/4, 3/2, 2/3, 3/4, 4/3} that rounds least in f32 (a
-/// search over random ReLU'd 64-channel tiles: 2.8e-5 of the largest output in forward, 3.6e-5
-/// in the input gradient, against 5e-6 and 3e-6 for F(4x4, 3x3); the best sets with 0 in them
-/// rounded 2x worse; on the tests' uniform values, up to 5.0e-5, the input gradient of 7x7x128
-/// by 3x3). With pairs, each map works on sums and differences of a
-/// pair's two values (even and odd powers), about 0.7x the multiply-adds of the dense 9x9
-/// matrices.
+/// F(7x7, 3x3) on 9x9 input tiles: 81 multiplications per 49 outputs where F(4x4, 3x3) takes 36 per
+/// 16, so 0.73x the GEMM flops per output, and it tiles the seed model's 14x14 and 7x7 layers and
+/// AlexNet's 13x13 ones with less padding (0.56x the GEMM flops on each). Its points are symmetric
+/// pairs and infinity, with no 0: +-1, +-2, +-1/3, +-3/4, the set of four pairs from {1, 2, 3, 4,
+/// 1/2, 1/3, 1/4, 3/2, 2/3, 3/4, 4/3} that rounds least in f32 (a search over random ReLU'd
+/// 64-channel tiles: 2.8e-5 of the largest output in forward, 3.6e-5 in the input gradient, against
+/// 5e-6 and 3e-6 for F(4x4, 3x3); the best sets with 0 in them rounded 2x worse; on the tests'
+/// uniform values, up to 5.0e-5, the input gradient of 7x7x128 by 3x3). With pairs, each map works
+/// on sums and differences of a pair's two values (even and odd powers), about 0.7x the
+/// multiply-adds of the dense 9x9 matrices.
 struct F7x3;
 
 /// The positive points of `F7x3`'s pairs.
@@ -507,9 +506,9 @@ impl Tile<9, 7, 3> for F7x3 {
 }
 
 /// `$f` applied along columns, then along rows: `F x F^T` for the matrix F of `$f` (a variant's
-/// map, from `$s` values to `$t`). A macro, so that the map is called by name and inlined: passed to a function as `T::bt`,
-/// each call went through the function item's `Fn::call`, which LLVM left a call (the map's
-/// nine vectors through memory each way).
+/// map, from `$s` values to `$t`). A macro, so that the map is called by name and inlined: passed
+/// to a function as `T::bt`, each call went through the function item's `Fn::call`, which LLVM left
+/// a call (the map's nine vectors through memory each way).
 macro_rules! two_d {
     ($x:expr, $f:path, $s:expr => $t:expr) => {{
         let x = $x;
