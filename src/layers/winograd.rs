@@ -62,8 +62,8 @@ const FORWARD_CHUNK_BYTES: usize = 2 << 20;
 const MIN_FORWARD_TILES: usize = 128;
 
 /// How far Winograd's results may lie from the exact ones, relative to the largest value of the
-/// tensor: the tests' bound (F(7x7, 3x3)'s points, the furthest from 0 and 1, round to within
-/// 5e-5 of it; F(4x4, 5x5)'s to within 1.1e-5).
+/// tensor: the tests' bound (F(7x7, 3x3), whose 9x9 maps sum the most terms, rounds to within
+/// 5e-5 of it; F(4x4, 5x5) to within 1.1e-5).
 pub const ROUNDING: f32 = 1e-4;
 
 /// Whether `conv` can take the Winograd path (else it goes through im2col).
@@ -1009,8 +1009,8 @@ mod tests {
         // Rounding grows with the taps summed and the tile: 5x5 kernels on 8x8 tiles stay
         // within 2.8e-5 of the largest value (AlexNet's conv2 at batch 5: 1.1e-5 in the input
         // gradient), 5.6e-5 unpadded, where every tile is full of data; 3x3 ones on 9x9 tiles,
-        // whose points lie further from 0 and 1, within 1e-4 (the worst measured: 5.0e-5, the
-        // input gradient of 7x7x128).
+        // whose maps sum more terms, within 1e-4 (the worst measured: 5.0e-5, the input
+        // gradient of 7x7x128).
         let tolerance = if R == 3 {
             1e-4
         } else if padding == 0 {
